@@ -1,0 +1,34 @@
+"""MiCo (arXiv 2406.09412) for Hugging Face Transformers.
+
+Importing this package registers every MiCo class with the matching Auto class, so that
+`AutoConfig`, `AutoModel`, `AutoProcessor` and friends load MiCo directories.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_mico import MiCoConfig, MiCoTextConfig, MiCoVisionConfig
+from .modeling_mico import MiCoModel, MiCoPreTrainedModel, MiCoTextModel, MiCoVisionModel
+
+
+def _register_auto_classes() -> None:
+    """Register configs and models with the Auto classes, and for `auto_map` (remote code) on save."""
+    for config_class in (MiCoConfig, MiCoVisionConfig, MiCoTextConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    MiCoConfig.register_for_auto_class()
+    AutoModel.register(MiCoConfig, MiCoModel, exist_ok=True)
+    AutoModel.register(MiCoVisionConfig, MiCoVisionModel, exist_ok=True)
+    AutoModel.register(MiCoTextConfig, MiCoTextModel, exist_ok=True)
+    MiCoModel.register_for_auto_class("AutoModel")
+
+
+_register_auto_classes()
+
+__all__ = [
+    "MiCoConfig",
+    "MiCoModel",
+    "MiCoPreTrainedModel",
+    "MiCoTextConfig",
+    "MiCoTextModel",
+    "MiCoVisionConfig",
+    "MiCoVisionModel",
+]

@@ -1,0 +1,870 @@
+"""PyTorch MiCo: one EVA vision transformer for every knowledge modality and a cross-attention BERT for language."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    BaseModelOutputWithPooling,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_mico import MiCoConfig, MiCoTextConfig, MiCoVisionConfig
+
+
+logger = logging.get_logger(__name__)
+
+# Model input name -> (knowledge modality, name used for features and outputs).
+KNOWLEDGE_INPUTS = {
+    "pixel_values": ("vision", "image"),
+    "pixel_values_videos": ("vision", "video"),
+    "input_features": ("audio", "audio"),
+    "depth_values": ("depth", "depth"),
+}
+
+# Order of the parts of a multimodal context; modalities added by configuration come after depth.
+CONTEXT_ORDER = ("vision", "audio", "depth")
+
+
+def knowledge_input_names(config: MiCoConfig) -> dict[str, tuple[str, str]]:
+    """Every model input that carries a knowledge modality, including `<name>_values` for configured extras."""
+    names = {key: value for key, value in KNOWLEDGE_INPUTS.items() if value[0] in config.knowledge_modalities}
+    for modality in config.knowledge_modalities:
+        if modality not in CONTEXT_ORDER:
+            names[f"{modality}_values"] = (modality, modality)
+    return names
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; `attention_mask` is additive and broadcast to (batch, heads, query, key)."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _attention(module: nn.Module, query, key, value, attention_mask, scaling: float, dropout: float, **kwargs):
+    """Dispatch to the attention implementation chosen in the module's config (eager, sdpa, flash, flex)."""
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    return attention_interface(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout if module.training else 0.0, **kwargs
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Vision tower: EVA-CLIP ViT
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiCoVisionEmbeddings(nn.Module):
+    """Patch embedding, class token and learned absolute position embedding."""
+
+    def __init__(self, config: MiCoVisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.num_patches = (config.image_size // config.patch_size) ** 2
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embedding = nn.Parameter(torch.zeros(1, self.num_patches + 1, config.hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        if height != self.config.image_size or width != self.config.image_size:
+            raise ValueError(
+                f"pixel values must be {self.config.image_size}x{self.config.image_size} images, got {height}x{width}; "
+                "resize them with MiCoProcessor or load the model with another `image_size`."
+            )
+        dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+        class_tokens = self.class_embedding.expand(patches.shape[0], -1, -1)
+        return torch.cat([class_tokens, patches], dim=1) + self.position_embedding
+
+
+class MiCoVisionAttention(nn.Module):
+    """EVA attention: a fused `qkv` projection with learned query and value biases and no key bias."""
+
+    def __init__(self, config: MiCoVisionConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(config.hidden_size))
+        self.v_bias = nn.Parameter(torch.zeros(config.hidden_size))
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(hidden_states, self.qkv.weight, qkv_bias)
+        query, key, value = qkv.view(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn_output, attn_weights = _attention(
+            self, query, key, value, None, self.scaling, self.config.attention_dropout, **kwargs
+        )
+        return self.proj(attn_output.reshape(batch_size, seq_len, -1)), attn_weights
+
+
+class MiCoVisionMLP(nn.Module):
+    def __init__(self, config: MiCoVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class MiCoVisionEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block (no layer scale, no rotary embedding, no sub-LN)."""
+
+    def __init__(self, config: MiCoVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = MiCoVisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MiCoVisionMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.self_attn(self.layer_norm1(hidden_states), **kwargs)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
+class MiCoVisionEncoder(nn.Module):
+    def __init__(self, config: MiCoVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([MiCoVisionEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> BaseModelOutput:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text branch: BERT with a cross-attention block in every layer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiCoTextEmbeddings(nn.Module):
+    """Word, position and token-type embeddings followed by LayerNorm and dropout (BERT)."""
+
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        token_type_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        embeddings = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(position_ids)
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class MiCoTextSelfAttention(nn.Module):
+    """Self-attention over the text; keys/values of processed tokens go to `cache` when one is given."""
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        if cache is not None:
+            self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            key, value = self_cache.update(key, value, self.layer_idx)
+        attn_output, attn_weights = _attention(
+            self, query, key, value, attention_mask, self.scaling, self.config.attention_probs_dropout_prob, **kwargs
+        )
+        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+
+
+class MiCoTextCrossAttention(nn.Module):
+    """Attention from the text to the (never masked) multimodal context; context keys/values are cached once."""
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.encoder_hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.encoder_hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        cache: EncoderDecoderCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        query = self.query(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if cache is not None and cache.is_updated.get(self.layer_idx):
+            layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
+            key, value = layer_cache.keys, layer_cache.values
+        else:
+            kv_shape = (*encoder_hidden_states.shape[:-1], -1, self.head_dim)
+            key = self.key(encoder_hidden_states).view(kv_shape).transpose(1, 2)
+            value = self.value(encoder_hidden_states).view(kv_shape).transpose(1, 2)
+            if cache is not None:
+                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
+        attn_output, attn_weights = _attention(
+            self, query, key, value, None, self.scaling, self.config.attention_probs_dropout_prob, **kwargs
+        )
+        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+
+
+class MiCoTextResidualOutput(nn.Module):
+    """Dense projection, dropout, residual connection and LayerNorm closing every BERT sub-layer."""
+
+    def __init__(self, config: MiCoTextConfig, input_size: int):
+        super().__init__()
+        self.dense = nn.Linear(input_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class MiCoTextAttentionBlock(nn.Module):
+    """An attention module and its residual output, named as in BERT (`attention.self`, `attention.output`)."""
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int, is_cross_attention: bool):
+        super().__init__()
+        attention_class = MiCoTextCrossAttention if is_cross_attention else MiCoTextSelfAttention
+        self.self = attention_class(config, layer_idx)
+        self.output = MiCoTextResidualOutput(config, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.self(hidden_states, *args, **kwargs)
+        return self.output(attn_output, hidden_states)
+
+
+class MiCoTextIntermediate(nn.Module):
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class MiCoTextLayer(GradientCheckpointingLayer):
+    """Self-attention, then cross-attention to the context when one is given, then the feed-forward block."""
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int):
+        super().__init__()
+        self.attention = MiCoTextAttentionBlock(config, layer_idx, is_cross_attention=False)
+        self.crossattention = MiCoTextAttentionBlock(config, layer_idx, is_cross_attention=True)
+        self.intermediate = MiCoTextIntermediate(config)
+        self.output = MiCoTextResidualOutput(config, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        hidden_states = self.attention(hidden_states, attention_mask, cache=cache, **kwargs)
+        if encoder_hidden_states is not None:
+            hidden_states = self.crossattention(hidden_states, encoder_hidden_states, cache=cache, **kwargs)
+        return self.output(self.intermediate(hidden_states), hidden_states)
+
+
+class MiCoTextEncoder(nn.Module):
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([MiCoTextLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, cache=None, **kwargs):
+        for layer in self.layer:
+            # the context is positional so that gradient checkpointing passes it through
+            hidden_states = layer(hidden_states, attention_mask, encoder_hidden_states, cache=cache, **kwargs)
+        return hidden_states
+
+
+class MiCoLMHead(nn.Module):
+    """BERT's masked-language-model head; the decoder weight is tied to the word embeddings."""
+
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.LayerNorm(self.transform_act_fn(self.dense(hidden_states))))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Glue: bridges into the context, contrastive and matching heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiCoBridge(nn.Module):
+    """Linear + LayerNorm mapping a modality's tokens to the text width before they join the context."""
+
+    def __init__(self, input_size: int, output_size: int):
+        super().__init__()
+        self.dense = nn.Linear(input_size, output_size)
+        self.layer_norm = nn.LayerNorm(output_size, eps=1e-12)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(self.dense(hidden_states))
+
+
+class MiCoMatchingHead(nn.Module):
+    """Linear -> exact GELU -> LayerNorm -> Linear(2): matched/unmatched logits from the first text token."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.activation = nn.GELU()
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=1e-12)
+        self.classifier = nn.Linear(hidden_size, 2)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.layer_norm(self.activation(self.dense(hidden_states))))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pretrained models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class MiCoPreTrainedModel(PreTrainedModel):
+    config: MiCoConfig
+    base_model_prefix = "mico"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "video", "audio", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MiCoVisionEncoderLayer", "MiCoTextLayer", "MiCoVisionEmbeddings", "MiCoTextEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": [MiCoVisionEncoderLayer, MiCoTextLayer],
+        "attentions": [
+            OutputRecorder(MiCoVisionAttention, index=1),
+            OutputRecorder(MiCoTextSelfAttention, index=1),
+        ],
+        "cross_attentions": OutputRecorder(MiCoTextCrossAttention, index=1),
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        if isinstance(module, MiCoVisionEmbeddings):
+            init.trunc_normal_(module.class_embedding, std=std)
+            init.trunc_normal_(module.position_embedding, std=std)
+        elif isinstance(module, MiCoVisionAttention):
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
+        elif isinstance(module, MiCoModel):
+            for parameter in [*module.frame_embeddings.values(), *module.type_embeddings.values()]:
+                init.normal_(parameter, mean=0.0, std=std)
+            init.constant_(module.temperature, self.config.temperature_init_value)
+
+
+class MiCoVisionModel(MiCoPreTrainedModel):
+    """The EVA vision transformer shared by all knowledge modalities; returns every token after the final norm."""
+
+    config: MiCoVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["MiCoVisionEncoderLayer", "MiCoVisionEmbeddings"]
+
+    def __init__(self, config: MiCoVisionConfig):
+        super().__init__(config)
+        self.embeddings = MiCoVisionEmbeddings(config)
+        self.encoder = MiCoVisionEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images (see [`MiCoImageProcessor`]).
+
+        Returns a [`BaseModelOutputWithPooling`] whose `last_hidden_state` holds all tokens (class token first) after
+        the final LayerNorm and whose `pooler_output` is the class token.
+        """
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
+        hidden_states = self.embeddings(pixel_values)
+        hidden_states = self.encoder(hidden_states, **kwargs).last_hidden_state
+        hidden_states = self.post_layernorm(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
+
+
+class MiCoTextModel(MiCoPreTrainedModel):
+    """BERT with cross-attention in every layer; without `encoder_hidden_states` it is a plain text encoder."""
+
+    config: MiCoTextConfig
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+    _no_split_modules = ["MiCoTextLayer", "MiCoTextEmbeddings"]
+
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__(config)
+        self.embeddings = MiCoTextEmbeddings(config)
+        self.encoder = MiCoTextEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): WordPiece ids.
+        attention_mask (`torch.Tensor`, *optional*):
+            `(batch_size, sequence_length)` padding mask (bidirectional attention, as for retrieval and matching), or
+            `(batch_size, query_length, key_length)` explicit mask with 1 where attention is allowed (causal caption
+            masks; `key_length` includes cached tokens).
+        encoder_hidden_states (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
+            The multimodal context. Cross-attention sees every position of it.
+        cache ([`Cache`], *optional*): an [`EncoderDecoderCache`] of earlier self-attention keys/values and of the
+            context's cross-attention keys/values.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
+        hidden_states = self.embeddings(input_ids, position_ids, token_type_ids)
+        attention_mask = self._prepare_attention_mask(attention_mask, hidden_states)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(hidden_states.dtype)
+        hidden_states = self.encoder(hidden_states, attention_mask, encoder_hidden_states, cache=cache, **kwargs)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
+
+    def _prepare_attention_mask(self, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor):
+        """A 2-D padding mask becomes the implementation's bidirectional mask; a 3-D mask becomes additive 4-D."""
+        if attention_mask is None or attention_mask.dim() == 2:
+            return create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
+        if attention_mask.dim() != 3:
+            raise ValueError(
+                f"attention_mask must be (batch, sequence) or (batch, query, key), got shape {tuple(attention_mask.shape)}"
+            )
+        if self.config._attn_implementation == "flash_attention_2":
+            raise ValueError("flash_attention_2 cannot take an explicit 3-D attention mask; use attn_implementation='sdpa'")
+        min_value = torch.finfo(hidden_states.dtype).min
+        allowed = attention_mask[:, None].to(torch.bool)
+        return torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill(
+            ~allowed, min_value
+        )
+
+
+@dataclass
+class MiCoOutput(ModelOutput):
+    r"""
+    Output of [`MiCoModel`]: L2-normalised embeddings of every input given and the text-to-modality similarities
+    divided by the temperature. Extra configured modalities add `<name>_embeds` and `logits_per_text_<name>` keys.
+
+    text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): normalised text embeddings.
+    image_embeds, video_embeds, audio_embeds, depth_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        normalised modality embeddings.
+    logits_per_text_image, logits_per_text_video, logits_per_text_audio, logits_per_text_depth
+        (`torch.FloatTensor` of shape `(text_batch_size, batch_size)`): similarities divided by the temperature.
+    temperature (`torch.FloatTensor`): the learned temperature.
+    """
+
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    video_embeds: torch.FloatTensor | None = None
+    audio_embeds: torch.FloatTensor | None = None
+    depth_embeds: torch.FloatTensor | None = None
+    logits_per_text_image: torch.FloatTensor | None = None
+    logits_per_text_video: torch.FloatTensor | None = None
+    logits_per_text_audio: torch.FloatTensor | None = None
+    logits_per_text_depth: torch.FloatTensor | None = None
+    temperature: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPastAndCrossAttentions | None = None
+
+
+class MiCoModel(MiCoPreTrainedModel):
+    """
+    The MiCo encoder: the shared vision tower, the cross-attention BERT, the bridges that build the multimodal
+    context, the single and fused contrastive heads, the temperature and the matching head.
+    """
+
+    config: MiCoConfig
+
+    def __init__(self, config: MiCoConfig):
+        super().__init__(config)
+        vision_width = config.vision_config.hidden_size
+        text_width = config.text_config.hidden_size
+        config.text_config.encoder_hidden_size = text_width
+        self.vision_model = MiCoVisionModel._from_config(config.vision_config)
+        self.text_model = MiCoTextModel._from_config(config.text_config)
+
+        modalities = list(config.knowledge_modalities)
+        self.modality_bridges = nn.ModuleDict({name: MiCoBridge(vision_width, text_width) for name in modalities})
+        self.modality_bridges["subtitle"] = MiCoBridge(text_width, text_width)
+        self.frame_embeddings = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros(1, frames, text_width)) for name, frames in config.knowledge_modalities.items()}
+        )
+        self.type_embeddings = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros(1, 1, text_width)) for name in [*modalities, "subtitle"]}
+        )
+
+        head_inputs = {"text": text_width, "subtitle": text_width, **dict.fromkeys(modalities, vision_width)}
+        self.contrastive_heads = nn.ModuleDict(
+            {name: nn.Linear(width, config.projection_dim, bias=False) for name, width in head_inputs.items()}
+        )
+        self.fused_heads = nn.ModuleDict(
+            {
+                name: nn.Linear(sum(head_inputs[part] for part in parts), config.projection_dim)
+                for name, parts in config.fused_heads.items()
+            }
+        )
+        self.temperature = nn.Parameter(torch.tensor(config.temperature_init_value))
+        self.itm_head = MiCoMatchingHead(text_width)
+        self.post_init()
+
+    # ---- encoders -------------------------------------------------------------------------------------------------
+
+    def encode_knowledge(self, modality: str, values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Run the shared ViT on every frame: `(batch, frames, C, H, W)` -> `(batch, frames, tokens, width)`.
+
+        Images may be `(batch, C, H, W)` (one frame); audio arrives as `(batch, slices, H, W)` spectrogram slices and
+        is repeated to three channels.
+        """
+        if modality not in self.config.knowledge_modalities:
+            raise ValueError(f"unknown modality {modality!r}; configured: {list(self.config.knowledge_modalities)}")
+        if modality == "audio":
+            if values.dim() != 4:
+                raise ValueError(
+                    f"input_features must be (batch, slices, height, width) spectrograms, got {tuple(values.shape)}"
+                )
+            values = values.unsqueeze(2).expand(-1, -1, 3, -1, -1)
+        elif values.dim() == 4:
+            values = values.unsqueeze(1)
+        if values.dim() != 5:
+            raise ValueError(f"{modality} values must be (batch, frames, channels, height, width), got {tuple(values.shape)}")
+        batch_size, num_frames = values.shape[:2]
+        tokens = self.vision_model(values.flatten(0, 1), **kwargs).last_hidden_state
+        return tokens.view(batch_size, num_frames, *tokens.shape[1:])
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Text (or subtitle) tokens from the BERT without cross-attention, with a bidirectional padding mask."""
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    @staticmethod
+    def pool_knowledge(tokens: torch.Tensor) -> torch.Tensor:
+        """Contrastive pooling: the class token of every frame, averaged over frames."""
+        return tokens[:, :, 0].mean(dim=1)
+
+    # ---- contrastive features -------------------------------------------------------------------------------------
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected text embeddings `(batch, projection_dim)` (before L2 normalisation)."""
+        return self.contrastive_heads["text"](self.encode_text(input_ids, attention_mask)[:, 0])
+
+    def get_subtitle_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected subtitle embeddings (the subtitle head on the first BERT token)."""
+        return self.contrastive_heads["subtitle"](self.encode_text(input_ids, attention_mask)[:, 0])
+
+    def get_modality_features(self, modality: str, values: torch.Tensor) -> torch.Tensor:
+        """Projected embeddings of any configured knowledge modality (before L2 normalisation)."""
+        return self.contrastive_heads[modality](self.pool_knowledge(self.encode_knowledge(modality, values)))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings; `pixel_values` is `(batch, 3, H, W)` or `(batch, frames, 3, H, W)`."""
+        return self.get_modality_features("vision", pixel_values)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """Projected video embeddings from `(batch, frames, 3, H, W)`."""
+        return self.get_modality_features("vision", pixel_values_videos)
+
+    def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Projected audio embeddings from spectrogram slices `(batch, slices, H, W)`."""
+        return self.get_modality_features("audio", input_features)
+
+    def get_depth_features(self, depth_values: torch.Tensor) -> torch.Tensor:
+        """Projected depth embeddings from `(batch, frames, 3, H, W)` depth maps."""
+        return self.get_modality_features("depth", depth_values)
+
+    def get_fused_features(
+        self,
+        subtitle_input_ids: torch.Tensor | None = None,
+        subtitle_attention_mask: torch.Tensor | None = None,
+        **knowledge_inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Fused-head embedding for exactly the modalities given: video+audio -> `va`, image+depth -> `id`,
+        video+subtitle -> `vs`, video+audio+subtitle -> `vas` (heads come from `config.fused_heads`)."""
+        pooled = {
+            modality: self.pool_knowledge(self.encode_knowledge(modality, values))
+            for modality, values in self._knowledge_by_modality(knowledge_inputs).items()
+        }
+        if subtitle_input_ids is not None:
+            pooled["subtitle"] = self.encode_text(subtitle_input_ids, subtitle_attention_mask)[:, 0]
+        head = self._fused_head_for(set(pooled))
+        parts = self.config.fused_heads[head]
+        return self.fused_heads[head](torch.cat([pooled[part] for part in parts], dim=-1))
+
+    def _fused_head_for(self, given: set[str]) -> str:
+        for name, parts in self.config.fused_heads.items():
+            if set(parts) == given:
+                return name
+        raise ValueError(
+            f"no fused head combines {sorted(given)}; configured fused heads: {dict(self.config.fused_heads)}"
+        )
+
+    # ---- multimodal context and matching --------------------------------------------------------------------------
+
+    def context_from_tokens(self, modality: str, tokens: torch.Tensor) -> torch.Tensor:
+        """Bridge ViT tokens `(batch, frames, tokens, C)` into context tokens `(batch, frames*tokens, D)`."""
+        batch_size, num_frames = tokens.shape[:2]
+        if self.config.pool_video:
+            tokens = torch.cat([tokens[:, :, :1], tokens[:, :, 1:].mean(dim=2, keepdim=True)], dim=2)
+        hidden_states = self.modality_bridges[modality](tokens)
+        hidden_states = hidden_states + self._frame_embedding(modality, num_frames).unsqueeze(2)
+        hidden_states = hidden_states.reshape(batch_size, -1, hidden_states.shape[-1])
+        return hidden_states + self.type_embeddings[modality]
+
+    def _frame_embedding(self, modality: str, num_frames: int) -> torch.Tensor:
+        """The frame table, resampled along the frame axis by nearest neighbour when the frame count differs."""
+        table = self.frame_embeddings[modality]
+        if table.shape[1] == num_frames:
+            return table
+        resized = F.interpolate(table.float().permute(0, 2, 1), size=num_frames, mode="nearest")
+        return resized.permute(0, 2, 1).to(table.dtype)
+
+    def subtitle_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Subtitle context: the bridge over all token positions (padding included) plus the type embedding."""
+        return self.modality_bridges["subtitle"](self.encode_text(input_ids, attention_mask)) + self.type_embeddings[
+            "subtitle"
+        ]
+
+    def get_multimodal_context(
+        self,
+        subtitle_input_ids: torch.Tensor | None = None,
+        subtitle_attention_mask: torch.Tensor | None = None,
+        **knowledge_inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """The concatenated context `(batch, length, D)` of the modalities given, in the order vision, audio, depth,
+        other configured modalities, subtitle. It is never masked."""
+        parts = [
+            self.context_from_tokens(modality, self.encode_knowledge(modality, values))
+            for modality, values in self._knowledge_by_modality(knowledge_inputs).items()
+        ]
+        if subtitle_input_ids is not None:
+            parts.append(self.subtitle_context(subtitle_input_ids, subtitle_attention_mask))
+        if not parts:
+            raise ValueError(f"give at least one knowledge input ({', '.join(knowledge_input_names(self.config))})")
+        return torch.cat(parts, dim=1)
+
+    def get_matching_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        **context_inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Matched/unmatched logits `(batch, 2)` of each caption with its context (given or built from inputs)."""
+        if context is None:
+            context = self.get_multimodal_context(**context_inputs)
+        elif context_inputs:
+            raise ValueError(f"give either `context` or knowledge inputs, not both (got {sorted(context_inputs)})")
+        if context.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} captions but a context batch of {context.shape[0]}")
+        hidden_states = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=context
+        ).last_hidden_state
+        return self.itm_head(hidden_states[:, 0])
+
+    def get_matching_scores(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        **context_inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Probability `(batch,)` that each caption matches its context: `softmax(itm_head(first token))[:, 1]`."""
+        return self.get_matching_logits(input_ids, attention_mask, context, **context_inputs).softmax(dim=-1)[:, 1]
+
+    # ---- input plumbing -------------------------------------------------------------------------------------------
+
+    def _knowledge_by_modality(self, knowledge_inputs: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Map model input names to modalities in context order, refusing unknown names and duplicate modalities."""
+        names = knowledge_input_names(self.config)
+        found: dict[str, torch.Tensor] = {}
+        for input_name, values in knowledge_inputs.items():
+            if values is None:
+                continue
+            if input_name not in names:
+                raise ValueError(f"unknown input {input_name!r}; this model takes {', '.join(names)}")
+            modality = names[input_name][0]
+            if modality in found:
+                raise ValueError(f"two inputs for the {modality} modality; give images or videos, not both")
+            found[modality] = values
+        order = [*CONTEXT_ORDER, *(m for m in self.config.knowledge_modalities if m not in CONTEXT_ORDER)]
+        return {modality: found[modality] for modality in order if modality in found}
+
+    # ---- forward ----------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        depth_values: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MiCoOutput | tuple:
+        r"""
+        Contrastive embeddings of the text and of every knowledge input given, and `logits_per_text_<name>`
+        similarity matrices (normalised text x normalised modality embeddings / temperature) when text is given.
+        Configured extra modalities are passed as `<name>_values`.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from modeling_mico import MiCoConfig, MiCoModel
+        >>> config = MiCoConfig(
+        ...     vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        ...                        image_size=56, patch_size=14),
+        ...     text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        ...                      vocab_size=1000, max_position_embeddings=64),
+        ...     projection_dim=32)
+        >>> model = MiCoModel(config).eval()
+        >>> out = model(input_ids=torch.randint(0, 1000, (2, 8)), pixel_values_videos=torch.randn(2, 4, 3, 56, 56))
+        >>> out.logits_per_text_video.shape
+        torch.Size([2, 2])
+        ```
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        names = knowledge_input_names(self.config)
+        extra = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}; knowledge inputs are {', '.join(names)}")
+        inputs = {
+            "pixel_values": pixel_values,
+            "pixel_values_videos": pixel_values_videos,
+            "input_features": input_features,
+            "depth_values": depth_values,
+            **extra,
+        }
+        output = MiCoOutput(temperature=self.temperature)
+        text_embeds = None
+        if input_ids is not None:
+            text_output = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+            text_embeds = F.normalize(self.contrastive_heads["text"](text_output.last_hidden_state[:, 0]), dim=-1)
+            output["text_embeds"] = text_embeds
+            output["text_model_output"] = text_output
+        for input_name, values in inputs.items():
+            if values is None:
+                continue
+            if input_name not in names:
+                raise ValueError(f"{input_name} is not a modality of this model; it takes {', '.join(names)}")
+            modality, output_name = names[input_name]
+            embeds = F.normalize(self.get_modality_features(modality, values), dim=-1)
+            output[f"{output_name}_embeds"] = embeds
+            if text_embeds is not None:
+                output[f"logits_per_text_{output_name}"] = text_embeds @ embeds.t() / self.temperature
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["MiCoModel", "MiCoPreTrainedModel", "MiCoTextModel", "MiCoVisionModel"]

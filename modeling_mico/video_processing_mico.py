@@ -1,0 +1,194 @@
+"""Video preprocessing for MiCo: segment-based frame sampling, then the image transform per frame.
+
+The original `VideoProcessor` splits the frame indices into `num_frames` consecutive segments
+(``k, m = divmod(n, num_frames)``; segment ``i`` is ``[i*k + min(i, m), (i+1)*k + min(i+1, m))``; a
+video with fewer frames than requested first repeats its last frame), takes the middle frame of each
+segment at evaluation (index ``(len + 1) // 2 - 1`` inside it) and a random one in training, decodes
+those frames only (decord ``get_batch``) and applies the image transform. The same segment arithmetic
+picks the spectrogram slices of audio clips (`feature_extraction_mico`).
+
+`MiCoVideoProcessor` is a plain, picklable class rather than a transformers `BaseVideoProcessor`,
+which requires torchvision in transformers 5; `MiCoProcessor` saves its settings (`num_frames`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import decord
+import numpy as np
+import torch
+from PIL import Image
+
+from .image_processing_mico import MiCoImageProcessor, check_file, load_image, map_batch, uint8_frames_to_tensor
+
+
+VideoLike = str | os.PathLike | np.ndarray | torch.Tensor | Sequence[Image.Image]
+
+
+def split_segments(items: Sequence[Any], num_segments: int) -> list[list[Any]]:
+    """Split `items` into `num_segments` consecutive segments whose lengths differ by at most one.
+
+    Fewer items than segments: the last item is repeated first, so every segment holds one item.
+    """
+    if num_segments < 1:
+        raise ValueError(f"the number of segments must be >= 1, got {num_segments}")
+    if len(items) == 0:
+        raise ValueError("cannot split an empty sequence into segments")
+    items = list(items) + [items[-1]] * max(0, num_segments - len(items))
+    k, m = divmod(len(items), num_segments)
+    return [items[i * k + min(i, m) : (i + 1) * k + min(i + 1, m)] for i in range(num_segments)]
+
+
+def sample_segments(
+    items: Sequence[Any], num_segments: int, training: bool = False, generator: torch.Generator | None = None
+) -> list[Any]:
+    """One item per segment: the middle one (evaluation) or a uniformly random one (training, from `generator`)."""
+    segments = split_segments(items, num_segments)
+    if not training:
+        return [segment[(len(segment) + 1) // 2 - 1] for segment in segments]
+    return [segment[int(torch.randint(len(segment), (1,), generator=generator))] for segment in segments]
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """A fresh generator seeded with `seed`, or `None` (torch's global RNG, distinct per DataLoader worker)."""
+    return None if seed is None else torch.Generator().manual_seed(int(seed))
+
+
+def read_video_file(
+    path: str | os.PathLike, num_frames: int, training: bool, generator: torch.Generator | None, what: str
+) -> tuple[torch.Tensor, list[int]]:
+    """Decode only the sampled frames of a video file with decord -> ((T, 3, H, W) in [0, 1], frame indices)."""
+    path = check_file(path, what)
+    try:
+        reader = decord.VideoReader(path, num_threads=1)
+        length = len(reader)
+    except (decord.DECORDError, RuntimeError) as err:
+        raise ValueError(f"cannot decode {what} file {path!r}: {err}") from err
+    if length == 0:
+        raise ValueError(f"{what} file {path!r} has no frames")
+    indices = sample_segments(range(length), num_frames, training, generator)
+    try:
+        frames = reader.get_batch(indices).asnumpy()
+    except (decord.DECORDError, RuntimeError) as err:
+        raise ValueError(f"cannot decode frames {indices} of {what} file {path!r}: {err}") from err
+    return uint8_frames_to_tensor(frames), indices
+
+
+def read_frame_folder(
+    folder: str, num_frames: int, training: bool, generator: torch.Generator | None, what: str
+) -> tuple[torch.Tensor, list[int]]:
+    """Sample frames from a folder of frame images sorted by file name (hidden files ignored)."""
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        raise ValueError(f"{what} frame folder {folder!r} contains no frame files")
+    indices = sample_segments(range(len(names)), num_frames, training, generator)
+    frames = [load_image(os.path.join(folder, names[i]), f"{what} frame") for i in indices]
+    if len({tuple(f.shape) for f in frames}) > 1:
+        raise ValueError(f"{what} frames in {folder!r} have different sizes: {sorted({tuple(f.shape) for f in frames})}")
+    return torch.stack(frames), indices
+
+
+def read_frame_array(
+    frames: np.ndarray | torch.Tensor | Sequence[Image.Image],
+    num_frames: int,
+    training: bool,
+    generator: torch.Generator | None,
+    what: str,
+) -> tuple[torch.Tensor, list[int]]:
+    """Sample frames from an in-memory video: (T, H, W, 3) uint8 array/tensor or a list of PIL images."""
+    if isinstance(frames, (list, tuple)):
+        if not frames or not all(isinstance(f, Image.Image) for f in frames):
+            raise ValueError(f"{what} given as a list must be a non-empty list of PIL images")
+        indices = sample_segments(range(len(frames)), num_frames, training, generator)
+        return torch.stack([load_image(frames[i], f"{what} frame {i}") for i in indices]), indices
+    array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(
+            f"{what} array must be uint8 with shape (T, H, W, 3), got {array.dtype} {tuple(array.shape)}"
+        )
+    if array.shape[0] == 0:
+        raise ValueError(f"{what} has zero frames")
+    indices = sample_segments(range(array.shape[0]), num_frames, training, generator)
+    return uint8_frames_to_tensor(array[indices]), indices
+
+
+def read_video(
+    video: VideoLike, num_frames: int, training: bool, generator: torch.Generator | None, what: str = "video"
+) -> tuple[torch.Tensor, list[int]]:
+    """Any supported video input -> ((num_frames, 3, H, W) pixels in [0, 1], sampled frame indices)."""
+    if isinstance(video, (str, os.PathLike)):
+        if os.path.isdir(video):
+            return read_frame_folder(os.fspath(video), num_frames, training, generator, what)
+        return read_video_file(video, num_frames, training, generator, what)
+    if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
+        return read_frame_array(video, num_frames, training, generator, what)
+    raise ValueError(f"{what} must be a path, a frame folder, a (T, H, W, 3) array or a list of PIL images")
+
+
+def is_single_video(video: Any) -> bool:
+    """True for one video (path, array of rank <= 4, list of PIL images), False for a batch of videos."""
+    if isinstance(video, (str, os.PathLike)):
+        return True
+    if isinstance(video, (np.ndarray, torch.Tensor)):
+        return video.ndim <= 4
+    return isinstance(video, (list, tuple)) and len(video) > 0 and isinstance(video[0], Image.Image)
+
+
+class MiCoVideoProcessor:
+    r"""
+    Video processor of MiCo: samples `num_frames` frames per video and applies the image transform to each.
+
+    Accepted videos: a video file (decoded with decord; only the sampled frames are decoded), a folder of
+    frame images (sorted by file name, converted to RGB), a (T, H, W, 3) uint8 array or tensor, or a list of
+    PIL images. A batch is a list of those (or a (B, T, H, W, 3) array).
+
+    Args:
+        num_frames (`int`, *optional*, defaults to 4): frames sampled per video (one per segment).
+        training (`bool`, *optional*, defaults to `False`): random frame within each segment instead of the middle.
+        image_processor ([`MiCoImageProcessor`], *optional*): the per-frame transform (size, mean, std).
+    """
+
+    model_input_names = ["pixel_values_videos"]
+
+    def __init__(
+        self, num_frames: int = 4, training: bool = False, image_processor: MiCoImageProcessor | None = None
+    ):
+        self.num_frames = int(num_frames)
+        self.training = bool(training)
+        self.image_processor = image_processor if image_processor is not None else MiCoImageProcessor()
+
+    def __call__(
+        self,
+        videos: VideoLike | list[VideoLike],
+        num_frames: int | None = None,
+        training: bool | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        image_size: int | None = None,
+        return_frame_indices: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Videos -> `{"pixel_values_videos": (B, T, 3, S, S)}` (+ `"frame_indices"` (B, T) when asked).
+
+        Sampling is deterministic at evaluation; in training it draws from `generator`, else from a generator
+        seeded with `seed`, else from torch's global RNG.
+        """
+        num_frames = self.num_frames if num_frames is None else int(num_frames)
+        training = self.training if training is None else bool(training)
+        generator = generator if generator is not None else make_generator(seed)
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        batch = [videos] if is_single_video(videos) else list(videos)
+        if not batch:
+            raise ValueError("videos must be a video or a non-empty list of videos")
+        decoded = map_batch(batch, lambda v, name: read_video(v, num_frames, training, generator, name), "videos")
+        pixels = torch.stack([self.image_processor.transform(frames, image_size) for frames, _ in decoded])
+        output = {"pixel_values_videos": pixels}
+        if return_frame_indices:
+            output["frame_indices"] = torch.tensor([indices for _, indices in decoded], dtype=torch.long)
+        return output
+
+
+__all__ = ["MiCoVideoProcessor", "sample_segments", "split_segments"]

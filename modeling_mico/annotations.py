@@ -1,0 +1,337 @@
+"""Loaders for common captioning / retrieval annotation formats, into MiCo's own row format.
+
+Every loader returns a list of rows (one per item)::
+
+    {"id": str, "captions": [str, ...], "caption": captions[0], "video" | "image" | "audio" | "depth" | "normal": path}
+
+plus any extra fields the source carries (``subtitle``, ``split``, ``start_time``, ...). Media paths are joined to
+``media_root`` or, when it is not given, to the annotation file's directory (absolute paths are kept as they are).
+`flatten_captions` turns the rows into the `(texts, text_to_item)` pair that `retrieval.retrieval_metrics` expects.
+
+Supported formats (``format=`` name, see `load_annotations`):
+
+- ``"mico"``: MiCo JSON lines (``.jsonl``) or a JSON list of rows with ``caption`` (str or list) or ``captions``
+  (list) and media fields; this is also the flat BLIP/VAST list ``[{"image": path, "caption": [...]}, ...]``.
+- ``"msrvtt"``: a JSON list of ``{"video_id" | "clip_name": ..., "caption": str | list}`` (entries of the same video
+  are grouped) or the official ``{"videos": [...], "sentences": [{"video_id", "caption"}]}``; media
+  ``<root>/<video_id>.mp4``.
+- ``"karpathy"`` (alias ``"coco"``): ``{"images": [{"filepath", "filename", "sentences": [{"raw"}], "split"}]}``;
+  media ``<root>/<filepath>/<filename>``.
+- ``"audiocaps"``: CSV ``audiocap_id,youtube_id,start_time,caption``, grouped by ``youtube_id``; media
+  ``<root>/<youtube_id>.wav``.
+- ``"clotho"``: CSV ``file_name,caption_1..caption_5``; media ``<root>/<file_name>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+MEDIA_KEYS = ("video", "image", "audio", "depth", "normal")
+FORMATS = ("mico", "msrvtt", "karpathy", "coco", "audiocaps", "clotho")
+
+Row = dict[str, Any]
+
+
+class _Source:
+    """The annotation file being read, to name it (and the offending row) in errors and to resolve media paths."""
+
+    def __init__(self, path: Path, media_root: str | os.PathLike | None):
+        self.path = path
+        self.root = os.fspath(media_root) if media_root is not None else str(path.resolve().parent)
+
+    def error(self, message: str, row: int | str | None = None) -> ValueError:
+        """A ValueError naming the file and, when given, the row (an index, or a label such as ``"line 3"``)."""
+        if row is None:
+            return ValueError(f"{self.path}: {message}")
+        where = f"row {row}" if isinstance(row, int) else row
+        return ValueError(f"{self.path}, {where}: {message}")
+
+    def media(self, relative: str | os.PathLike) -> str:
+        """Join `relative` to the media root (an absolute path is returned unchanged)."""
+        return os.path.join(self.root, os.fspath(relative))
+
+
+def _captions(value: Any, source: _Source, row: int | str) -> list[str]:
+    """Normalise a caption field (str or list of str) to a non-empty list of stripped, non-empty strings."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values:
+        raise source.error(f"expected a caption string or a non-empty list of captions, got {value!r}", row)
+    captions = []
+    for caption in values:
+        if not isinstance(caption, str) or not caption.strip():
+            raise source.error(f"captions must be non-empty strings, got {caption!r}", row)
+        captions.append(caption.strip())
+    return captions
+
+
+def _make_row(item_id: Any, captions: list[str], **fields: Any) -> Row:
+    """Assemble a row in the package format."""
+    return {"id": str(item_id), "captions": captions, "caption": captions[0], **fields}
+
+
+def _group_captions(records: Iterable[tuple[str, Any, int | str]], source: _Source) -> dict[str, list[str]]:
+    """``(item_id, caption value, row)`` records -> ``{item_id: captions}`` in first-appearance order."""
+    grouped: dict[str, list[str]] = {}
+    for item_id, value, row in records:
+        grouped.setdefault(str(item_id), []).extend(_captions(value, source, row))
+    return grouped
+
+
+def _filter_split(rows: list[Row], split: str | None, source: _Source) -> list[Row]:
+    """Keep the rows of `split`; an error when `split` is given but the file carries no split information."""
+    if split is None:
+        return rows
+    if not any("split" in row for row in rows):
+        raise source.error(f"split={split!r} was requested but the file has no 'split' field")
+    return [row for row in rows if row.get("split") == split]
+
+
+# ----------------------------------------------------------------------------------------------------- JSON formats
+
+
+def _read_json_or_lines(path: Path) -> Any:
+    """Parse `path` as JSON, or as JSON lines (one object per line) when it is ``.jsonl`` or not a single document."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":
+                raise ValueError(f"{path}: not valid JSON ({error})") from error
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from error
+    return records
+
+
+def _parse_mico(data: Any, source: _Source) -> list[Row]:
+    """MiCo rows / the flat BLIP-VAST list: captions plus media paths relative to the media root."""
+    if not isinstance(data, list):
+        raise source.error("expected a list of rows (or JSON lines)")
+    rows = []
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise source.error(f"expected an object, got {type(record).__name__}", index)
+        if "captions" not in record and "caption" not in record:
+            raise source.error("missing 'caption' / 'captions'", index)
+        captions = _captions(record.get("captions", record.get("caption")), source, index)
+        extra = {key: value for key, value in record.items() if key not in ("id", "caption", "captions")}
+        extra.update({key: source.media(record[key]) for key in MEDIA_KEYS if key in record})
+        rows.append(_make_row(record.get("id", index), captions, **extra))
+    return rows
+
+
+def _parse_msrvtt(data: Any, source: _Source, video_extension: str) -> list[Row]:
+    """MSR-VTT: the flat retrieval list or the official videos/sentences file; media ``<root>/<video_id><ext>``."""
+    if isinstance(data, dict):
+        return _parse_msrvtt_official(data, source, video_extension)
+    if not isinstance(data, list):
+        raise source.error("expected a list of {'video_id', 'caption'} or the official {'videos', 'sentences'}")
+
+    def records() -> Iterable[tuple[str, Any, int]]:
+        for index, record in enumerate(data):
+            if not isinstance(record, dict):
+                raise source.error(f"expected an object, got {type(record).__name__}", index)
+            video_id = record.get("video_id", record.get("clip_name"))
+            if video_id is None:
+                raise source.error("missing 'video_id' / 'clip_name'", index)
+            if "caption" not in record:
+                raise source.error("missing 'caption'", index)
+            yield video_id, record["caption"], index
+
+    grouped = _group_captions(records(), source)
+    return [
+        _make_row(video_id, captions, video=source.media(video_id + video_extension))
+        for video_id, captions in grouped.items()
+    ]
+
+
+def _parse_msrvtt_official(data: dict, source: _Source, video_extension: str) -> list[Row]:
+    """The official ``{"videos": [{"video_id", "split"}], "sentences": [{"video_id", "caption"}]}`` file."""
+    if "videos" not in data or "sentences" not in data:
+        raise source.error("an MSR-VTT object needs 'videos' and 'sentences'")
+    for index, sentence in enumerate(data["sentences"]):
+        if "video_id" not in sentence or "caption" not in sentence:
+            raise source.error("sentence needs 'video_id' and 'caption'", f"sentences[{index}]")
+    grouped = _group_captions(
+        ((s["video_id"], s["caption"], f"sentences[{i}]") for i, s in enumerate(data["sentences"])), source
+    )
+    rows = []
+    for index, video in enumerate(data["videos"]):
+        if "video_id" not in video:
+            raise source.error("missing 'video_id'", f"videos[{index}]")
+        video_id = str(video["video_id"])
+        if video_id not in grouped:
+            raise source.error(f"video {video_id!r} has no sentence (caption)", f"videos[{index}]")
+        split = {"split": video["split"]} if "split" in video else {}
+        rows.append(_make_row(video_id, grouped[video_id], video=source.media(video_id + video_extension), **split))
+    return rows
+
+
+def _parse_karpathy(data: Any, source: _Source) -> list[Row]:
+    """Karpathy COCO / Flickr30k split file; media ``<root>/<filepath>/<filename>``."""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise source.error("expected {'images': [...]} (Karpathy split format)")
+    rows = []
+    for index, image in enumerate(data["images"]):
+        if "filename" not in image:
+            raise source.error("missing 'filename'", f"images[{index}]")
+        sentences = image.get("sentences") or []
+        raw = [sentence.get("raw", " ".join(sentence.get("tokens", []))) for sentence in sentences]
+        if not raw:
+            raise source.error("missing 'sentences' (captions)", f"images[{index}]")
+        captions = _captions(raw, source, f"images[{index}]")
+        item_id = image.get("cocoid", image.get("imgid", image["filename"]))
+        media = source.media(os.path.join(image.get("filepath", ""), image["filename"]))
+        split = {"split": image["split"]} if "split" in image else {}
+        rows.append(_make_row(item_id, captions, image=media, **split))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ CSV formats
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a CSV file."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _parse_audiocaps(records: list[dict[str, str]], source: _Source, audio_extension: str) -> list[Row]:
+    """AudioCaps: one caption per line, grouped by ``youtube_id``; media ``<root>/<youtube_id><ext>``."""
+    start_times: dict[str, float] = {}
+
+    def captions() -> Iterable[tuple[str, Any, str]]:
+        for number, record in enumerate(records, start=2):  # line 1 is the header
+            line = f"line {number}"
+            youtube_id = (record.get("youtube_id") or "").strip()
+            if not youtube_id:
+                raise source.error("missing 'youtube_id'", line)
+            if record.get("start_time"):
+                try:
+                    start_times.setdefault(youtube_id, float(record["start_time"]))
+                except ValueError:
+                    raise source.error(f"'start_time' is not a number: {record['start_time']!r}", line) from None
+            yield youtube_id, record.get("caption") or "", line
+
+    grouped = _group_captions(captions(), source)
+    return [
+        _make_row(
+            youtube_id,
+            caps,
+            audio=source.media(youtube_id + audio_extension),
+            **({"start_time": start_times[youtube_id]} if youtube_id in start_times else {}),
+        )
+        for youtube_id, caps in grouped.items()
+    ]
+
+
+def _parse_clotho(records: list[dict[str, str]], header: Sequence[str], source: _Source) -> list[Row]:
+    """Clotho: ``file_name`` plus ``caption_1..caption_N`` per line; media ``<root>/<file_name>``."""
+    caption_columns = sorted((c for c in header if c.startswith("caption_")), key=lambda c: int(c.split("_")[1]))
+    rows = []
+    for number, record in enumerate(records, start=2):
+        line = f"line {number}"
+        file_name = (record.get("file_name") or "").strip()
+        if not file_name:
+            raise source.error("missing 'file_name'", line)
+        captions = _captions([record.get(c) or "" for c in caption_columns], source, line)
+        rows.append(_make_row(file_name, captions, audio=source.media(file_name)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- detection / API
+
+
+def _detect_json(data: Any, source: _Source) -> str:
+    """Name the JSON format from its structure."""
+    if isinstance(data, dict):
+        if "images" in data:
+            return "karpathy"
+        if "videos" in data and "sentences" in data:
+            return "msrvtt"
+    elif isinstance(data, list) and data and isinstance(data[0], dict):
+        if any(key in data[0] for key in MEDIA_KEYS):
+            return "mico"
+        if "video_id" in data[0] or "clip_name" in data[0]:
+            return "msrvtt"
+    raise source.error(f"cannot detect the annotation format; pass format= one of {FORMATS}")
+
+
+def _detect_csv(header: Sequence[str], source: _Source) -> str:
+    """Name the CSV format from its header."""
+    if "youtube_id" in header and "caption" in header:
+        return "audiocaps"
+    if "file_name" in header and any(column.startswith("caption_") for column in header):
+        return "clotho"
+    raise source.error(f"unknown CSV header {list(header)}; expected AudioCaps or Clotho columns")
+
+
+def load_annotations(
+    path: str | os.PathLike,
+    format: str = "auto",
+    media_root: str | os.PathLike | None = None,
+    split: str | None = None,
+    video_extension: str = ".mp4",
+    audio_extension: str = ".wav",
+) -> list[Row]:
+    """Load an annotation file into MiCo rows (see the module docstring for the formats).
+
+    Args:
+        path: the annotation file (``.json``, ``.jsonl`` or ``.csv``).
+        format: ``"auto"`` (from the extension and content) or one of `FORMATS`.
+        media_root: directory the media paths are relative to; defaults to the annotation file's directory.
+        split: keep only rows of this split (Karpathy ``split``, MSR-VTT official ``split``, or a ``split`` field of
+            MiCo rows); an error for a file without split information.
+        video_extension: extension appended to MSR-VTT video ids.
+        audio_extension: extension appended to AudioCaps YouTube ids.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"{path}: unknown annotation format {format!r}; expected 'auto' or one of {FORMATS}")
+    source = _Source(path, media_root)
+    if path.suffix.lower() == ".csv":
+        header, records = _read_csv(path)
+        format = _detect_csv(header, source) if format == "auto" else format
+        parsers: dict[str, Callable[[], list[Row]]] = {
+            "audiocaps": lambda: _parse_audiocaps(records, source, audio_extension),
+            "clotho": lambda: _parse_clotho(records, header, source),
+        }
+    else:
+        data = _read_json_or_lines(path)
+        format = _detect_json(data, source) if format == "auto" else format
+        parsers = {
+            "mico": lambda: _parse_mico(data, source),
+            "msrvtt": lambda: _parse_msrvtt(data, source, video_extension),
+            "karpathy": lambda: _parse_karpathy(data, source),
+            "coco": lambda: _parse_karpathy(data, source),
+        }
+    if format not in parsers:
+        raise source.error(f"format {format!r} does not apply to a {path.suffix or 'extension-less'} file")
+    return _filter_split(parsers[format](), split, source)
+
+
+def flatten_captions(rows: Sequence[Row]) -> tuple[list[str], list[int]]:
+    """All captions in row order and the row index of each: the `(texts, text_to_item)` of `retrieval_metrics`."""
+    texts: list[str] = []
+    text_to_item: list[int] = []
+    for index, row in enumerate(rows):
+        captions = row.get("captions") or ([row["caption"]] if row.get("caption") else [])
+        if not captions:
+            raise ValueError(f"row {index} (id {row.get('id')!r}) has no caption")
+        texts.extend(captions)
+        text_to_item.extend([index] * len(captions))
+    return texts, text_to_item

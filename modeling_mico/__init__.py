@@ -7,7 +7,11 @@ Importing this package registers every MiCo class with the matching Auto class, 
 from transformers import AutoConfig, AutoModel
 
 from .configuration_mico import MiCoConfig, MiCoTextConfig, MiCoVisionConfig
+from .feature_extraction_mico import MiCoFeatureExtractor
+from .image_processing_mico import MiCoImageProcessor
 from .modeling_mico import MiCoModel, MiCoPreTrainedModel, MiCoTextModel, MiCoVisionModel
+from .processing_mico import MiCoProcessor, register_processing_auto_classes
+from .video_processing_mico import MiCoVideoProcessor
 
 
 def _register_auto_classes() -> None:
@@ -19,12 +23,17 @@ def _register_auto_classes() -> None:
     AutoModel.register(MiCoVisionConfig, MiCoVisionModel, exist_ok=True)
     AutoModel.register(MiCoTextConfig, MiCoTextModel, exist_ok=True)
     MiCoModel.register_for_auto_class("AutoModel")
+    register_processing_auto_classes()
 
 
 _register_auto_classes()
 
 __all__ = [
     "MiCoConfig",
+    "MiCoFeatureExtractor",
+    "MiCoImageProcessor",
+    "MiCoProcessor",
+    "MiCoVideoProcessor",
     "MiCoModel",
     "MiCoPreTrainedModel",
     "MiCoTextConfig",

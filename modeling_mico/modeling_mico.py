@@ -9,6 +9,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.generation import GenerationConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -365,6 +366,21 @@ class MiCoLMHead(nn.Module):
         return self.decoder(self.LayerNorm(self.transform_act_fn(self.dense(hidden_states))))
 
 
+def default_generation_config(config: MiCoConfig) -> GenerationConfig:
+    """Caption decoding of the release: beam search with 3 beams, length penalty 0.6, `max_caption_length` new
+    tokens, starting at `[CLS]`, stopping at `[SEP]`, finished rows padded with `[PAD]`."""
+    text_config = config.text_config
+    return GenerationConfig(
+        num_beams=3,
+        length_penalty=0.6,
+        max_new_tokens=config.max_caption_length,
+        bos_token_id=text_config.bos_token_id,
+        decoder_start_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Glue: bridges into the context, contrastive and matching heads
 # --------------------------------------------------------------------------------------------------------------------
@@ -420,6 +436,34 @@ class MiCoPreTrainedModel(PreTrainedModel):
         ],
         "cross_attentions": OutputRecorder(MiCoTextCrossAttention, index=1),
     }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a MiCo directory or Hub repository; original-layout checkpoints (the research code's
+        `config.json` + `mico_pytorch_model.safetensors`, or `ckpt/` + `log/hps.json`) are converted on the fly."""
+        from .convert_original import model_from_original, resolve_original_source
+
+        original = resolve_original_source(pretrained_model_name_or_path, **kwargs)
+        if original is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        options = {key: kwargs[key] for key in ("dtype", "torch_dtype", "attn_implementation") if key in kwargs}
+        return model_from_original(cls, original, **options)
+
+    def auto_map_for_heads(self) -> dict[str, str]:
+        """`auto_map` entries for the config and every MiCo class registered for an Auto class, so that a saved
+        directory loads with `trust_remote_code=True` into any head without this package installed."""
+        entries = {"AutoConfig": "configuration_mico.MiCoConfig"}
+        for candidate in MiCoPreTrainedModel.__subclasses__() + MiCoModel.__subclasses__():
+            auto_class = vars(candidate).get("_auto_class")
+            if auto_class and candidate.config_class is MiCoConfig:
+                entries[auto_class] = f"modeling_mico.{candidate.__name__}"
+        return entries
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights (safetensors), config with an `auto_map` for every head class, and the model code."""
+        if isinstance(self.config, MiCoConfig):
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.auto_map_for_heads()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
@@ -587,6 +631,8 @@ class MiCoModel(MiCoPreTrainedModel):
     """
 
     config: MiCoConfig
+    # checkpoints of the captioning / pretraining heads also carry the language-model head
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
 
     def __init__(self, config: MiCoConfig):
         super().__init__(config)

@@ -79,7 +79,10 @@ TIED_GROUPS = {
         "multimodal_encoder.bert.embeddings.word_embeddings.weight",
         "multimodal_encoder.cls.predictions.decoder.weight",
     ),
-    "lm_head.decoder.bias": ("multimodal_encoder.cls.predictions.bias", "multimodal_encoder.cls.predictions.decoder.bias"),
+    "lm_head.decoder.bias": (
+        "multimodal_encoder.cls.predictions.bias",
+        "multimodal_encoder.cls.predictions.decoder.bias",
+    ),
 }
 _TIED_KEYS = {key: name for name, keys in TIED_GROUPS.items() for key in keys}
 
@@ -237,7 +240,9 @@ def _iter_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     except RuntimeError:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path} is not a plain tensor state dict loadable with weights_only=True: {error}") from error
+        raise ValueError(
+            f"{path} is not a plain tensor state dict loadable with weights_only=True: {error}"
+        ) from error
     if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
     if not isinstance(state_dict, dict):
@@ -304,7 +309,9 @@ def config_from_original(
         raise ValueError(f"contra_dim is {hyper_parameters['contra_dim']} but the heads project to {projection_dim}")
     bert_config = hyper_parameters.get("bert_config") or {}
     if bert_config.get("hidden_size", text_width) != text_width:
-        raise ValueError(f"bert_config.hidden_size is {bert_config['hidden_size']} but the embeddings are {text_width} wide")
+        raise ValueError(
+            f"bert_config.hidden_size is {bert_config['hidden_size']} but the embeddings are {text_width} wide"
+        )
 
     modalities = {}
     for key, shape in shapes.items():
@@ -517,7 +524,9 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         raise KeyError(f"the converted checkpoint has keys the model does not have: {unexpected}")
     for key, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected[key].shape)}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -610,8 +619,13 @@ def _dry_run(checkpoint: OriginalCheckpoint, config: MiCoConfig, dtype: torch.dt
         model = MiCoModel(config)
     check_state_dict(model, {key: value for key, value in converted.items() if not key.startswith("lm_head.")})
     head_keys = {key for key in converted if key.startswith("lm_head.")}
-    if head_keys and head_keys != {"lm_head.dense.weight", "lm_head.dense.bias", "lm_head.LayerNorm.weight",
-                                   "lm_head.LayerNorm.bias", "lm_head.decoder.bias"}:
+    if head_keys and head_keys != {
+        "lm_head.dense.weight",
+        "lm_head.dense.bias",
+        "lm_head.LayerNorm.weight",
+        "lm_head.LayerNorm.bias",
+        "lm_head.decoder.bias",
+    }:
         raise KeyError(f"incomplete or unexpected language-model head keys: {sorted(head_keys)}")
     return [(key, value.numel() * dtype.itemsize) for key, value in converted.items()]
 
@@ -624,13 +638,18 @@ def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _write_shards(checkpoint: OriginalCheckpoint, config: MiCoConfig, output_dir: Path, dtype: torch.dtype,
-                  max_shard_size: int, report: ConversionReport) -> list[Path]:
-    """Stream tensors from the source into safetensors shards, holding at most one shard in memory."""
+def _write_shards(
+    checkpoint: OriginalCheckpoint,
+    config: MiCoConfig,
+    output_dir: Path,
+    dtype: torch.dtype,
+    plan: list[list[str]],
+    report: ConversionReport,
+) -> list[Path]:
+    """Stream tensors from the source into the planned safetensors shards, holding at most one shard in memory."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    plan = _plan_shards(_dry_run(checkpoint, config, dtype), max_shard_size)
     shard_of = {name: index for index, names in enumerate(plan) for name in names}
     file_names = (
         ["model.safetensors"]
@@ -715,13 +734,14 @@ def convert_original_checkpoint(
             f"{source} is not an original MiCo checkpoint (config.json + {' or '.join(HUB_WEIGHT_NAMES)}, "
             "ckpt/model_step_<N>.pt + log/hps.json, or a weight file with --config)"
         )
-    _prepare_output_dir(output_dir, overwrite)
     config = config_from_original(
         checkpoint.hyper_parameters, read_original_shapes(checkpoint.weights), image_size, num_frames
     )
     config.dtype = dtype
+    plan = _plan_shards(_dry_run(checkpoint, config, _DTYPES[dtype]), parse_size(max_shard_size))
+    _prepare_output_dir(output_dir, overwrite)
     report = ConversionReport()
-    _write_shards(checkpoint, config, output_dir, _DTYPES[dtype], parse_size(max_shard_size), report)
+    _write_shards(checkpoint, config, output_dir, _DTYPES[dtype], plan, report)
     _save_code_and_config(config, output_dir)
     _save_generation_config(config, checkpoint.hyper_parameters, output_dir)
     _save_processing(output_dir, tokenizer_dir, config)

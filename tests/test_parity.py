@@ -115,8 +115,12 @@ def assert_parity(outputs: dict[str, torch.Tensor]) -> float:
     worst = 0.0
     for name in expected:
         assert name in outputs, f"{name} was not computed"
-        reference = ref(name) if name in REFERENCE.files else torch.cat(
-            [ref(part) for part in MANIFEST["derived_entries"][name]["equals_concatenation_along_dim1_of"]], dim=1
+        reference = (
+            ref(name)
+            if name in REFERENCE.files
+            else torch.cat(
+                [ref(part) for part in MANIFEST["derived_entries"][name]["equals_concatenation_along_dim1_of"]], dim=1
+            )
         )
         tolerance = LOGITS_TOLERANCE if name.startswith("out_logits_per_text") else TOKENS_TOLERANCE
         diff = (outputs[name].float() - reference.float()).abs().max().item()

@@ -490,6 +490,24 @@ def export_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     return exported
 
 
+def open_original_checkpoint(
+    source: str | os.PathLike,
+    config_path: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    num_frames: int | None = None,
+) -> tuple[OriginalCheckpoint, MiCoConfig]:
+    """Locate an original checkpoint (local path or Hub repo id) and derive its `MiCoConfig` from tensor shapes."""
+    local = Path(source) if Path(source).exists() else resolve_original_source(source)
+    checkpoint = find_original_checkpoint(local, config_path) if local is not None else None
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"{source} is not an original MiCo checkpoint (config.json + {' or '.join(HUB_WEIGHT_NAMES)}, "
+            "ckpt/model_step_<N>.pt + log/hps.json, or a weight file with --config)"
+        )
+    shapes = read_original_shapes(checkpoint.weights)
+    return checkpoint, config_from_original(checkpoint.hyper_parameters, shapes, image_size, num_frames)
+
+
 def load_original_checkpoint(
     source: str | os.PathLike,
     config_path: str | os.PathLike | None = None,
@@ -497,15 +515,7 @@ def load_original_checkpoint(
     num_frames: int | None = None,
 ) -> tuple[MiCoConfig, dict[str, torch.Tensor], ConversionReport]:
     """Read an original checkpoint into `(config, state dict under our names, report)`."""
-    checkpoint = find_original_checkpoint(source, config_path)
-    if checkpoint is None:
-        raise FileNotFoundError(
-            f"{source} is not an original MiCo checkpoint: expected config.json + {' or '.join(HUB_WEIGHT_NAMES)}, "
-            "or ckpt/model_step_<N>.pt + log/hps.json"
-        )
-    config = config_from_original(
-        checkpoint.hyper_parameters, read_original_shapes(checkpoint.weights), image_size, num_frames
-    )
+    checkpoint, config = open_original_checkpoint(source, config_path, image_size, num_frames)
     report = ConversionReport()
     state_dict = dict(convert_tensors(_renamed_tensors(checkpoint.weights), config, report))
     logger.info(f"Converted {checkpoint.weights} ({checkpoint.layout} layout); dropped {len(report.dropped)} keys")
@@ -727,16 +737,7 @@ def convert_original_checkpoint(
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     output_dir = Path(output_dir)
-    local = Path(source) if Path(source).exists() else resolve_original_source(source)
-    checkpoint = find_original_checkpoint(local, config_path) if local is not None else None
-    if checkpoint is None:
-        raise FileNotFoundError(
-            f"{source} is not an original MiCo checkpoint (config.json + {' or '.join(HUB_WEIGHT_NAMES)}, "
-            "ckpt/model_step_<N>.pt + log/hps.json, or a weight file with --config)"
-        )
-    config = config_from_original(
-        checkpoint.hyper_parameters, read_original_shapes(checkpoint.weights), image_size, num_frames
-    )
+    checkpoint, config = open_original_checkpoint(source, config_path, image_size, num_frames)
     config.dtype = dtype
     plan = _plan_shards(_dry_run(checkpoint, config, _DTYPES[dtype]), parse_size(max_shard_size))
     _prepare_output_dir(output_dir, overwrite)

@@ -167,46 +167,23 @@ def test_single_file_with_config_sharded_bfloat16(tmp_path):
     torch.testing.assert_close(model.temperature.float(), reference.temperature.to(torch.bfloat16).float())
 
 
-def test_cli_writes_a_complete_directory(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "conversion" / "convert_mico_original_to_hf.py"),
-            "--checkpoint",
-            str(PARITY / "repo"),
-            "--output_dir",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "conversion" / "convert_mico_original_to_hf.py"), *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     )
+
+
+def test_cli_writes_a_complete_directory(tmp_path):
+    arguments = ("--checkpoint", str(PARITY / "repo"), "--output_dir", str(tmp_path / "out"))
+    result = run_cli(*arguments)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Dropped 23 unused keys" in result.stdout
     files = {path.name for path in (tmp_path / "out").iterdir()}
-    assert {
-        "config.json",
-        "model.safetensors",
-        "generation_config.json",
-        "processor_config.json",
-        "tokenizer.json",
-        "modeling_mico.py",
-        "configuration_mico.py",
-    } <= files
+    expected = {"config.json", "model.safetensors", "generation_config.json", "processor_config.json"}
+    assert expected | {"tokenizer.json", "modeling_mico.py", "configuration_mico.py"} <= files
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "mico" and "AutoModel" in config["auto_map"]
     assert type(AutoProcessor.from_pretrained(tmp_path / "out")).__name__ == "MiCoProcessor"
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "conversion" / "convert_mico_original_to_hf.py"),
-            "--checkpoint",
-            str(PARITY / "repo"),
-            "--output_dir",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
+    again = run_cli(*arguments)
     assert again.returncode != 0 and "--overwrite" in again.stderr

@@ -4,12 +4,20 @@ Importing this package registers every MiCo class with the matching Auto class, 
 `AutoConfig`, `AutoModel`, `AutoProcessor` and friends load MiCo directories.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining
 
 from .configuration_mico import MiCoConfig, MiCoTextConfig, MiCoVisionConfig
 from .feature_extraction_mico import MiCoFeatureExtractor
 from .image_processing_mico import MiCoImageProcessor
-from .modeling_mico import MiCoModel, MiCoPreTrainedModel, MiCoTextModel, MiCoVisionModel
+from .modeling_mico import (
+    MiCoForConditionalGeneration,
+    MiCoForPreTraining,
+    MiCoForPreTrainingOutput,
+    MiCoModel,
+    MiCoPreTrainedModel,
+    MiCoTextModel,
+    MiCoVisionModel,
+)
 from .processing_mico import MiCoProcessor, register_processing_auto_classes
 from .video_processing_mico import MiCoVideoProcessor
 
@@ -23,6 +31,10 @@ def _register_auto_classes() -> None:
     AutoModel.register(MiCoVisionConfig, MiCoVisionModel, exist_ok=True)
     AutoModel.register(MiCoTextConfig, MiCoTextModel, exist_ok=True)
     MiCoModel.register_for_auto_class("AutoModel")
+    AutoModelForPreTraining.register(MiCoConfig, MiCoForPreTraining, exist_ok=True)
+    MiCoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    AutoModelForImageTextToText.register(MiCoConfig, MiCoForConditionalGeneration, exist_ok=True)
+    MiCoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     register_processing_auto_classes()
 
 
@@ -31,6 +43,9 @@ _register_auto_classes()
 __all__ = [
     "MiCoConfig",
     "MiCoFeatureExtractor",
+    "MiCoForConditionalGeneration",
+    "MiCoForPreTraining",
+    "MiCoForPreTrainingOutput",
     "MiCoImageProcessor",
     "MiCoProcessor",
     "MiCoVideoProcessor",

@@ -211,9 +211,9 @@ class MiCoConfig(PreTrainedConfig):
         self.pool_video = pool_video
         self.max_caption_length = max_caption_length
         self.max_subtitle_length = max_subtitle_length
-        self.contrastive_tasks = list(contrastive_tasks or ["tv", "ta", "td", "tva"])
-        self.matching_tasks = list(matching_tasks or ["tv", "ta", "tva"])
-        self.caption_tasks = list(caption_tasks or ["tv", "ta", "tva"])
+        self.contrastive_tasks = list(contrastive_tasks if contrastive_tasks is not None else ["tv", "ta", "td", "tva"])
+        self.matching_tasks = list(matching_tasks if matching_tasks is not None else ["tv", "ta", "tva"])
+        self.caption_tasks = list(caption_tasks if caption_tasks is not None else ["tv", "ta", "tva"])
         self.itm_loss_weight = itm_loss_weight
         self.caption_mask_probability = caption_mask_probability
         self.label_smoothing = label_smoothing

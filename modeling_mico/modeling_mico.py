@@ -8,20 +8,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, EncoderDecoderCache
-from transformers.generation import GenerationConfig
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.generation import GenerationConfig, GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPooling,
+    CausalLMOutputWithCrossAttentions,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mico import MiCoConfig, MiCoTextConfig, MiCoVisionConfig
+from .distributed import all_gather_no_grad, all_gather_with_grad, present_everywhere
 
 
 logger = logging.get_logger(__name__)
@@ -893,7 +895,7 @@ class MiCoModel(MiCoPreTrainedModel):
             "depth_values": depth_values,
             **extra,
         }
-        output = MiCoOutput(temperature=self.temperature)
+        output = MiCoOutput()
         text_embeds = None
         if input_ids is not None:
             text_output = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
@@ -910,7 +912,810 @@ class MiCoModel(MiCoPreTrainedModel):
             output[f"{output_name}_embeds"] = embeds
             if text_embeds is not None:
                 output[f"logits_per_text_{output_name}"] = text_embeds @ embeds.t() / self.temperature
+        output["temperature"] = self.temperature
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["MiCoModel", "MiCoPreTrainedModel", "MiCoTextModel", "MiCoVisionModel"]
+# --------------------------------------------------------------------------------------------------------------------
+# Pretraining: omni-modal contrastive, matching and caption losses
+# --------------------------------------------------------------------------------------------------------------------
+
+# Letters of pretraining tasks: "t" is the caption, every further letter names one modality of the other side
+# ("tva": caption vs. vision+audio). Extra configured knowledge modalities use their first letter ("n" for "normal").
+TASK_LETTERS = {"v": "vision", "a": "audio", "d": "depth", "s": "subtitle"}
+
+# First id drawn for randomly replaced caption tokens (ids below it are BERT's special and unused tokens).
+RANDOM_TOKEN_START = 106
+
+
+def task_letters(config: MiCoConfig) -> dict[str, str]:
+    """Letter -> modality for the tasks of this configuration (`TASK_LETTERS` plus first letters of extras)."""
+    letters = {
+        letter: modality
+        for letter, modality in TASK_LETTERS.items()
+        if modality == "subtitle" or modality in config.knowledge_modalities
+    }
+    for modality in config.knowledge_modalities:
+        if modality in TASK_LETTERS.values():
+            continue
+        letter = modality[0]
+        if letter == "t" or letter in letters:
+            raise ValueError(f"modality {modality!r} cannot be named in tasks: its letter {letter!r} is taken")
+        letters[letter] = modality
+    return letters
+
+
+def parse_task(task: str, letters: dict[str, str]) -> tuple[str, ...]:
+    """`"tva"` -> `("vision", "audio")`; refuses unknown or repeated letters."""
+    parts = task[1:]
+    if task[:1] != "t" or not parts or len(set(parts)) != len(parts) or any(c not in letters for c in parts):
+        raise ValueError(
+            f"task {task!r} must be 't' followed by distinct modality letters of {dict(sorted(letters.items()))}"
+        )
+    return tuple(letters[c] for c in parts)
+
+
+def contrastive_loss(
+    text_embeds: torch.Tensor, modality_embeds: torch.Tensor, temperature: torch.Tensor, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Symmetric cross-entropy of normalised embeddings against the global batch (all processes).
+
+    Returns the loss, `logits_per_text` and `logits_per_modality` (local rows x global columns, divided by the
+    temperature) and the offset of the local rows in the global batch (the positives' columns).
+    """
+    all_text, offset = all_gather_with_grad(text_embeds)
+    all_modality, _ = all_gather_with_grad(modality_embeds)
+    logits_per_text = text_embeds @ all_modality.t() / temperature
+    logits_per_modality = modality_embeds @ all_text.t() / temperature
+    targets = torch.arange(offset, offset + text_embeds.shape[0], device=text_embeds.device)
+    loss = (
+        F.cross_entropy(logits_per_modality, targets, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits_per_text, targets, label_smoothing=label_smoothing)
+    ) / 2
+    return loss, logits_per_text, logits_per_modality, offset
+
+
+@torch.no_grad()
+def sample_hard_negatives(logits: torch.Tensor, offset: int) -> torch.Tensor:
+    """One column per row drawn with weights `softmax(logits) + 1e-4`, the positive (column `offset + row`) zeroed,
+    so it is never drawn (duplicates of the positive elsewhere in the batch can be). Uses torch's global RNG."""
+    weights = F.softmax(logits.float(), dim=1) + 1e-4
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    weights[rows, rows + offset] = 0
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+@torch.no_grad()
+def mask_caption_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    probability: float,
+    mask_token_id: int,
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask caption tokens for the caption loss, vectorised with torch's global RNG.
+
+    Every non-padding token after position 0 (`[SEP]` included) is chosen with `probability`, conditioned on at least
+    one per row, as the original's "redraw until something is chosen" loop: the first chosen token is drawn from the
+    truncated geometric distribution of that condition and the tokens after it independently. A chosen token becomes
+    `[MASK]` (80%), a random id in `[106, vocab_size)` (10%) or stays (10%). Returns the new ids and the labels
+    (the original id at chosen positions, -100 elsewhere).
+    """
+    if not 0 < probability <= 1:
+        raise ValueError(f"the caption mask probability must be in (0, 1], got {probability}")
+    eligible = attention_mask.bool().clone()
+    eligible[:, 0] = False
+    rank = eligible.long().cumsum(dim=1)  # 1-based rank of each eligible token in its row
+    count = rank[:, -1:]
+    if probability < 1:
+        # inverse CDF of P(first = k | at least one) = p (1-p)^(k-1) / (1 - (1-p)^count), k = 1..count
+        keep = torch.tensor(1 - probability, dtype=torch.float64, device=input_ids.device)
+        uniform = torch.rand(count.shape, dtype=torch.float64, device=input_ids.device)
+        first = torch.ceil(torch.log1p(-uniform * (1 - keep**count)) / torch.log(keep)).long().clamp(min=1)
+        first = torch.minimum(first, count)
+        later = torch.rand(input_ids.shape, device=input_ids.device) < probability
+        chosen = eligible & ((rank == first) | ((rank > first) & later))
+    else:
+        chosen = eligible
+    labels = input_ids.masked_fill(~chosen, -100)
+    action = torch.rand(input_ids.shape, device=input_ids.device)
+    low = RANDOM_TOKEN_START if vocab_size > RANDOM_TOKEN_START else 0
+    random_ids = torch.randint(low, vocab_size, input_ids.shape, device=input_ids.device, dtype=input_ids.dtype)
+    masked = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    return masked, labels
+
+
+def causal_caption_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`(batch, seq, seq)` mask: query i sees the non-padding keys j <= i."""
+    seq_len = attention_mask.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).tril()
+    return (causal[None] & attention_mask.bool()[:, None, :]).long()
+
+
+@dataclass
+class MiCoForPreTrainingOutput(ModelOutput):
+    r"""
+    Output of [`MiCoForPreTraining`].
+
+    loss (`torch.FloatTensor`): `contrastive_loss + matching_loss + caption_loss` (the terms that ran).
+    contrastive_loss (`torch.FloatTensor`): mean over contrastive tasks of the symmetric, label-smoothed
+        cross-entropy against the global batch.
+    matching_loss (`torch.FloatTensor`): mean over matching tasks of `itm_loss_weight` x the matching cross-entropy.
+    caption_loss (`torch.FloatTensor`): mean over caption tasks of the cross-entropy on the masked caption tokens.
+    task_losses (`dict[str, torch.FloatTensor]`): every task's term, keyed `contrastive_<task>`, `matching_<task>`
+        (weighted) and `caption_<task>`, e.g. `contrastive_tva`.
+    logits_per_text, logits_per_modality (`dict[str, torch.FloatTensor]`): per contrastive (and matching) task, the
+        `(local_batch, global_batch)` similarities divided by the temperature; local row i's positive is column
+        `offset + i`.
+    matching_logits (`dict[str, torch.FloatTensor]`): per matching task, `(3 * batch, 2)` logits of the positive
+        pairs, the pairs (text, hard-negative context) and the pairs (hard-negative text, context), in that order.
+    caption_logits (`dict[str, torch.FloatTensor]`): per caption task, `(num_masked, vocab_size)` prediction scores at
+        the masked positions (`caption_labels != -100`, row-major).
+    caption_input_ids, caption_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the masked
+        caption shared by all caption tasks and its labels (-100 where not masked).
+    temperature (`torch.FloatTensor`): the learned temperature.
+    """
+
+    loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    matching_loss: torch.FloatTensor | None = None
+    caption_loss: torch.FloatTensor | None = None
+    task_losses: dict[str, torch.FloatTensor] | None = None
+    logits_per_text: dict[str, torch.FloatTensor] | None = None
+    logits_per_modality: dict[str, torch.FloatTensor] | None = None
+    matching_logits: dict[str, torch.FloatTensor] | None = None
+    caption_logits: dict[str, torch.FloatTensor] | None = None
+    caption_input_ids: torch.LongTensor | None = None
+    caption_labels: torch.LongTensor | None = None
+    temperature: torch.FloatTensor | None = None
+
+
+class MiCoForPreTraining(MiCoModel):
+    r"""
+    MiCo with its three pretraining losses (omni-modal contrastive, matching with hard negatives, masked caption
+    generation), on top of [`MiCoModel`] (same weight names) plus the language-model head tied to the word embeddings.
+
+    Which tasks run is configuration: `config.contrastive_tasks`, `matching_tasks` and `caption_tasks` list tasks
+    such as `"tv"` (caption vs. vision: image or video), `"ta"` (audio), `"td"` (depth), `"ts"` (subtitle), `"tva"`
+    (vision+audio through the fused `va` head for contrastive, the concatenated context for matching and captions),
+    `"tn"` for an extra `normal` modality (see `TASK_LETTERS`). Tasks whose inputs are absent from the batch (of any
+    process) are skipped. Every encoder runs once per batch: the ViT tokens feed both the pooled contrastive features
+    and the multimodal context. Negatives of the contrastive and matching losses come from all processes.
+
+    Hard negatives and caption masks are drawn from torch's global RNG (no `torch.Generator`), so seeding (`set_seed`,
+    which `Trainer` calls on every process) makes a run reproducible; processes seeded alike draw the same mask
+    *pattern* for their different captions, as in the original.
+    """
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: MiCoConfig):
+        super().__init__(config)
+        letters = task_letters(config)
+        self.tasks = {
+            kind: {task: parse_task(task, letters) for task in getattr(config, f"{kind}_tasks")}
+            for kind in ("contrastive", "matching", "caption")
+        }
+        for modalities in [*self.tasks["contrastive"].values(), *self.tasks["matching"].values()]:
+            if len(modalities) > 1:
+                self._fused_head_for(set(modalities))  # raises when no fused head combines them
+        self.lm_head = MiCoLMHead(config.text_config)
+        self.post_init()
+
+    def post_init(self) -> None:
+        """`MiCoModel.__init__` calls this before `lm_head` exists (nothing to tie yet): run it once, at the end."""
+        if hasattr(self, "lm_head"):
+            super().post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        depth_values: torch.Tensor | None = None,
+        subtitle_input_ids: torch.LongTensor | None = None,
+        subtitle_attention_mask: torch.Tensor | None = None,
+        return_loss: bool = True,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MiCoForPreTrainingOutput | tuple:
+        r"""
+        input_ids, attention_mask: the captions (`[CLS] ... [SEP]`, padded).
+        subtitle_input_ids, subtitle_attention_mask: subtitles (the `s` modality), optional.
+        return_loss (`bool`, defaults to `True`): with `False` only the contrastive similarities are computed (no
+            losses, no random draws).
+
+        Knowledge inputs as for [`MiCoModel`] (`<name>_values` for configured extras).
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from modeling_mico import MiCoConfig, MiCoForPreTraining
+        >>> config = MiCoConfig(
+        ...     vision_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+        ...                        image_size=56, patch_size=14),
+        ...     text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+        ...                      max_position_embeddings=64),
+        ...     projection_dim=32)
+        >>> model = MiCoForPreTraining(config)
+        >>> ids = torch.randint(1000, 2000, (4, 12))
+        >>> out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(4, 3, 56, 56))
+        >>> sorted(out.task_losses)
+        ['caption_tv', 'contrastive_tv', 'matching_tv']
+        ```
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        names = knowledge_input_names(self.config)
+        extra = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}; knowledge inputs are {', '.join(names)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        knowledge = self._knowledge_by_modality(
+            {
+                "pixel_values": pixel_values,
+                "pixel_values_videos": pixel_values_videos,
+                "input_features": input_features,
+                "depth_values": depth_values,
+                **extra,
+            }
+        )
+        kinds = ("contrastive",) if not return_loss else ("contrastive", "matching", "caption")
+        tasks = self._runnable_tasks(kinds, set(knowledge) | ({"subtitle"} if subtitle_input_ids is not None else set()))
+
+        # every encoder runs once; pooled features and contexts are derived from the same tokens
+        needed = {modality for kind in tasks.values() for modalities in kind.values() for modality in modalities}
+        tokens = {modality: self.encode_knowledge(modality, knowledge[modality]) for modality in knowledge if modality in needed}
+        pooled = {modality: self.pool_knowledge(value) for modality, value in tokens.items()}
+        contexts: dict[str, torch.Tensor] = {}
+        if "subtitle" in needed:
+            subtitle_hidden = self.encode_text(subtitle_input_ids, subtitle_attention_mask)
+            pooled["subtitle"] = subtitle_hidden[:, 0]
+            contexts["subtitle"] = self.modality_bridges["subtitle"](subtitle_hidden) + self.type_embeddings["subtitle"]
+        text_embeds = F.normalize(self.contrastive_heads["text"](self.encode_text(input_ids, attention_mask)[:, 0]), dim=-1)
+
+        def context_of(modalities: tuple[str, ...]) -> torch.Tensor:
+            for modality in modalities:
+                if modality not in contexts:
+                    contexts[modality] = self.context_from_tokens(modality, tokens[modality])
+            order = [*tokens, "subtitle"]  # tokens follow the context order of `_knowledge_by_modality`
+            return torch.cat([contexts[modality] for modality in order if modality in modalities], dim=1)
+
+        output = MiCoForPreTrainingOutput(
+            task_losses={}, logits_per_text={}, logits_per_modality={}, temperature=self.temperature
+        )
+        # similarities of contrastive tasks, and of matching tasks (their hard negatives are drawn from them)
+        similarity: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        contrastive_terms = []
+        for task, modalities in {**tasks.get("matching", {}), **tasks["contrastive"]}.items():
+            modality_embeds = F.normalize(self._pooled_embeds(modalities, pooled), dim=-1)
+            loss, logits_per_text, logits_per_modality, offset = contrastive_loss(
+                text_embeds, modality_embeds, self.temperature, self.config.label_smoothing
+            )
+            similarity[task] = (logits_per_text, logits_per_modality, offset)
+            output.logits_per_text[task] = logits_per_text
+            output.logits_per_modality[task] = logits_per_modality
+            if task in tasks["contrastive"]:
+                output.task_losses[f"contrastive_{task}"] = loss
+                contrastive_terms.append(loss)
+        if contrastive_terms:
+            output.contrastive_loss = torch.stack(contrastive_terms).mean()
+
+        if return_loss:
+            matching_terms = []
+            for task, modalities in tasks["matching"].items():
+                logits_per_text, logits_per_modality, offset = similarity[task]
+                if logits_per_text.shape[1] < 2:
+                    logger.warning_once("matching loss skipped: hard negatives need at least 2 samples in the batch")
+                    continue
+                logits = self._matching_logits(
+                    input_ids, attention_mask, context_of(modalities), logits_per_text, logits_per_modality, offset
+                )
+                labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+                labels[: input_ids.shape[0]] = 1
+                loss = self.config.itm_loss_weight * F.cross_entropy(logits, labels)
+                output.matching_logits = {**(output.matching_logits or {}), task: logits}
+                output.task_losses[f"matching_{task}"] = loss
+                matching_terms.append(loss)
+            if matching_terms:
+                output.matching_loss = torch.stack(matching_terms).mean()
+
+            if tasks["caption"]:
+                text_config = self.config.text_config
+                masked_ids, labels = mask_caption_tokens(
+                    input_ids,
+                    attention_mask,
+                    self.config.caption_mask_probability,
+                    text_config.mask_token_id,
+                    text_config.vocab_size,
+                )
+                causal_mask = causal_caption_mask(attention_mask)
+                selected = labels != -100
+                output.caption_input_ids, output.caption_labels, output.caption_logits = masked_ids, labels, {}
+                caption_terms = []
+                for task, modalities in tasks["caption"].items():
+                    hidden_states = self.text_model(
+                        input_ids=masked_ids, attention_mask=causal_mask, encoder_hidden_states=context_of(modalities)
+                    ).last_hidden_state
+                    logits = self.lm_head(hidden_states[selected])
+                    loss = F.cross_entropy(logits.float(), labels[selected])
+                    output.caption_logits[task] = logits
+                    output.task_losses[f"caption_{task}"] = loss
+                    caption_terms.append(loss)
+                output.caption_loss = torch.stack(caption_terms).mean()
+
+            terms = [output.contrastive_loss, output.matching_loss, output.caption_loss]
+            output.loss = sum(term for term in terms if term is not None)
+        return output if return_dict else output.to_tuple()
+
+    def _runnable_tasks(self, kinds: tuple[str, ...], given: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
+        """The configured tasks whose modalities are in this batch on every process; raises when none is."""
+        used = sorted({modality for kind in kinds for modalities in self.tasks[kind].values() for modality in modalities})
+        present = present_everywhere({modality: modality in given for modality in used}, self.temperature.device)
+        tasks = {
+            kind: {task: mods for task, mods in self.tasks[kind].items() if all(present[m] for m in mods)}
+            for kind in kinds
+        }
+        if not any(tasks.values()):
+            configured = {kind: list(self.tasks[kind]) for kind in kinds}
+            raise ValueError(
+                f"no pretraining task can run on this batch: it carries {sorted(given) or 'no modality'} (on every "
+                f"process), the configured tasks are {configured}"
+            )
+        return tasks
+
+    def _pooled_embeds(self, modalities: tuple[str, ...], pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Projected (not yet normalised) features of one modality or, through its fused head, of several."""
+        if len(modalities) == 1:
+            return self.contrastive_heads[modalities[0]](pooled[modalities[0]])
+        head = self._fused_head_for(set(modalities))
+        return self.fused_heads[head](torch.cat([pooled[part] for part in self.config.fused_heads[head]], dim=-1))
+
+    def _matching_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        context: torch.Tensor,
+        logits_per_text: torch.Tensor,
+        logits_per_modality: torch.Tensor,
+        offset: int,
+    ) -> torch.Tensor:
+        """Matching logits of the positives, then (text, hard-negative context), then (hard-negative text, context)."""
+        negative_contexts = sample_hard_negatives(logits_per_text, offset)
+        negative_texts = sample_hard_negatives(logits_per_modality, offset)
+        all_contexts, _ = all_gather_with_grad(context)
+        all_ids = all_gather_no_grad(input_ids)
+        all_masks = all_gather_no_grad(attention_mask)
+        return self.get_matching_logits(
+            torch.cat([input_ids, input_ids, all_ids[negative_texts]]),
+            torch.cat([attention_mask, attention_mask, all_masks[negative_texts]]),
+            context=torch.cat([context, all_contexts[negative_contexts], context]),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Caption generation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def caption_attention_mask(padding_mask: torch.Tensor, query_length: int, prefix_length: int = 0) -> torch.Tensor:
+    """`(batch, query_length, key_length)` mask of the caption decoder, 1 where attention is allowed.
+
+    The queries are the last `query_length` of the `key_length` positions (earlier ones are cached). Query `i` sees the
+    non-padding keys `j <= i` (causal), and the first `prefix_length` positions (a question) also see each other
+    bidirectionally but never what follows them, as in the original's captioning and question answering.
+    """
+    key_length = padding_mask.shape[1]
+    key_positions = torch.arange(key_length, device=padding_mask.device)
+    query_positions = key_positions[key_length - query_length :]
+    visible = key_positions[None, :] <= query_positions.clamp(min=prefix_length - 1)[:, None]
+    return visible[None] & padding_mask.bool()[:, None, :]
+
+
+@dataclass
+class _ReleaseBeamScoring:
+    """Per-call state of a beam search scored like Transformers 4.31 (see `MiCoForConditionalGeneration`)."""
+
+    eos_token_ids: torch.Tensor | None
+    best_candidate_scores: torch.Tensor | None = None
+
+    def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.eos_token_ids is None:
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        return torch.isin(tokens, self.eos_token_ids.to(tokens.device))
+
+
+class MiCoForConditionalGeneration(MiCoModel, GenerationMixin):
+    r"""
+    MiCo captioning and question answering: [`MiCoModel`] (same weight names) plus the language-model head tied to the
+    word embeddings, decoded with Transformers' `generate` (greedy, beam search, sampling, streamers, ...).
+
+    Decoding follows the original "append a `[MASK]`" scheme: the text starts at `[CLS]`, and the distribution of the
+    next token is read at a `[MASK]` appended after the tokens so far, under a causal mask and with cross-attention to
+    the multimodal context of whatever knowledge inputs are given (built once per call). The keys/values of the real
+    tokens are cached (the `[MASK]` never is), which gives the same tokens as the original's full recomputation
+    (`use_cache=False`) much faster. Beam search scores finished hypotheses as the release did (Transformers 4.31:
+    length penalty over the length *including* the prompt); `length_penalty_includes_prompt=False` selects the rule of
+    current Transformers (generated tokens only).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_mico import MiCoConfig, MiCoForConditionalGeneration
+    >>> config = MiCoConfig(
+    ...     vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                        image_size=56, patch_size=14),
+    ...     text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    ...                      max_position_embeddings=64),
+    ...     projection_dim=32)
+    >>> model = MiCoForConditionalGeneration(config).eval()
+    >>> ids = model.generate(pixel_values_videos=torch.randn(2, 4, 3, 56, 56), max_new_tokens=5)
+    >>> ids[:, 0].tolist()  # every caption starts at [CLS]
+    [101, 101]
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
+    _keys_to_ignore_on_load_unexpected = None
+    _release_beam_scoring: _ReleaseBeamScoring | None = None
+
+    def __init__(self, config: MiCoConfig):
+        super().__init__(config)
+        self.lm_head = MiCoLMHead(config.text_config)
+        self.post_init()
+        self.generation_config = default_generation_config(config)
+        self.generation_config.early_stopping = False
+        self.generation_config.length_penalty_includes_prompt = True
+
+    def post_init(self) -> None:
+        """`MiCoModel.__init__` calls this before `lm_head` exists (nothing to tie yet): run it once, at the end."""
+        if hasattr(self, "lm_head"):
+            super().post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        depth_values: torch.Tensor | None = None,
+        subtitle_input_ids: torch.LongTensor | None = None,
+        subtitle_attention_mask: torch.Tensor | None = None,
+        prefix_length: int = 0,
+        labels: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithCrossAttentions | tuple:
+        r"""
+        Language-model logits of every text position under the caption mask (see [`caption_attention_mask`]) with
+        cross-attention to the multimodal context. Positions are the plain index `0..n` (cached tokens included).
+
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Text ids; to read the next-token distribution, end them with `[MASK]` (what `generate` does).
+        attention_mask (`torch.Tensor`, *optional*):
+            `(batch_size, past_length + sequence_length)` padding mask, turned into the caption mask, or an explicit
+            `(batch_size, sequence_length, past_length + sequence_length)` mask (1 = may attend).
+        context (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
+            A multimodal context from [`~MiCoModel.get_multimodal_context`]; otherwise it is built from the knowledge
+            inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `depth_values`, `<name>_values` for
+            configured extra modalities, `subtitle_input_ids`).
+        prefix_length (`int`, *optional*, defaults to 0):
+            Number of leading positions read bidirectionally (a question), as in the original question answering.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Target ids *at* each position (not shifted: MiCo predicts a token where a `[MASK]` stands), -100 where no
+            loss is taken: the original caption loss is the cross-entropy on the masked caption tokens.
+        cache ([`Cache`], *optional*): keys/values of earlier tokens and of the context (an [`EncoderDecoderCache`];
+            a [`DynamicCache`] is taken as its self-attention part).
+        logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+            Compute logits for the last `logits_to_keep` positions only (0 = all), or for the given indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        names = knowledge_input_names(self.config)
+        knowledge = {
+            "pixel_values": pixel_values,
+            "pixel_values_videos": pixel_values_videos,
+            "input_features": input_features,
+            "depth_values": depth_values,
+            **{key: kwargs.pop(key) for key in list(kwargs) if key in names},
+        }
+        context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, knowledge)
+
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(DynamicCache(config=self.config.text_config), DynamicCache())
+        elif isinstance(cache, DynamicCache):
+            cache = EncoderDecoderCache(cache, DynamicCache())
+        if attention_mask is None or attention_mask.dim() == 2:
+            past_length = cache.get_seq_length() if cache is not None else 0
+            if attention_mask is None:
+                attention_mask = input_ids.new_ones(input_ids.shape[0], past_length + input_ids.shape[1])
+            attention_mask = caption_attention_mask(attention_mask, input_ids.shape[1], prefix_length)
+
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=context, cache=cache, **kwargs
+        )
+        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, positions])
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+        output = CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            cache=cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _resolve_context(
+        self,
+        context: torch.Tensor | None,
+        subtitle_input_ids: torch.Tensor | None,
+        subtitle_attention_mask: torch.Tensor | None,
+        knowledge: dict[str, torch.Tensor | None],
+    ) -> torch.Tensor:
+        """The given context, or the one built from the knowledge inputs (exactly one of the two)."""
+        given = sorted(key for key, value in knowledge.items() if value is not None)
+        if context is None:
+            return self.get_multimodal_context(subtitle_input_ids, subtitle_attention_mask, **knowledge)
+        if given or subtitle_input_ids is not None:
+            raise ValueError(f"give either `context` or knowledge inputs, not both (got {given or ['subtitle_input_ids']})")
+        return context
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        depth_values: torch.Tensor | None = None,
+        subtitle_input_ids: torch.LongTensor | None = None,
+        subtitle_attention_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor | ModelOutput:
+        r"""
+        Caption (or answer about) the knowledge inputs given, in any combination; the multimodal context is built once.
+
+        input_ids (`torch.LongTensor` of shape `(batch_size, prefix_length)`, *optional*):
+            A text prefix read bidirectionally, e.g. a tokenized question (padded to a fixed length as in the original,
+            which also fixes the answer's positions); the answer is decoded after it, starting at `[CLS]`.
+        attention_mask (`torch.Tensor` of shape `(batch_size, prefix_length)`, *optional*): padding of `input_ids`.
+        context (`torch.Tensor`, *optional*): a precomputed multimodal context instead of the knowledge inputs.
+        generate_kwargs: anything [`~GenerationMixin.generate`] takes (`num_beams`, `do_sample`, `max_new_tokens`,
+            `num_return_sequences`, `streamer`, `stopping_criteria`, ...), plus `length_penalty_includes_prompt`
+            (default `True`, the release's beam scoring). Defaults come from `model.generation_config`.
+
+        Returns the ids of the prefix, `[CLS]` and the generated tokens (`[PAD]` after `[SEP]`), or a
+        [`~generation.GenerateOutput`] with `return_dict_in_generate=True`.
+        """
+        names = knowledge_input_names(self.config)
+        knowledge = {
+            "pixel_values": pixel_values,
+            "pixel_values_videos": pixel_values_videos,
+            "input_features": input_features,
+            "depth_values": depth_values,
+            **{key: generate_kwargs.pop(key) for key in list(generate_kwargs) if key in names},
+        }
+        context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, knowledge)
+        batch_size = context.shape[0]
+        generation_config = generate_kwargs.get("generation_config") or self.generation_config
+        bos_token_id = generate_kwargs.get("bos_token_id", generation_config.bos_token_id)
+        if bos_token_id is None:
+            bos_token_id = self.config.text_config.bos_token_id
+        start = torch.full((batch_size, 1), bos_token_id, dtype=torch.long, device=context.device)
+
+        prefix_length = 0
+        if input_ids is None:
+            input_ids = start
+        else:
+            if input_ids.shape[0] != batch_size:
+                raise ValueError(f"{input_ids.shape[0]} text prefixes for a context batch of {batch_size}")
+            prefix_length = input_ids.shape[1]
+            input_ids = torch.cat([input_ids.to(start.device), start], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.to(start.device), torch.ones_like(start)], dim=1)
+        return super().generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            context=context,
+            prefix_length=prefix_length,
+            **generate_kwargs,
+        )
+
+    # ---- hooks of GenerationMixin -----------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        next_sequence_length: int | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        """The tokens not cached yet followed by the `[MASK]` whose logits give the next token."""
+        past_length = cache.get_seq_length() if cache is not None else 0
+        probe = input_ids.new_full((input_ids.shape[0], 1), self.config.text_config.mask_token_id)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
+        return {
+            "input_ids": torch.cat([input_ids[:, past_length:], probe], dim=-1),
+            "attention_mask": attention_mask,
+            "cache": cache,
+            **kwargs,
+        }
+
+    def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
+        """Drop the `[MASK]` from the self-attention cache: only real tokens are kept."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            cache.crop(-1)
+        return model_kwargs
+
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs) -> tuple:
+        """Accept `length_penalty_includes_prompt` as a `generate` argument even when the loaded generation config
+        does not carry it."""
+        includes_prompt = kwargs.pop("length_penalty_includes_prompt", None)
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        if includes_prompt is not None:
+            generation_config.length_penalty_includes_prompt = includes_prompt
+        return generation_config, model_kwargs
+
+    def _beam_search(self, input_ids: torch.LongTensor, *args, generation_config: GenerationConfig, **kwargs):
+        """Transformers' beam search with the release's scoring (unless `length_penalty_includes_prompt=False`);
+        rows finished early are padded with `pad_token_id`."""
+        if getattr(generation_config, "length_penalty_includes_prompt", True):
+            self._release_beam_scoring = _ReleaseBeamScoring(generation_config._eos_token_tensor)
+        try:
+            output = super()._beam_search(input_ids, *args, generation_config=generation_config, **kwargs)
+        finally:
+            self._release_beam_scoring = None
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        eos, pad = generation_config._eos_token_tensor, generation_config._pad_token_tensor
+        if eos is not None and pad is not None:
+            generated = sequences[:, input_ids.shape[1] :]
+            is_eos = torch.isin(generated, eos.to(generated.device))
+            generated.masked_fill_((is_eos.cumsum(dim=-1) - is_eos.long()) > 0, pad.item())
+        if not isinstance(output, torch.Tensor) and output.sequences_scores is not None:
+            output.sequences_scores = output.sequences_scores.float()
+        return output
+
+    def _update_finished_beams(
+        self,
+        sequences: torch.Tensor,
+        topk_running_sequences: torch.Tensor,
+        beam_scores: torch.Tensor,
+        topk_log_probs: torch.Tensor,
+        beam_indices: torch.Tensor,
+        topk_running_beam_indices: torch.Tensor,
+        is_early_stop_heuristic_unsatisfied: torch.Tensor,
+        is_sent_finished: torch.Tensor,
+        next_token_hits_stopping_criteria: torch.Tensor,
+        top_num_beam_mask: torch.Tensor,
+        num_beams: int,
+        cur_len: int,
+        decoder_prompt_len: int,
+        length_penalty: float,
+        early_stopping: bool | str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Transformers 4.31's hypotheses: one ending in `[SEP]` scores `sum_logprobs / len ** length_penalty` with
+        `len` counting the prompt and not the `[SEP]`; at the length limit the `num_beams` best running beams are
+        finished over their full length. Scores are compared in float64, as 4.31 did in Python."""
+        scoring = self._release_beam_scoring
+        if scoring is None:
+            return super()._update_finished_beams(
+                sequences=sequences,
+                topk_running_sequences=topk_running_sequences,
+                beam_scores=beam_scores,
+                topk_log_probs=topk_log_probs,
+                beam_indices=beam_indices,
+                topk_running_beam_indices=topk_running_beam_indices,
+                is_early_stop_heuristic_unsatisfied=is_early_stop_heuristic_unsatisfied,
+                is_sent_finished=is_sent_finished,
+                next_token_hits_stopping_criteria=next_token_hits_stopping_criteria,
+                top_num_beam_mask=top_num_beam_mask,
+                num_beams=num_beams,
+                cur_len=cur_len,
+                decoder_prompt_len=decoder_prompt_len,
+                length_penalty=length_penalty,
+                early_stopping=early_stopping,
+            )
+        is_eos = scoring.is_eos(topk_running_sequences[:, :, cur_len])
+        if cur_len + 1 >= sequences.shape[-1]:
+            running = ~is_eos & (torch.cumsum(~is_eos, dim=-1) <= num_beams)
+            finished = (is_eos & top_num_beam_mask) | running
+        else:
+            finished = next_token_hits_stopping_criteria & top_num_beam_mask
+        finished = finished & is_early_stop_heuristic_unsatisfied
+        if early_stopping is True:
+            finished = finished & ~is_sent_finished.all(dim=-1, keepdim=True)
+        denominators = torch.where(is_eos, float(cur_len) ** length_penalty, float(cur_len + 1) ** length_penalty)
+        scores = torch.where(finished, topk_log_probs.double() / denominators.double(), -1.0e9)
+        scoring.best_candidate_scores = topk_log_probs[:, :1].double()
+
+        merged_scores = torch.cat((beam_scores.double(), scores), dim=1)
+        keep = torch.topk(merged_scores, k=num_beams)[1]
+        return (
+            self._gather_beams(torch.cat((sequences, topk_running_sequences), dim=1), keep),
+            self._gather_beams(merged_scores, keep),
+            self._gather_beams(torch.cat((beam_indices, topk_running_beam_indices), dim=1), keep),
+            self._gather_beams(torch.cat((is_sent_finished, finished), dim=1), keep),
+        )
+
+    def _check_early_stop_heuristic(
+        self,
+        is_early_stop_heuristic_unsatisfied: torch.Tensor,
+        running_beam_scores: torch.Tensor,
+        beam_scores: torch.Tensor,
+        is_sent_finished: torch.Tensor,
+        cur_len: int,
+        max_length: int,
+        decoder_prompt_len: int,
+        early_stopping: bool | str,
+        length_penalty: float,
+    ) -> torch.Tensor:
+        """Transformers 4.31's `BeamHypotheses.is_done`: with `num_beams` finished hypotheses, stop when the worst of
+        them beats the step's best candidate over the current length (prompt included)."""
+        scoring = self._release_beam_scoring
+        if scoring is None:
+            return super()._check_early_stop_heuristic(
+                is_early_stop_heuristic_unsatisfied=is_early_stop_heuristic_unsatisfied,
+                running_beam_scores=running_beam_scores,
+                beam_scores=beam_scores,
+                is_sent_finished=is_sent_finished,
+                cur_len=cur_len,
+                max_length=max_length,
+                decoder_prompt_len=decoder_prompt_len,
+                early_stopping=early_stopping,
+                length_penalty=length_penalty,
+            )
+        length = max_length if early_stopping == "never" and length_penalty > 0.0 else cur_len
+        best_possible = scoring.best_candidate_scores / float(length) ** length_penalty
+        worst_finished = beam_scores.min(dim=-1, keepdim=True)[0]
+        done = is_sent_finished.all(dim=-1, keepdim=True) & ((early_stopping is True) | (worst_finished >= best_possible))
+        return is_early_stop_heuristic_unsatisfied & ~done
+
+
+__all__ = [
+    "MiCoForConditionalGeneration",
+    "MiCoForPreTraining",
+    "MiCoForPreTrainingOutput",
+    "MiCoModel",
+    "MiCoPreTrainedModel",
+    "MiCoTextModel",
+    "MiCoVisionModel",
+]

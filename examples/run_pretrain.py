@@ -1,0 +1,202 @@
+"""Pretrain MiCo (omni-modal contrastive + matching + caption losses) with the 🤗 Trainer.
+
+Single process (CPU or one GPU), on the synthetic data set:
+
+    python examples/make_synthetic_dataset.py --output_dir data/synthetic --num_samples 400
+    python examples/run_pretrain.py --config_name tiny --train_file data/synthetic/train.jsonl \
+        --validation_file data/synthetic/test.jsonl --output_dir runs/tiny --max_steps 50 \
+        --per_device_train_batch_size 8 --learning_rate 5e-4 --dataloader_num_workers 2
+
+Several processes: `torchrun --nproc_per_node N examples/run_pretrain.py ...` (add `--ddp_backend gloo` on CPU), or
+`accelerate launch --config_file examples/configs/<config>.yaml examples/run_pretrain.py ...` (see
+examples/configs/README.md for DeepSpeed ZeRO-2/3 and FSDP).
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
+from modeling_mico.data import (
+    COLUMNS,
+    MEDIA_COLUMNS,
+    MiCoDataCollator,
+    check_processor_matches,
+    config_for_size,
+    load_annotations,
+    processor_for_config,
+)
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "weights to start from (a MiCo directory, Hub id or original checkpoint)"}
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "a size preset (tiny, base, giant) or a config JSON file, for a fresh model"}
+    )
+    processor_name: str | None = field(
+        default=None, metadata={"help": "processor directory (default: model_name_or_path, else the default one)"}
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2"})
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
+    validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
+    streaming: bool = field(default=False, metadata={"help": "stream the annotations (needs --max_steps)"})
+    modalities: list[str] = field(
+        default_factory=lambda: ["video", "audio", "depth", "normal", "subtitle"],
+        metadata={"help": f"annotation columns to load, among {list(COLUMNS)} (image or video, not both)"},
+    )
+    image_size: int | None = field(default=None, metadata={"help": "input resolution of a fresh model"})
+    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
+    num_slices: int | None = field(default=None, metadata={"help": "audio spectrogram slices per clip"})
+    skip_broken: bool = field(default=False, metadata={"help": "skip (and count) rows with broken media files"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "train from scratch into a non-empty --output_dir instead of resuming"}
+    )
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments) -> MiCoForPreTraining:
+    """Fresh weights from `--config_name`, or pretrained ones from `--model_name_or_path`."""
+    options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    if model_args.model_name_or_path:
+        return MiCoForPreTraining.from_pretrained(model_args.model_name_or_path, **options)
+    if not model_args.config_name:
+        raise ValueError("give --config_name (tiny, base, giant or a config JSON) or --model_name_or_path")
+    if os.path.isfile(model_args.config_name):
+        config = MiCoConfig.from_json_file(model_args.config_name)
+    else:
+        config = config_for_size(model_args.config_name)
+    if data_args.image_size:
+        config.vision_config.image_size = data_args.image_size
+    if model_args.attn_implementation:
+        config._attn_implementation = model_args.attn_implementation
+    return MiCoForPreTraining(config)
+
+
+def build_processor(model_args: ModelArguments, data_args: DataArguments, config: MiCoConfig) -> MiCoProcessor:
+    source = model_args.processor_name or model_args.model_name_or_path
+    if source and os.path.isfile(os.path.join(source, "processor_config.json")):
+        processor = MiCoProcessor.from_pretrained(source)
+        if data_args.num_frames:
+            processor.num_frames = data_args.num_frames
+        if data_args.num_slices:
+            processor.feature_extractor.num_slices = data_args.num_slices
+    else:
+        processor = processor_for_config(config, num_frames=data_args.num_frames, num_slices=data_args.num_slices)
+    check_processor_matches(config, processor)
+    return processor
+
+
+def resolve_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bool) -> str | bool | None:
+    """The checkpoint to resume from: `--resume_from_checkpoint`, else the last one in `--output_dir`; refuses to
+    write into a non-empty output directory without `--overwrite_output_dir` otherwise."""
+    if training_args.resume_from_checkpoint or not training_args.do_train:
+        return training_args.resume_from_checkpoint
+    output_dir = training_args.output_dir
+    if not os.path.isdir(output_dir) or overwrite_output_dir:
+        return None
+    last = get_last_checkpoint(output_dir)
+    if last is not None:
+        logger.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
+        return last
+    if os.listdir(output_dir):
+        raise ValueError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir to use it anyway")
+    return None
+
+
+def main() -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    training_args.remove_unused_columns = False  # the collator reads the raw annotation columns
+    training_args.prediction_loss_only = True  # evaluation reports the pretraining loss
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = True  # tasks absent from a batch leave their heads unused
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
+    set_seed(training_args.seed)
+
+    model = build_model(model_args, data_args)
+    processor = build_processor(model_args, data_args, model.config)
+    if training_args.gradient_checkpointing:
+        model.config.use_cache = False
+
+    train_dataset = load_annotations(data_args.train_file, streaming=data_args.streaming)
+    eval_dataset = (
+        load_annotations(data_args.validation_file, streaming=data_args.streaming)
+        if data_args.validation_file
+        else None
+    )
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps (a streamed data set has no length)")
+    modalities = [
+        m for m in data_args.modalities if m == "subtitle" or MEDIA_COLUMNS[m][2] in model.config.knowledge_modalities
+    ]
+    train_collator = MiCoDataCollator(
+        processor, modalities, training=True, skip_broken=data_args.skip_broken,
+        max_subtitle_length=model.config.max_subtitle_length,
+    )
+    eval_collator = MiCoDataCollator(
+        processor, modalities, training=False, skip_broken=data_args.skip_broken,
+        max_subtitle_length=model.config.max_subtitle_length,
+    )
+
+    trainer = EvalCollatorTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=train_collator,
+        eval_data_collator=eval_collator,
+        processing_class=processor,
+    )
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if data_args.skip_broken:
+            logger.info(f"rows skipped for broken media: {train_collator.num_skipped}")
+    if training_args.do_eval and eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tags=["mico", "pretraining"])
+
+
+class EvalCollatorTrainer(Trainer):
+    """A Trainer that collates evaluation batches with their own collator (first caption, middle frames)."""
+
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+
+if __name__ == "__main__":
+    main()

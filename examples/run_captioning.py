@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Caption images, videos and audio clips with a MiCo model and write one JSON line per file.
+
+    python examples/run_captioning.py --model_name_or_path DIR_OR_REPO --inputs media/ clip.mp4 \
+        --output_file captions.jsonl [--batch_size 8] [--num_beams 3] [--max_new_tokens 40] [--num_frames 4]
+
+Files are batched by modality (images, videos and audio are different model inputs); the model runs in bfloat16 on
+a GPU and in float32 on the CPU unless `--dtype` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from transformers import AutoProcessor
+
+from modeling_mico import MiCoForConditionalGeneration, MiCoProcessor
+from modeling_mico.captioning import caption_files, collect_media_files, resolve_device, resolve_dtype
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_name_or_path", required=True, help="converted MiCo directory or Hub repository")
+    parser.add_argument("--inputs", nargs="+", required=True, help="media files and/or folders (searched recursively)")
+    parser.add_argument("--output_file", required=True, help="JSON lines: path, modality, caption")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--num_beams", type=int, default=3)
+    parser.add_argument("--max_new_tokens", type=int, default=40)
+    parser.add_argument("--num_frames", type=int, default=4, help="frames sampled per video")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--dtype", default="auto", help="'auto' (bfloat16 on GPU), 'float32', 'bfloat16', 'float16'")
+    return parser.parse_args(argv)
+
+
+def load_processor(model_name_or_path: str) -> MiCoProcessor:
+    """The model's saved processor, or the release processor for directories without one (original layouts)."""
+    try:
+        return AutoProcessor.from_pretrained(model_name_or_path)
+    except (OSError, ValueError, KeyError):
+        return MiCoProcessor()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    model = MiCoForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=resolve_dtype(args.dtype, device))
+    model = model.to(device).eval()
+    processor = load_processor(args.model_name_or_path)
+    files = collect_media_files(args.inputs)
+    if not files:
+        raise SystemExit(f"no image, video or audio files in {args.inputs}")
+    records = caption_files(
+        model,
+        processor,
+        files,
+        batch_size=args.batch_size,
+        num_frames=args.num_frames,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+    )
+    output = Path(args.output_file)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    print(f"wrote {len(records)} captions to {output}")
+
+
+if __name__ == "__main__":
+    main()

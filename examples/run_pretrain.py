@@ -28,7 +28,7 @@ from modeling_mico.data import (
     MiCoDataCollator,
     check_processor_matches,
     config_for_size,
-    load_annotations,
+    load_annotation_dataset,
     processor_for_config,
 )
 
@@ -138,9 +138,9 @@ def main() -> None:
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
 
-    train_dataset = load_annotations(data_args.train_file, streaming=data_args.streaming)
+    train_dataset = load_annotation_dataset(data_args.train_file, streaming=data_args.streaming)
     eval_dataset = (
-        load_annotations(data_args.validation_file, streaming=data_args.streaming)
+        load_annotation_dataset(data_args.validation_file, streaming=data_args.streaming)
         if data_args.validation_file
         else None
     )
@@ -150,11 +150,17 @@ def main() -> None:
         m for m in data_args.modalities if m == "subtitle" or MEDIA_COLUMNS[m][2] in model.config.knowledge_modalities
     ]
     train_collator = MiCoDataCollator(
-        processor, modalities, training=True, skip_broken=data_args.skip_broken,
+        processor,
+        modalities,
+        training=True,
+        skip_broken=data_args.skip_broken,
         max_subtitle_length=model.config.max_subtitle_length,
     )
     eval_collator = MiCoDataCollator(
-        processor, modalities, training=False, skip_broken=data_args.skip_broken,
+        processor,
+        modalities,
+        training=False,
+        skip_broken=data_args.skip_broken,
         max_subtitle_length=model.config.max_subtitle_length,
     )
 

@@ -51,11 +51,18 @@ ANNOTATION_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parqu
 def _tiny() -> dict:
     return dict(
         vision_config=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
             patch_size=16,
         ),
         text_config=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
             max_position_embeddings=128,
         ),
         projection_dim=64,
@@ -142,7 +149,7 @@ def _resolve_row(row: dict, root: str) -> dict:
     return resolved
 
 
-def load_annotations(
+def load_annotation_dataset(
     data_files: str | os.PathLike | Sequence[str | os.PathLike], streaming: bool = False
 ):  # -> datasets.Dataset | datasets.IterableDataset
     """Read one or several annotation files (`.jsonl`, `.json`, `.csv`, `.parquet`) into one `datasets` data set
@@ -275,8 +282,12 @@ class MiCoDataCollator:
             with open(value, encoding="utf-8") as file:
                 value = file.read().strip()
         encoded = self.processor.tokenizer(
-            [value], padding="max_length", truncation=True, max_length=self.max_subtitle_length,
-            return_token_type_ids=False, return_tensors="pt",
+            [value],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_subtitle_length,
+            return_token_type_ids=False,
+            return_tensors="pt",
         )
         return {"subtitle_input_ids": encoded["input_ids"], "subtitle_attention_mask": encoded["attention_mask"]}
 

@@ -128,8 +128,8 @@ class MiCoVisionAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
-        qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(hidden_states, self.qkv.weight, qkv_bias)
+        # calling the `qkv` module (not its weight) keeps adapters such as LoRA on it in the computation
+        qkv = self.qkv(hidden_states) + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         query, key, value = qkv.view(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         attn_output, attn_weights = _attention(
             self, query, key, value, None, self.scaling, self.config.attention_dropout, **kwargs
@@ -369,18 +369,22 @@ class MiCoLMHead(nn.Module):
 
 
 def default_generation_config(config: MiCoConfig) -> GenerationConfig:
-    """Caption decoding of the release: beam search with 3 beams, length penalty 0.6, `max_caption_length` new
-    tokens, starting at `[CLS]`, stopping at `[SEP]`, finished rows padded with `[PAD]`."""
+    """Caption decoding of the release: beam search with 3 beams, length penalty 0.6 over the hypothesis length
+    including the `[CLS]` prompt (Transformers 4.31, `early_stopping=False`), `max_caption_length` new tokens,
+    starting at `[CLS]`, stopping at `[SEP]`, finished rows padded with `[PAD]`."""
     text_config = config.text_config
-    return GenerationConfig(
+    generation_config = GenerationConfig(
         num_beams=3,
         length_penalty=0.6,
+        early_stopping=False,
         max_new_tokens=config.max_caption_length,
         bos_token_id=text_config.bos_token_id,
         decoder_start_token_id=text_config.bos_token_id,
         eos_token_id=text_config.eos_token_id,
         pad_token_id=text_config.pad_token_id,
     )
+    generation_config.length_penalty_includes_prompt = True
+    return generation_config
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -455,7 +459,11 @@ class MiCoPreTrainedModel(PreTrainedModel):
         """`auto_map` entries for the config and every MiCo class registered for an Auto class, so that a saved
         directory loads with `trust_remote_code=True` into any head without this package installed."""
         entries = {"AutoConfig": "configuration_mico.MiCoConfig"}
-        for candidate in MiCoPreTrainedModel.__subclasses__() + MiCoModel.__subclasses__():
+        pending, seen = [MiCoPreTrainedModel], []
+        while pending:
+            seen.append(pending.pop())
+            pending.extend(seen[-1].__subclasses__())
+        for candidate in seen:
             auto_class = vars(candidate).get("_auto_class")
             if auto_class and candidate.config_class is MiCoConfig:
                 entries[auto_class] = f"modeling_mico.{candidate.__name__}"
@@ -848,6 +856,17 @@ class MiCoModel(MiCoPreTrainedModel):
         order = [*CONTEXT_ORDER, *(m for m in self.config.knowledge_modalities if m not in CONTEXT_ORDER)]
         return {modality: found[modality] for modality in order if modality in found}
 
+    def _gather_knowledge_inputs(
+        self, named: dict[str, torch.Tensor | None], kwargs: dict, strict: bool = False
+    ) -> dict[str, torch.Tensor | None]:
+        """The named knowledge inputs plus configured extras (`<name>_values`) popped out of `kwargs`; with
+        `strict`, any other keyword argument is an error."""
+        names = knowledge_input_names(self.config)
+        extra = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
+        if strict and kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}; knowledge inputs are {', '.join(names)}")
+        return {**named, **extra}
+
     # ---- forward ----------------------------------------------------------------------------------------------------
 
     def forward(
@@ -885,16 +904,16 @@ class MiCoModel(MiCoPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         names = knowledge_input_names(self.config)
-        extra = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
-        if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}; knowledge inputs are {', '.join(names)}")
-        inputs = {
-            "pixel_values": pixel_values,
-            "pixel_values_videos": pixel_values_videos,
-            "input_features": input_features,
-            "depth_values": depth_values,
-            **extra,
-        }
+        inputs = self._gather_knowledge_inputs(
+            {
+                "pixel_values": pixel_values,
+                "pixel_values_videos": pixel_values_videos,
+                "input_features": input_features,
+                "depth_values": depth_values,
+            },
+            kwargs,
+            strict=True,
+        )
         output = MiCoOutput()
         text_embeds = None
         if input_ids is not None:
@@ -914,6 +933,33 @@ class MiCoModel(MiCoPreTrainedModel):
                 output[f"logits_per_text_{output_name}"] = text_embeds @ embeds.t() / self.temperature
         output["temperature"] = self.temperature
         return output if return_dict else output.to_tuple()
+
+
+class MiCoModelWithLMHead(MiCoModel):
+    """[`MiCoModel`] plus BERT's masked-language-model head tied to the word embeddings: the shared base of the
+    captioning and pretraining heads (same weight names, so one checkpoint loads into every head class)."""
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
+    _keys_to_ignore_on_load_unexpected = None
+
+    def __init__(self, config: MiCoConfig):
+        super().__init__(config)
+        self.lm_head = MiCoLMHead(config.text_config)
+        self.post_init()
+
+    def post_init(self) -> None:
+        """`MiCoModel.__init__` calls this before `lm_head` exists (nothing to tie yet): run it once, at the end."""
+        if hasattr(self, "lm_head"):
+            super().post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1071,7 +1117,7 @@ class MiCoForPreTrainingOutput(ModelOutput):
     temperature: torch.FloatTensor | None = None
 
 
-class MiCoForPreTraining(MiCoModel):
+class MiCoForPreTraining(MiCoModelWithLMHead):
     r"""
     MiCo with its three pretraining losses (omni-modal contrastive, matching with hard negatives, masked caption
     generation), on top of [`MiCoModel`] (same weight names) plus the language-model head tied to the word embeddings.
@@ -1088,8 +1134,6 @@ class MiCoForPreTraining(MiCoModel):
     *pattern* for their different captions, as in the original.
     """
 
-    _tied_weights_keys = {"lm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
-
     def __init__(self, config: MiCoConfig):
         super().__init__(config)
         letters = task_letters(config)
@@ -1100,22 +1144,6 @@ class MiCoForPreTraining(MiCoModel):
         for modalities in [*self.tasks["contrastive"].values(), *self.tasks["matching"].values()]:
             if len(modalities) > 1:
                 self._fused_head_for(set(modalities))  # raises when no fused head combines them
-        self.lm_head = MiCoLMHead(config.text_config)
-        self.post_init()
-
-    def post_init(self) -> None:
-        """`MiCoModel.__init__` calls this before `lm_head` exists (nothing to tie yet): run it once, at the end."""
-        if hasattr(self, "lm_head"):
-            super().post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.text_model.get_input_embeddings()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head.decoder = new_embeddings
 
     def forward(
         self,
@@ -1158,21 +1186,15 @@ class MiCoForPreTraining(MiCoModel):
         ```
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        names = knowledge_input_names(self.config)
-        extra = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
-        if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}; knowledge inputs are {', '.join(names)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        knowledge = self._knowledge_by_modality(
-            {
-                "pixel_values": pixel_values,
-                "pixel_values_videos": pixel_values_videos,
-                "input_features": input_features,
-                "depth_values": depth_values,
-                **extra,
-            }
-        )
+        named = {
+            "pixel_values": pixel_values,
+            "pixel_values_videos": pixel_values_videos,
+            "input_features": input_features,
+            "depth_values": depth_values,
+        }
+        knowledge = self._knowledge_by_modality(self._gather_knowledge_inputs(named, kwargs, strict=True))
         kinds = ("contrastive",) if not return_loss else ("contrastive", "matching", "caption")
         tasks = self._runnable_tasks(kinds, set(knowledge) | ({"subtitle"} if subtitle_input_ids is not None else set()))
 
@@ -1338,7 +1360,7 @@ class _ReleaseBeamScoring:
         return torch.isin(tokens, self.eos_token_ids.to(tokens.device))
 
 
-class MiCoForConditionalGeneration(MiCoModel, GenerationMixin):
+class MiCoForConditionalGeneration(MiCoModelWithLMHead, GenerationMixin):
     r"""
     MiCo captioning and question answering: [`MiCoModel`] (same weight names) plus the language-model head tied to the
     word embeddings, decoded with Transformers' `generate` (greedy, beam search, sampling, streamers, ...).
@@ -1369,31 +1391,11 @@ class MiCoForConditionalGeneration(MiCoModel, GenerationMixin):
     ```
     """
 
-    _tied_weights_keys = {"lm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
-    _keys_to_ignore_on_load_unexpected = None
     _release_beam_scoring: _ReleaseBeamScoring | None = None
 
     def __init__(self, config: MiCoConfig):
         super().__init__(config)
-        self.lm_head = MiCoLMHead(config.text_config)
-        self.post_init()
         self.generation_config = default_generation_config(config)
-        self.generation_config.early_stopping = False
-        self.generation_config.length_penalty_includes_prompt = True
-
-    def post_init(self) -> None:
-        """`MiCoModel.__init__` calls this before `lm_head` exists (nothing to tie yet): run it once, at the end."""
-        if hasattr(self, "lm_head"):
-            super().post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.text_model.get_input_embeddings()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head.decoder = new_embeddings
 
     def forward(
         self,
@@ -1438,14 +1440,13 @@ class MiCoForConditionalGeneration(MiCoModel, GenerationMixin):
             Compute logits for the last `logits_to_keep` positions only (0 = all), or for the given indices.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        names = knowledge_input_names(self.config)
-        knowledge = {
+        named = {
             "pixel_values": pixel_values,
             "pixel_values_videos": pixel_values_videos,
             "input_features": input_features,
             "depth_values": depth_values,
-            **{key: kwargs.pop(key) for key in list(kwargs) if key in names},
         }
+        knowledge = self._gather_knowledge_inputs(named, kwargs)
         context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, knowledge)
 
         if use_cache and cache is None:
@@ -1521,14 +1522,13 @@ class MiCoForConditionalGeneration(MiCoModel, GenerationMixin):
         Returns the ids of the prefix, `[CLS]` and the generated tokens (`[PAD]` after `[SEP]`), or a
         [`~generation.GenerateOutput`] with `return_dict_in_generate=True`.
         """
-        names = knowledge_input_names(self.config)
-        knowledge = {
+        named = {
             "pixel_values": pixel_values,
             "pixel_values_videos": pixel_values_videos,
             "input_features": input_features,
             "depth_values": depth_values,
-            **{key: generate_kwargs.pop(key) for key in list(generate_kwargs) if key in names},
         }
+        knowledge = self._gather_knowledge_inputs(named, generate_kwargs)
         context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, knowledge)
         batch_size = context.shape[0]
         generation_config = generate_kwargs.get("generation_config") or self.generation_config

@@ -13,7 +13,7 @@ from modeling_mico.data import (
     MiCoDataCollator,
     check_processor_matches,
     config_for_size,
-    load_annotations,
+    load_annotation_dataset,
     processor_for_config,
 )
 
@@ -43,15 +43,15 @@ def annotations(tmp_path):
 
 
 def test_paths_are_resolved_against_the_annotation_file(annotations):
-    dataset = load_annotations(annotations)
+    dataset = load_annotation_dataset(annotations)
     assert dataset[0]["image"] == str(annotations.parent / "media" / "img0.png")
     assert dataset[2]["audio"] is None
-    streamed = list(load_annotations(annotations, streaming=True))
+    streamed = list(load_annotation_dataset(annotations, streaming=True))
     assert streamed[1]["audio"] == str(annotations.parent / "media" / "snd1.wav")
 
 
 def test_collator_batches_complete_rows(annotations, processor):
-    dataset = load_annotations(annotations)
+    dataset = load_annotation_dataset(annotations)
     collator = MiCoDataCollator(processor, modalities=["image", "audio"])
     batch = collator([dataset[0], dataset[1]])
     assert batch["pixel_values"].shape == (2, 3, 64, 64)
@@ -62,7 +62,7 @@ def test_collator_batches_complete_rows(annotations, processor):
 
 
 def test_row_missing_a_modality_drops_it_from_the_batch(annotations, processor):
-    dataset = load_annotations(annotations)
+    dataset = load_annotation_dataset(annotations)
     collator = MiCoDataCollator(processor, modalities=["image", "audio", "subtitle"])
     batch = collator([dataset[1], dataset[2]])
     assert "input_features" not in batch and "subtitle_input_ids" not in batch
@@ -72,14 +72,14 @@ def test_row_missing_a_modality_drops_it_from_the_batch(annotations, processor):
 
 
 def test_broken_media_fails_naming_the_file(annotations, processor):
-    dataset = load_annotations(annotations)
+    dataset = load_annotation_dataset(annotations)
     collator = MiCoDataCollator(processor, modalities=["image"])
     with pytest.raises(BrokenMediaError, match="broken.png"):
         collator([dataset[0], dataset[3]])
 
 
 def test_broken_media_skipped_and_counted(annotations, processor):
-    dataset = load_annotations(annotations)
+    dataset = load_annotation_dataset(annotations)
     collator = MiCoDataCollator(processor, modalities=["image"], skip_broken=True)
     batch = collator([dataset[0], dataset[3], dataset[2]])
     assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 2
@@ -87,7 +87,7 @@ def test_broken_media_skipped_and_counted(annotations, processor):
 
 
 def test_skip_count_is_shared_with_dataloader_workers(annotations, processor):
-    dataset = load_annotations(annotations)
+    dataset = load_annotation_dataset(annotations)
     collator = MiCoDataCollator(processor, modalities=["image"], skip_broken=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collator)
     assert sum(batch["input_ids"].shape[0] for batch in loader) == 3

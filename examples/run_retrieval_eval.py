@@ -1,0 +1,100 @@
+"""Zero-shot text<->item retrieval of a MiCo model on an annotation file (R@1/5/10, median and mean rank).
+
+On the synthetic data set (see examples/make_synthetic_dataset.py) with a model saved by examples/run_pretrain.py:
+
+    python examples/run_retrieval_eval.py --model_name_or_path runs/tiny --test_file data/synthetic/test.jsonl \
+        --output_dir runs/tiny/retrieval --modalities video audio depth normal va --itm_rerank_top_k 10
+
+Writes `retrieval_results.json` (keys such as `t2v/R@1`, `v2t/R@1`, `t2va/R@1`; percentages; matching-head re-ranked
+results under `itm/`), one `similarity_<target>.png` heat-map per target, and prints a Markdown table.
+"""
+
+import argparse
+import logging
+import os
+
+import torch
+import transformers
+from transformers import AutoModel
+
+import modeling_mico  # noqa: F401  (registers MiCo with the Auto classes)
+from modeling_mico.annotations import FORMATS, load_annotations
+from modeling_mico.evaluation import (
+    RETRIEVAL_TARGETS,
+    load_processor,
+    resolve_device_and_dtype,
+    retrieval_results,
+    score_retrieval,
+    write_results,
+)
+from modeling_mico.retrieval import format_results_table, plot_similarity_heatmap
+
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", required=True, help="a MiCo directory or Hub repository")
+    parser.add_argument("--test_file", required=True, help="annotation file (see modeling_mico.annotations)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--modalities", nargs="+", default=["video"], choices=list(RETRIEVAL_TARGETS),
+        help="retrieval targets: single modalities, or va (video+audio) / id (image+depth) through the fused heads",
+    )
+    parser.add_argument("--itm_rerank_top_k", type=int, default=None, help="re-rank each query's top k by matching")
+    parser.add_argument("--batch_size", type=int, default=16, help="items, captions or matching pairs per pass")
+    parser.add_argument("--annotation_format", default="auto", choices=["auto", *FORMATS])
+    parser.add_argument("--media_root", default=None, help="directory media paths are relative to")
+    parser.add_argument("--split", default=None, help="keep only rows of this split")
+    parser.add_argument("--num_frames", type=int, default=None, help="video frames per clip (default: processor's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, else float32), float32, bfloat16")
+    parser.add_argument("--attn_implementation", default=None, help="eager, sdpa or flash_attention_2")
+    parser.add_argument("--heatmap_items", type=int, default=16, help="items shown in the similarity heat-maps")
+    parser.add_argument("--skip_missing", action="store_true", help="skip targets some rows lack instead of failing")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty --output_dir")
+    return parser.parse_args(argv)
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Create `output_dir`, refusing a non-empty one unless `overwrite`."""
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir to use it")
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    prepare_output_dir(args.output_dir, args.overwrite_output_dir)
+
+    device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    options = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    model = AutoModel.from_pretrained(args.model_name_or_path, dtype=dtype, **options).to(device).eval()
+    processor = load_processor(args.model_name_or_path, model.config, args.num_frames)
+    rows = load_annotations(args.test_file, args.annotation_format, args.media_root, args.split)
+    logger.info(f"{len(rows)} items from {args.test_file}; targets {args.modalities}; {device}, {dtype}")
+
+    scores = score_retrieval(
+        model, processor, rows, args.modalities, args.batch_size, args.itm_rerank_top_k, args.skip_missing,
+        source=args.test_file,
+    )
+    results = retrieval_results(scores)
+    write_results(results, os.path.join(args.output_dir, "retrieval_results.json"))
+    first_captions = scores.first_caption_rows()
+    for target, similarity in scores.similarity.items():
+        plot_similarity_heatmap(
+            similarity[first_captions].to(torch.float32),
+            os.path.join(args.output_dir, f"similarity_{target}.png"),
+            max_items=args.heatmap_items,
+            title=f"text-{target} cosine similarity (first caption of each item)",
+        )
+    print(format_results_table(results))
+    print(f"{results['num_items']} items, {results['num_texts']} captions; chance R@1 = {results['chance/R@1']:.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

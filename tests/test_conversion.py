@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining, AutoProcessor
 
-from modeling_mico import MiCoModel
+from modeling_mico import MiCoForConditionalGeneration, MiCoForPreTraining, MiCoModel
 from modeling_mico.convert_original import (
     convert_original_checkpoint,
     export_to_original,
@@ -185,5 +185,10 @@ def test_cli_writes_a_complete_directory(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "mico" and "AutoModel" in config["auto_map"]
     assert type(AutoProcessor.from_pretrained(tmp_path / "out")).__name__ == "MiCoProcessor"
+    assert type(AutoModelForPreTraining.from_pretrained(tmp_path / "out")) is MiCoForPreTraining
+    captioner = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert type(captioner) is MiCoForConditionalGeneration
+    assert captioner.lm_head.decoder.weight is captioner.text_model.embeddings.word_embeddings.weight
+    assert captioner.generation_config.num_beams == 3 and captioner.generation_config.length_penalty == 0.6
     again = run_cli(*arguments)
     assert again.returncode != 0 and "--overwrite" in again.stderr

@@ -409,7 +409,9 @@ def read_original_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor under its final (renamed) name, read without loading safetensors data."""
     if weights.suffix == ".safetensors":
         header, _ = _safetensors_header(weights)
-        items = ((key, tuple(info["shape"])) for key, info in header.items())
+        # data-offset order: the order `_iter_safetensors` streams in, so that shards are planned in stream order
+        ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        items = ((key, tuple(info["shape"])) for key, info in ordered)
     else:
         items = ((key, tuple(tensor.shape)) for key, tensor in iter_original_tensors(weights))
     return {rename_legacy_key(key)[0]: shape for key, shape in items}

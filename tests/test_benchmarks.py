@@ -1,0 +1,93 @@
+"""The benchmark entry point in its tiny mode, the goal logic and the synthetic release-layout checkpoint (no timed
+assertions: only structure and the arithmetic of ratios against goals are checked)."""
+
+import json
+import re
+
+import pytest
+
+from benchmarks import bench_conversion, bench_retrieval, run_all
+from benchmarks.common import Goal
+from modeling_mico.convert_original import _safetensors_header, config_from_original, read_original_shapes
+
+
+PARITY_WEIGHTS = bench_conversion.ROOT / "tests" / "fixtures" / "parity" / "hub" / "mico_pytorch_model.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("value", "target", "higher_is_better", "met"),
+    [(1.02, 1.0, True, True), (0.98, 1.0, True, False), (1.0, 1.0, True, True), (0.99, 1.3, False, True),
+     (1.31, 1.3, False, False), (None, 5.0, True, None)],
+)
+def test_goal_met(value, target, higher_is_better, met):
+    goal = Goal("ratio", value, target, higher_is_better)
+    assert goal.met is met
+    assert goal.to_dict()["status"] == {True: "met", False: "missed", None: "pending"}[met]
+
+
+def test_goals_from_results():
+    results = {
+        "attention": {"rows": [{"tower": "vision ViT-B", "speedup": 0.5}, {"tower": "vision ViT-g", "speedup": 1.1}]},
+        "generation": {"rows": [{"num_beams": 1, "speedup": 9.0}, {"num_beams": 3, "speedup": 4.0}]},
+        "processing": {"decode": {"speedup": 3.5}},
+        "conversion": {"runs": [{"peak_rss_ratio": 0.99}, {"peak_rss_ratio": 0.3}]},
+    }
+    goals = run_all.evaluate_goals(results)
+    assert [goal.value for goal in goals] == [1.1, 4.0, 3.5, 0.99]
+    assert [goal.met for goal in goals] == [True, False, True, True]
+
+    pending = run_all.evaluate_goals({"generation": {"pending": "not written"}, "conversion": {"skipped": "disk"}})
+    assert [goal.met for goal in pending] == [None] * 4
+    assert [goal.note for goal in pending] == ["not run (--only)", "not written", "not run (--only)", "disk"]
+
+
+def test_release_checkpoint_layout_matches_the_original_keys():
+    """The synthetic checkpoint has the parity fixture's key set (up to layer indices) and the release's size."""
+
+    def patterns(keys):
+        return {re.sub(r"\.\d+\.", ".N.", key) for key in keys}
+
+    original, _ = _safetensors_header(PARITY_WEIGHTS)
+    synthetic = bench_conversion.hub_tensor_shapes(bench_conversion.RELEASE)
+    assert patterns(synthetic) | {"multimodal_encoder.bert.embeddings.position_ids"} == patterns(original)
+    assert round(bench_conversion.checkpoint_bytes(bench_conversion.RELEASE) / 1e9, 2) == 5.24
+    assert round(sum(map(_numel, synthetic.values())) / 1e9, 2) == 1.31
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    size = 1
+    for dim in shape:
+        size *= dim
+    return size
+
+
+def test_streamed_checkpoint_is_readable_by_the_converter(tmp_path):
+    spec = bench_conversion.SPECS["smoke"]
+    weights = bench_conversion.write_hub_checkpoint(tmp_path, spec)
+    assert weights.stat().st_size > bench_conversion.checkpoint_bytes(spec)
+    hyper_parameters = json.loads((tmp_path / "config.json").read_text())
+    assert "bert_config" not in hyper_parameters and "evaclip_model_cfg" not in hyper_parameters
+    config = config_from_original(hyper_parameters, read_original_shapes(weights))
+    assert config.vision_config.num_attention_heads == spec.vision_width // 88
+    assert config.text_config.num_attention_heads == 12
+    assert config.projection_dim == spec.projection_dim
+
+
+def test_entry_point_smoke(tmp_path):
+    summary = run_all.main(["--smoke", "--only", "attention,retrieval,conversion", "--output_dir", str(tmp_path)])
+    assert summary["mode"] == "smoke"
+    for name in ("attention", "retrieval", "conversion", "summary"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())
+    assert not (tmp_path / "generation.json").exists()
+    conversion = json.loads((tmp_path / "conversion.json").read_text())
+    if "skipped" not in conversion:
+        run = conversion["runs"][0]
+        assert run["peak_rss_bytes"] >= run["baseline_rss_bytes"] > 0
+    stages = json.loads((tmp_path / "retrieval.json").read_text())["stages"]
+    assert [stage["stage"] for stage in stages] == list(bench_retrieval.STAGES)
+    markdown = (tmp_path / "RESULTS.md").read_text()
+    assert "## Goals" in markdown and "](summary.png)" in markdown
+    assert markdown.count("| --- |") >= 4
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    statuses = {goal["name"].split(",")[0]: goal["status"] for goal in summary["goals"]}
+    assert statuses["cached vs recompute generation"] == "pending"

@@ -1,0 +1,44 @@
+"""Print the main job's results: retrieval on the held-out split against chance, and the generated captions.
+
+    python examples/summarize_main_job.py OUTPUT_DIR
+
+Every number comes from the files the run wrote (`retrieval/retrieval_results.json`, `captions.jsonl`).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+DIRECTIONS = ("t2v", "v2t", "t2a", "a2t", "t2va", "va2t")
+
+
+def retrieval_table(results: dict) -> str:
+    chance_r1 = 100 / results["num_items"]
+    chance_r5 = min(100.0, 5 * chance_r1)
+    lines = ["| direction | R@1 | R@5 | chance R@1 | chance R@5 |", "| --- | --- | --- | --- | --- |"]
+    for direction in DIRECTIONS:
+        if f"{direction}/R@1" in results:
+            lines.append(
+                f"| {direction} | {results[f'{direction}/R@1']:.1f} | {results[f'{direction}/R@5']:.1f} "
+                f"| {chance_r1:.1f} | {chance_r5:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(output_dir: str) -> int:
+    out = Path(output_dir)
+    results = json.loads((out / "retrieval" / "retrieval_results.json").read_text())
+    print(f"\nRetrieval on the held-out split ({results['num_items']} items, {results['num_texts']} captions), %:")
+    print(retrieval_table(results))
+    references = json.loads((out / "caption_references.json").read_text())
+    print("\nGenerated captions (reference in brackets):")
+    for line in (out / "captions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        name = Path(row["path"]).name
+        print(f"- {name}: {row['caption']!r}  [{references.get(name, '?')}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

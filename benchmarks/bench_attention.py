@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +26,7 @@ if __package__ in (None, ""):
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
-from benchmarks.common import markdown_table, paired_times, peak_tensor_memory  # noqa: E402
+from benchmarks.common import markdown_table, paired_times, peak_tensor_memory, run_cli  # noqa: E402
 from modeling_mico.configuration_mico import MiCoTextConfig, MiCoVisionConfig  # noqa: E402
 from modeling_mico.modeling_mico import MiCoTextModel, MiCoVisionModel, eager_attention_forward  # noqa: E402
 
@@ -258,13 +256,7 @@ def to_markdown(results: dict) -> str:
 
 def main() -> None:
     """Command-line entry point: prints the tables and the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one block per tower, fewer repeats")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (seconds)")
-    args = parser.parse_args()
-    results = run(quick=args.quick, smoke=args.smoke)
-    print(to_markdown(results))
-    print(json.dumps(results, indent=2))
+    run_cli(__doc__, run, to_markdown, quick="one block per tower, fewer repeats", smoke="tiny shapes, one repeat (seconds)")
 
 
 if __name__ == "__main__":

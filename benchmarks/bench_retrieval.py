@@ -16,8 +16,6 @@ stages timed by wrapping what the evaluation calls:
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from collections import defaultdict
@@ -34,7 +32,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.common import markdown_table  # noqa: E402
+from benchmarks.common import markdown_table, run_cli  # noqa: E402
 from modeling_mico import evaluation  # noqa: E402
 from modeling_mico.annotations import load_annotations  # noqa: E402
 from modeling_mico.data import config_for_size, processor_for_config  # noqa: E402
@@ -145,14 +143,8 @@ def to_markdown(results: dict) -> str:
 
 
 def main() -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="24 items")
-    parser.add_argument("--smoke", action="store_true", help="3 items")
-    args = parser.parse_args()
-    results = run(quick=args.quick, smoke=args.smoke)
-    print(to_markdown(results))
-    print(json.dumps(results, indent=2))
+    """Command-line entry point: prints the tables and the JSON."""
+    run_cli(__doc__, run, to_markdown, quick="24 items", smoke="3 items")
 
 
 if __name__ == "__main__":

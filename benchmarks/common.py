@@ -141,3 +141,17 @@ def markdown_table(header: list[str], rows: list[list[object]], align: str | Non
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_cli(doc: str, run: Callable[..., dict], to_markdown: Callable[[dict], str], quick: str, smoke: str) -> None:
+    """Command-line entry point shared by the benchmarks: `--quick` / `--smoke`, then the table and the JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    args = parser.parse_args()
+    results = run(quick=args.quick, smoke=args.smoke)
+    print(to_markdown(results))
+    print(json.dumps(results, indent=2))
+

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
@@ -31,6 +31,7 @@ from modeling_mico.data import (
     load_annotation_dataset,
     processor_for_config,
 )
+from modeling_mico.evaluation import EvalCollatorTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -187,21 +188,6 @@ def main() -> None:
         trainer.save_metrics("eval", metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tags=["mico", "pretraining"])
-
-
-class EvalCollatorTrainer(Trainer):
-    """A Trainer that collates evaluation batches with their own collator (first caption, middle frames)."""
-
-    def __init__(self, *args, eval_data_collator=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eval_data_collator = eval_data_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = train_collator
 
 
 if __name__ == "__main__":

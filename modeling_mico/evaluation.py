@@ -450,7 +450,22 @@ def retrieval_compute_metrics(
     return compute_metrics
 
 
-class MiCoRetrievalTrainer(Trainer):
+class EvalCollatorTrainer(Trainer):
+    """A `Trainer` that collates evaluation batches with their own collator (first caption, middle frames)."""
+
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+
+class MiCoRetrievalTrainer(EvalCollatorTrainer):
     """A `Trainer` whose evaluation returns text and item embeddings as predictions (for
     `retrieval_compute_metrics`) beside the pretraining loss, and collates evaluation batches with their own collator
     (first caption, middle frames).
@@ -460,18 +475,10 @@ class MiCoRetrievalTrainer(Trainer):
         eval_data_collator: collator of evaluation batches (default: `data_collator`).
     """
 
-    def __init__(self, *args, retrieval_targets: Sequence[str] = ("video",), eval_data_collator=None, **kwargs):
+    def __init__(self, *args, retrieval_targets: Sequence[str] = ("video",), **kwargs):
         super().__init__(*args, **kwargs)
         target_columns(retrieval_targets)  # validates the names
         self.retrieval_targets = list(retrieval_targets)
-        self.eval_data_collator = eval_data_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = train_collator
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -173,7 +173,8 @@ def _attention_note(entry: dict) -> str:
         f"MLP matrix products dominate at 257 tokens), so the whole-tower ratio is bounded by "
         f"{core['model_speedup_bound']:.2f}x. The fused-qkv split gives strided q/k/v views; SDPA on them is "
         f"{core['strided_vs_contiguous_speedup']:.2f}x as fast as SDPA preceded by `.contiguous()` copies "
-        f"({core['sdpa_contiguous_copy_ms']:.1f} ms vs {core['sdpa_core_ms']:.1f} ms), so forcing contiguity "
+        f"({core['sdpa_strided_ms']:.1f} ms vs {core['sdpa_contiguous_copy_ms']:.1f} ms, medians of the same "
+        "alternated pairs), so forcing contiguity "
         f"{'would not help' if core['strided_vs_contiguous_speedup'] >= 1 else 'would help'}."
     )
 

@@ -900,6 +900,7 @@ class MiCoModel(MiCoPreTrainedModel):
         >>> out = model(input_ids=torch.randint(0, 1000, (2, 8)), pixel_values_videos=torch.randn(2, 4, 3, 56, 56))
         >>> out.logits_per_text_video.shape
         torch.Size([2, 2])
+
         ```
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -1183,6 +1184,7 @@ class MiCoForPreTraining(MiCoModelWithLMHead):
         >>> out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(4, 3, 56, 56))
         >>> sorted(out.task_losses)
         ['caption_tv', 'contrastive_tv', 'matching_tv']
+
         ```
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -1388,6 +1390,7 @@ class MiCoForConditionalGeneration(MiCoModelWithLMHead, GenerationMixin):
     >>> ids = model.generate(pixel_values_videos=torch.randn(2, 4, 3, 56, 56), max_new_tokens=5)
     >>> ids[:, 0].tolist()  # every caption starts at [CLS]
     [101, 101]
+
     ```
     """
 

@@ -266,3 +266,12 @@ def test_half_precision_loading(model, tmp_path):
     assert half.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
     features = half.get_video_features(torch.randn(1, 2, 3, 56, 56))
     assert features.dtype == torch.bfloat16 and torch.isfinite(features.float()).all()
+
+
+def test_device_map_auto_loads_whole_layers(model, tmp_path):
+    """`device_map="auto"` loads through accelerate (`_no_split_modules` keeps layers whole; here all on the CPU)."""
+    model.save_pretrained(tmp_path)
+    placed = MiCoModel.from_pretrained(tmp_path, device_map="auto", attn_implementation=model.config._attn_implementation)
+    assert {parameter.device.type for parameter in placed.parameters()} == {"cpu"}
+    videos = torch.randn(1, 2, 3, 56, 56)
+    torch.testing.assert_close(placed.get_video_features(videos), model.get_video_features(videos), atol=1e-6, rtol=0)

@@ -150,19 +150,15 @@ def main() -> None:
     modalities = [
         m for m in data_args.modalities if m == "subtitle" or MEDIA_COLUMNS[m][2] in model.config.knowledge_modalities
     ]
-    train_collator = MiCoDataCollator(
-        processor,
-        modalities,
-        training=True,
-        skip_broken=data_args.skip_broken,
-        max_subtitle_length=model.config.max_subtitle_length,
-    )
-    eval_collator = MiCoDataCollator(
-        processor,
-        modalities,
-        training=False,
-        skip_broken=data_args.skip_broken,
-        max_subtitle_length=model.config.max_subtitle_length,
+    train_collator, eval_collator = (
+        MiCoDataCollator(
+            processor,
+            modalities,
+            training=training,
+            skip_broken=data_args.skip_broken,
+            max_subtitle_length=model.config.max_subtitle_length,
+        )
+        for training in (True, False)
     )
 
     trainer = EvalCollatorTrainer(

@@ -109,7 +109,9 @@ def _declared_spec(name: str, declaration: Mapping[str, Any], taken_letters: set
         "num_frames": base.num_frames if base else DEFAULT_NUM_FRAMES[layout],
     }
     fields = {**defaults, **declaration, "layout": layout, "letter": letter}
-    fields["extensions"] = tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in fields["extensions"])
+    fields["extensions"] = tuple(
+        ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in fields["extensions"]
+    )
     if not isinstance(fields["num_frames"], int) or fields["num_frames"] < 1:
         raise ValueError(f"modalities[{name!r}].num_frames must be a positive integer, got {fields['num_frames']!r}")
     return ModalitySpec(name=name, **fields)
@@ -127,7 +129,9 @@ def resolve_modalities(
     declarations = dict(declarations or {})
     builtin_encoders = list(dict.fromkeys(spec.encoder for spec in BUILTIN_MODALITIES.values()))
     order = [e for e in builtin_encoders if e in encoders] + [e for e in encoders if e not in builtin_encoders]
-    taken = {TEXT_LETTER, SUBTITLE_LETTER} | {spec.letter for spec in BUILTIN_MODALITIES.values() if spec.encoder in order}
+    taken = {TEXT_LETTER, SUBTITLE_LETTER} | {
+        spec.letter for spec in BUILTIN_MODALITIES.values() if spec.encoder in order
+    }
     specs: dict[str, ModalitySpec] = {}
     for name, spec in BUILTIN_MODALITIES.items():
         if spec.encoder in encoders:
@@ -160,7 +164,9 @@ def _check_unique(specs: Mapping[str, ModalitySpec]) -> None:
     letters: dict[str, str] = {TEXT_LETTER: "text", SUBTITLE_LETTER: SUBTITLE}
     for spec in specs.values():
         if letters.setdefault(spec.letter, spec.encoder) != spec.encoder:
-            raise ValueError(f"the task letter {spec.letter!r} of {spec.name!r} already names {letters[spec.letter]!r}")
+            raise ValueError(
+                f"the task letter {spec.letter!r} of {spec.name!r} already names {letters[spec.letter]!r}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -257,8 +263,15 @@ class MiCoVisionConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Part of `@strict` validation: sizes are positive, heads divide the width, patches tile the image."""
         _check_positive(
-            self, "vision_config.", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_channels", "image_size", "patch_size",
+            self,
+            "vision_config.",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_channels",
+            "image_size",
+            "patch_size",
         )
         _check_heads(self, "vision_config.")
         if self.image_size % self.patch_size:
@@ -340,14 +353,23 @@ class MiCoTextConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Part of `@strict` validation: sizes are positive, heads divide the width, special ids are in the vocab."""
         _check_positive(
-            self, "text_config.", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size", "max_position_embeddings", "encoder_hidden_size",
+            self,
+            "text_config.",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "encoder_hidden_size",
         )
         _check_heads(self, "text_config.")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"text_config.{name} ({value}) must be a token id below vocab_size ({self.vocab_size})")
+                raise ValueError(
+                    f"text_config.{name} ({value}) must be a token id below vocab_size ({self.vocab_size})"
+                )
 
 
 @strict
@@ -442,7 +464,9 @@ class MiCoConfig(PreTrainedConfig):
         # the release's heads and tasks, as far as this configuration has their modalities
         known = {*self.knowledge_modalities, SUBTITLE}
         if self.fused_heads is None:
-            self.fused_heads = {name: list(parts) for name, parts in DEFAULT_FUSED_HEADS.items() if known >= set(parts)}
+            self.fused_heads = {
+                name: list(parts) for name, parts in DEFAULT_FUSED_HEADS.items() if known >= set(parts)
+            }
         letters = {spec.letter for spec in self.modality_specs.values()}
         for field, defaults in (
             ("contrastive_tasks", DEFAULT_CONTRASTIVE_TASKS),
@@ -483,7 +507,12 @@ class MiCoConfig(PreTrainedConfig):
         """`"tva"` -> `("vision", "audio")`; refuses unknown or repeated letters."""
         letters = self.task_letters
         parts = task[1:]
-        if task[:1] != TEXT_LETTER or not parts or len(set(parts)) != len(parts) or any(c not in letters for c in parts):
+        if (
+            task[:1] != TEXT_LETTER
+            or not parts
+            or len(set(parts)) != len(parts)
+            or any(c not in letters for c in parts)
+        ):
             raise ValueError(
                 f"task {task!r} must be {TEXT_LETTER!r} followed by distinct modality letters of "
                 f"{dict(sorted(letters.items()))}"
@@ -525,11 +554,11 @@ class MiCoConfig(PreTrainedConfig):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         text_positions = self.text_config.max_position_embeddings
-        for name in ("max_caption_length", "max_subtitle_length"):
-            if getattr(self, name) > text_positions:
-                raise ValueError(
-                    f"{name} ({getattr(self, name)}) exceeds text_config.max_position_embeddings ({text_positions})"
-                )
+        if self.max_caption_length > text_positions:
+            raise ValueError(
+                f"max_caption_length ({self.max_caption_length}) exceeds text_config.max_position_embeddings "
+                f"({text_positions})"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -31,37 +31,37 @@ HUB_WEIGHT_NAMES = ("mico_pytorch_model.safetensors", "mico_pytorch_model.bin")
 
 # (original name, our name); `{i}` is a layer index, `{m}` a knowledge modality, `{h}` a fused head.
 KEY_MAPPING: list[tuple[str, str]] = [
-    ("vision_encoder.visual.patch_embed.proj.{p}", "vision_model.embeddings.patch_embedding.{p}"),
-    ("vision_encoder.visual.cls_token", "vision_model.embeddings.class_embedding"),
-    ("vision_encoder.visual.pos_embed", "vision_model.embeddings.position_embedding"),
-    ("vision_encoder.visual.blocks.{i}.norm1.{p}", "vision_model.encoder.layers.{i}.layer_norm1.{p}"),
-    ("vision_encoder.visual.blocks.{i}.norm2.{p}", "vision_model.encoder.layers.{i}.layer_norm2.{p}"),
-    ("vision_encoder.visual.blocks.{i}.attn.qkv.weight", "vision_model.encoder.layers.{i}.self_attn.qkv.weight"),
-    ("vision_encoder.visual.blocks.{i}.attn.q_bias", "vision_model.encoder.layers.{i}.self_attn.q_bias"),
-    ("vision_encoder.visual.blocks.{i}.attn.v_bias", "vision_model.encoder.layers.{i}.self_attn.v_bias"),
-    ("vision_encoder.visual.blocks.{i}.attn.proj.{p}", "vision_model.encoder.layers.{i}.self_attn.proj.{p}"),
-    ("vision_encoder.visual.blocks.{i}.mlp.fc1.{p}", "vision_model.encoder.layers.{i}.mlp.fc1.{p}"),
-    ("vision_encoder.visual.blocks.{i}.mlp.fc2.{p}", "vision_model.encoder.layers.{i}.mlp.fc2.{p}"),
-    ("vision_encoder.visual.norm.{p}", "vision_model.post_layernorm.{p}"),
-    ("multimodal_encoder.bert.embeddings.{rest}", "text_model.embeddings.{rest}"),
-    ("multimodal_encoder.bert.encoder.layer.{rest}", "text_model.encoder.layer.{rest}"),
+    ("vision_encoder.visual.patch_embed.proj.{p}", "mico.vision_model.embeddings.patch_embedding.{p}"),
+    ("vision_encoder.visual.cls_token", "mico.vision_model.embeddings.class_embedding"),
+    ("vision_encoder.visual.pos_embed", "mico.vision_model.embeddings.position_embedding"),
+    ("vision_encoder.visual.blocks.{i}.norm1.{p}", "mico.vision_model.encoder.layers.{i}.layer_norm1.{p}"),
+    ("vision_encoder.visual.blocks.{i}.norm2.{p}", "mico.vision_model.encoder.layers.{i}.layer_norm2.{p}"),
+    ("vision_encoder.visual.blocks.{i}.attn.qkv.weight", "mico.vision_model.encoder.layers.{i}.self_attn.qkv.weight"),
+    ("vision_encoder.visual.blocks.{i}.attn.q_bias", "mico.vision_model.encoder.layers.{i}.self_attn.q_bias"),
+    ("vision_encoder.visual.blocks.{i}.attn.v_bias", "mico.vision_model.encoder.layers.{i}.self_attn.v_bias"),
+    ("vision_encoder.visual.blocks.{i}.attn.proj.{p}", "mico.vision_model.encoder.layers.{i}.self_attn.proj.{p}"),
+    ("vision_encoder.visual.blocks.{i}.mlp.fc1.{p}", "mico.vision_model.encoder.layers.{i}.mlp.fc1.{p}"),
+    ("vision_encoder.visual.blocks.{i}.mlp.fc2.{p}", "mico.vision_model.encoder.layers.{i}.mlp.fc2.{p}"),
+    ("vision_encoder.visual.norm.{p}", "mico.vision_model.post_layernorm.{p}"),
+    ("multimodal_encoder.bert.embeddings.{rest}", "mico.text_model.embeddings.{rest}"),
+    ("multimodal_encoder.bert.encoder.layer.{rest}", "mico.text_model.encoder.layer.{rest}"),
     ("multimodal_encoder.cls.predictions.transform.dense.{p}", "lm_head.dense.{p}"),
     ("multimodal_encoder.cls.predictions.transform.LayerNorm.{p}", "lm_head.LayerNorm.{p}"),
     ("multimodal_encoder.cls.predictions.decoder.{p}", "lm_head.decoder.{p}"),
-    ("contra_head_t.linear.weight", "contrastive_heads.text.weight"),
-    ("contra_head_s.linear.weight", "contrastive_heads.subtitle.weight"),
-    ("contra_head_v.linear.weight", "contrastive_heads.vision.weight"),
-    ("contra_head_a.linear.weight", "contrastive_heads.audio.weight"),
-    ("contra_head_d.linear.weight", "contrastive_heads.depth.weight"),
-    ("contra_head_{h}.{p}", "fused_heads.{h}.{p}"),
-    ("contra_temp", "temperature"),
-    ("itm_head.linear1.{p}", "itm_head.dense.{p}"),
-    ("itm_head.layernorm.{p}", "itm_head.layer_norm.{p}"),
-    ("itm_head.linear2.{p}", "itm_head.classifier.{p}"),
-    ("{m}_frame_embedding", "frame_embeddings.{m}"),
-    ("{m}_type_embeddings", "type_embeddings.{m}"),
-    ("hidden_trans_{m}_multimodal.0.{p}", "modality_bridges.{m}.dense.{p}"),
-    ("hidden_trans_{m}_multimodal.1.{p}", "modality_bridges.{m}.layer_norm.{p}"),
+    ("contra_head_t.linear.weight", "mico.contrastive_heads.text.weight"),
+    ("contra_head_s.linear.weight", "mico.contrastive_heads.subtitle.weight"),
+    ("contra_head_v.linear.weight", "mico.contrastive_heads.vision.weight"),
+    ("contra_head_a.linear.weight", "mico.contrastive_heads.audio.weight"),
+    ("contra_head_d.linear.weight", "mico.contrastive_heads.depth.weight"),
+    ("contra_head_{h}.{p}", "mico.fused_heads.{h}.{p}"),
+    ("contra_temp", "mico.temperature"),
+    ("itm_head.linear1.{p}", "mico.itm_head.dense.{p}"),
+    ("itm_head.layernorm.{p}", "mico.itm_head.layer_norm.{p}"),
+    ("itm_head.linear2.{p}", "mico.itm_head.classifier.{p}"),
+    ("{m}_frame_embedding", "mico.frame_embeddings.{m}"),
+    ("{m}_type_embeddings", "mico.type_embeddings.{m}"),
+    ("hidden_trans_{m}_multimodal.0.{p}", "mico.modality_bridges.{m}.dense.{p}"),
+    ("hidden_trans_{m}_multimodal.1.{p}", "mico.modality_bridges.{m}.layer_norm.{p}"),
 ]
 
 # Keys of the original file that MiCo never uses.
@@ -75,7 +75,7 @@ UNUSED_KEY_PATTERNS = (
 # Tied tensors stored twice: our name -> (first copy, decoder copy). The original loads both into one parameter and
 # the decoder's copy, loaded last, is the value it runs with.
 TIED_GROUPS = {
-    "text_model.embeddings.word_embeddings.weight": (
+    "mico.text_model.embeddings.word_embeddings.weight": (
         "multimodal_encoder.bert.embeddings.word_embeddings.weight",
         "multimodal_encoder.cls.predictions.decoder.weight",
     ),
@@ -575,8 +575,9 @@ def model_from_original(model_class, source: str | os.PathLike, image_size=None,
     config, state_dict, report = load_original_checkpoint(source, image_size=image_size, num_frames=num_frames)
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
     model = model_class._from_config(config, attn_implementation=kwargs.pop("attn_implementation", None))
-    if not hasattr(model, "lm_head"):
-        state_dict = {key: value for key, value in state_dict.items() if not key.startswith("lm_head.")}
+    if not hasattr(model, "lm_head"):  # the base model: converted keys are in the head layout (`mico.*`)
+        prefix = f"{model.base_model_prefix}."
+        state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
     check_state_dict(model, state_dict)
     model.load_state_dict(state_dict, strict=False)
     model.tie_weights()
@@ -629,7 +630,8 @@ def _dry_run(checkpoint: OriginalCheckpoint, config: MiCoConfig, dtype: torch.dt
     converted = dict(convert_tensors(meta_tensors, config))
     with torch.device("meta"):
         model = MiCoModel(config)
-    check_state_dict(model, {key: value for key, value in converted.items() if not key.startswith("lm_head.")})
+    prefix = f"{model.base_model_prefix}."
+    check_state_dict(model, {key.removeprefix(prefix): value for key, value in converted.items() if key.startswith(prefix)})
     head_keys = {key for key in converted if key.startswith("lm_head.")}
     if head_keys and head_keys != {
         "lm_head.dense.weight",

@@ -1,6 +1,10 @@
-"""PyTorch MiCo: one EVA vision transformer for every knowledge modality and a cross-attention BERT for language."""
+"""PyTorch MiCo: one EVA vision transformer for every knowledge modality and a cross-attention BERT for language.
 
-from collections.abc import Callable
+`MiCoModel` holds the towers and the glue (bridges into the multimodal context, contrastive and matching heads) and
+exposes the projection API; the head classes compose it (`self.mico`) with the language-model head.
+"""
+
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -9,8 +13,6 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
-from transformers.generation import GenerationConfig, GenerationMixin
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -18,65 +20,29 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     CausalLMOutputWithCrossAttentions,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_mico import MiCoConfig, MiCoTextConfig, MiCoVisionConfig
+from . import pretraining_mico
+from .configuration_mico import SUBTITLE, MiCoConfig, MiCoVisionConfig, ModalitySpec
 from .distributed import all_gather_no_grad, all_gather_with_grad, present_everywhere
+from .generation_mico import MiCoGenerationMixin, default_generation_config
+from .modeling_mico_text import (
+    MiCoLMHead,
+    MiCoTextCrossAttention,
+    MiCoTextLayer,
+    MiCoTextModel,
+    MiCoTextSelfAttention,
+    eager_attention_forward,
+)
 
 
 logger = logging.get_logger(__name__)
 
-# Model input name -> (knowledge modality, name used for features and outputs).
-KNOWLEDGE_INPUTS = {
-    "pixel_values": ("vision", "image"),
-    "pixel_values_videos": ("vision", "video"),
-    "input_features": ("audio", "audio"),
-    "depth_values": ("depth", "depth"),
-}
-
-# Order of the parts of a multimodal context; modalities added by configuration come after depth.
-CONTEXT_ORDER = ("vision", "audio", "depth")
-
-
-def knowledge_input_names(config: MiCoConfig) -> dict[str, tuple[str, str]]:
-    """Every model input that carries a knowledge modality, including `<name>_values` for configured extras."""
-    names = {key: value for key, value in KNOWLEDGE_INPUTS.items() if value[0] in config.knowledge_modalities}
-    for modality in config.knowledge_modalities:
-        if modality not in CONTEXT_ORDER:
-            names[f"{modality}_values"] = (modality, modality)
-    return names
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain softmax attention; `attention_mask` is additive and broadcast to (batch, heads, query, key)."""
-    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
-
-def _attention(module: nn.Module, query, key, value, attention_mask, scaling: float, dropout: float, **kwargs):
-    """Dispatch to the attention implementation chosen in the module's config (eager, sdpa, flash, flex)."""
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, eager_attention_forward
-    )
-    return attention_interface(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout if module.training else 0.0, **kwargs
-    )
+# Keyword arguments that reach the towers (output_attentions, output_hidden_states, attention-kernel arguments).
+TOWER_KWARGS = frozenset(TransformersKwargs.__annotations__)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -131,8 +97,18 @@ class MiCoVisionAttention(nn.Module):
         # calling the `qkv` module (not its weight) keeps adapters such as LoRA on it in the computation
         qkv = self.qkv(hidden_states) + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         query, key, value = qkv.view(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attn_output, attn_weights = _attention(
-            self, query, key, value, None, self.scaling, self.config.attention_dropout, **kwargs
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            **kwargs,
         )
         return self.proj(attn_output.reshape(batch_size, seq_len, -1)), attn_weights
 
@@ -173,218 +149,6 @@ class MiCoVisionEncoder(nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states, **kwargs)
         return BaseModelOutput(last_hidden_state=hidden_states)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Text branch: BERT with a cross-attention block in every layer
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class MiCoTextEmbeddings(nn.Module):
-    """Word, position and token-type embeddings followed by LayerNorm and dropout (BERT)."""
-
-    def __init__(self, config: MiCoTextConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        position_ids: torch.LongTensor,
-        token_type_ids: torch.LongTensor | None = None,
-    ) -> torch.Tensor:
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        embeddings = (
-            self.word_embeddings(input_ids)
-            + self.token_type_embeddings(token_type_ids)
-            + self.position_embeddings(position_ids)
-        )
-        return self.dropout(self.LayerNorm(embeddings))
-
-
-class MiCoTextSelfAttention(nn.Module):
-    """Self-attention over the text; keys/values of processed tokens go to `cache` when one is given."""
-
-    def __init__(self, config: MiCoTextConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
-        if cache is not None:
-            self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-            key, value = self_cache.update(key, value, self.layer_idx)
-        attn_output, attn_weights = _attention(
-            self, query, key, value, attention_mask, self.scaling, self.config.attention_probs_dropout_prob, **kwargs
-        )
-        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
-
-
-class MiCoTextCrossAttention(nn.Module):
-    """Attention from the text to the (never masked) multimodal context; context keys/values are cached once."""
-
-    def __init__(self, config: MiCoTextConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.encoder_hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.encoder_hidden_size, config.hidden_size)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        cache: EncoderDecoderCache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        query = self.query(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-        if cache is not None and cache.is_updated.get(self.layer_idx):
-            layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
-            key, value = layer_cache.keys, layer_cache.values
-        else:
-            kv_shape = (*encoder_hidden_states.shape[:-1], -1, self.head_dim)
-            key = self.key(encoder_hidden_states).view(kv_shape).transpose(1, 2)
-            value = self.value(encoder_hidden_states).view(kv_shape).transpose(1, 2)
-            if cache is not None:
-                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
-                cache.is_updated[self.layer_idx] = True
-        attn_output, attn_weights = _attention(
-            self, query, key, value, None, self.scaling, self.config.attention_probs_dropout_prob, **kwargs
-        )
-        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
-
-
-class MiCoTextResidualOutput(nn.Module):
-    """Dense projection, dropout, residual connection and LayerNorm closing every BERT sub-layer."""
-
-    def __init__(self, config: MiCoTextConfig, input_size: int):
-        super().__init__()
-        self.dense = nn.Linear(input_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
-
-
-class MiCoTextAttentionBlock(nn.Module):
-    """An attention module and its residual output, named as in BERT (`attention.self`, `attention.output`)."""
-
-    def __init__(self, config: MiCoTextConfig, layer_idx: int, is_cross_attention: bool):
-        super().__init__()
-        attention_class = MiCoTextCrossAttention if is_cross_attention else MiCoTextSelfAttention
-        self.self = attention_class(config, layer_idx)
-        self.output = MiCoTextResidualOutput(config, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        attn_output, _ = self.self(hidden_states, *args, **kwargs)
-        return self.output(attn_output, hidden_states)
-
-
-class MiCoTextIntermediate(nn.Module):
-    def __init__(self, config: MiCoTextConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.intermediate_act_fn = ACT2FN[config.hidden_act]
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.intermediate_act_fn(self.dense(hidden_states))
-
-
-class MiCoTextLayer(GradientCheckpointingLayer):
-    """Self-attention, then cross-attention to the context when one is given, then the feed-forward block."""
-
-    def __init__(self, config: MiCoTextConfig, layer_idx: int):
-        super().__init__()
-        self.attention = MiCoTextAttentionBlock(config, layer_idx, is_cross_attention=False)
-        self.crossattention = MiCoTextAttentionBlock(config, layer_idx, is_cross_attention=True)
-        self.intermediate = MiCoTextIntermediate(config)
-        self.output = MiCoTextResidualOutput(config, config.intermediate_size)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        hidden_states = self.attention(hidden_states, attention_mask, cache=cache, **kwargs)
-        if encoder_hidden_states is not None:
-            hidden_states = self.crossattention(hidden_states, encoder_hidden_states, cache=cache, **kwargs)
-        return self.output(self.intermediate(hidden_states), hidden_states)
-
-
-class MiCoTextEncoder(nn.Module):
-    def __init__(self, config: MiCoTextConfig):
-        super().__init__()
-        self.layer = nn.ModuleList([MiCoTextLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
-
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, cache=None, **kwargs):
-        for layer in self.layer:
-            # the context is positional so that gradient checkpointing passes it through
-            hidden_states = layer(hidden_states, attention_mask, encoder_hidden_states, cache=cache, **kwargs)
-        return hidden_states
-
-
-class MiCoLMHead(nn.Module):
-    """BERT's masked-language-model head; the decoder weight is tied to the word embeddings."""
-
-    def __init__(self, config: MiCoTextConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.transform_act_fn = ACT2FN[config.hidden_act]
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.LayerNorm(self.transform_act_fn(self.dense(hidden_states))))
-
-
-def default_generation_config(config: MiCoConfig) -> GenerationConfig:
-    """Caption decoding of the release: beam search with 3 beams, length penalty 0.6 over the hypothesis length
-    including the `[CLS]` prompt (Transformers 4.31, `early_stopping=False`), `max_caption_length` new tokens,
-    starting at `[CLS]`, stopping at `[SEP]`, finished rows padded with `[PAD]`."""
-    text_config = config.text_config
-    generation_config = GenerationConfig(
-        num_beams=3,
-        length_penalty=0.6,
-        early_stopping=False,
-        max_new_tokens=config.max_caption_length,
-        bos_token_id=text_config.bos_token_id,
-        decoder_start_token_id=text_config.bos_token_id,
-        eos_token_id=text_config.eos_token_id,
-        pad_token_id=text_config.pad_token_id,
-    )
-    generation_config.length_penalty_includes_prompt = True
-    return generation_config
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -476,16 +240,10 @@ class MiCoPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
+        """Transformers' initialisation (normal linear/conv/embedding weights, unit LayerNorms) plus MiCo's own
+        parameters: class and position embeddings, EVA's query/value biases, frame/type tables and temperature."""
+        super()._init_weights(module)
         std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
         if isinstance(module, MiCoVisionEmbeddings):
             init.trunc_normal_(module.class_embedding, std=std)
             init.trunc_normal_(module.position_embedding, std=std)
@@ -499,7 +257,22 @@ class MiCoPreTrainedModel(PreTrainedModel):
 
 
 class MiCoVisionModel(MiCoPreTrainedModel):
-    """The EVA vision transformer shared by all knowledge modalities; returns every token after the final norm."""
+    r"""
+    The EVA vision transformer shared by all knowledge modalities; returns every token after the final LayerNorm.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_mico import MiCoVisionConfig, MiCoVisionModel
+
+    >>> model = MiCoVisionModel(MiCoVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                                          num_attention_heads=4, image_size=56))
+    >>> model(torch.randn(1, 3, 56, 56)).last_hidden_state.shape
+    torch.Size([1, 17, 64])
+
+    ```
+    """
 
     config: MiCoVisionConfig
     main_input_name = "pixel_values"
@@ -519,106 +292,45 @@ class MiCoVisionModel(MiCoPreTrainedModel):
     @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         r"""
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
-            Normalised images (see [`MiCoImageProcessor`]).
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images (see [`MiCoImageProcessor`]).
 
-        Returns a [`BaseModelOutputWithPooling`] whose `last_hidden_state` holds all tokens (class token first) after
-        the final LayerNorm and whose `pooler_output` is the class token.
+        Returns:
+            [`BaseModelOutputWithPooling`]: `last_hidden_state` holds all tokens (class token first) after the final
+            LayerNorm, `pooler_output` the class token.
         """
         if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
+            )
         hidden_states = self.embeddings(pixel_values)
         hidden_states = self.encoder(hidden_states, **kwargs).last_hidden_state
         hidden_states = self.post_layernorm(hidden_states)
         return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
 
 
-class MiCoTextModel(MiCoPreTrainedModel):
-    """BERT with cross-attention in every layer; without `encoder_hidden_states` it is a plain text encoder."""
-
-    config: MiCoTextConfig
-    main_input_name = "input_ids"
-    input_modalities = ("text",)
-    _no_split_modules = ["MiCoTextLayer", "MiCoTextEmbeddings"]
-
-    def __init__(self, config: MiCoTextConfig):
-        super().__init__(config)
-        self.embeddings = MiCoTextEmbeddings(config)
-        self.encoder = MiCoTextEncoder(config)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embeddings.word_embeddings = value
-
-    @capture_outputs
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPastAndCrossAttentions:
-        r"""
-        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): WordPiece ids.
-        attention_mask (`torch.Tensor`, *optional*):
-            `(batch_size, sequence_length)` padding mask (bidirectional attention, as for retrieval and matching), or
-            `(batch_size, query_length, key_length)` explicit mask with 1 where attention is allowed (causal caption
-            masks; `key_length` includes cached tokens).
-        encoder_hidden_states (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
-            The multimodal context. Cross-attention sees every position of it.
-        cache ([`Cache`], *optional*): an [`EncoderDecoderCache`] of earlier self-attention keys/values and of the
-            context's cross-attention keys/values.
-        """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
-            position_ids = position_ids.unsqueeze(0).expand_as(input_ids)
-        hidden_states = self.embeddings(input_ids, position_ids, token_type_ids)
-        attention_mask = self._prepare_attention_mask(attention_mask, hidden_states)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states = encoder_hidden_states.to(hidden_states.dtype)
-        hidden_states = self.encoder(hidden_states, attention_mask, encoder_hidden_states, cache=cache, **kwargs)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
-
-    def _prepare_attention_mask(self, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor):
-        """A 2-D padding mask becomes the implementation's bidirectional mask; a 3-D mask becomes additive 4-D."""
-        if attention_mask is None or attention_mask.dim() == 2:
-            return create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
-            )
-        if attention_mask.dim() != 3:
-            raise ValueError(
-                f"attention_mask must be (batch, sequence) or (batch, query, key), got shape {tuple(attention_mask.shape)}"
-            )
-        if self.config._attn_implementation == "flash_attention_2":
-            raise ValueError("flash_attention_2 cannot take an explicit 3-D attention mask; use attn_implementation='sdpa'")
-        min_value = torch.finfo(hidden_states.dtype).min
-        allowed = attention_mask[:, None].to(torch.bool)
-        return torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill(
-            ~allowed, min_value
-        )
-
-
 @dataclass
 class MiCoOutput(ModelOutput):
     r"""
     Output of [`MiCoModel`]: L2-normalised embeddings of every input given and the text-to-modality similarities
-    divided by the temperature. Extra configured modalities add `<name>_embeds` and `logits_per_text_<name>` keys.
+    divided by the temperature. Every modality is named as in the registry (`config.modality_specs`): configured
+    extras such as `thermal` add `thermal_embeds` and `logits_per_text_thermal` keys.
 
-    text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): normalised text embeddings.
-    image_embeds, video_embeds, audio_embeds, depth_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-        normalised modality embeddings.
-    logits_per_text_image, logits_per_text_video, logits_per_text_audio, logits_per_text_depth
-        (`torch.FloatTensor` of shape `(text_batch_size, batch_size)`): similarities divided by the temperature.
-    temperature (`torch.FloatTensor`): the learned temperature.
+    Args:
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            Normalised text embeddings.
+        image_embeds, video_embeds, audio_embeds, depth_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            Normalised modality embeddings.
+        logits_per_text_image, logits_per_text_video, logits_per_text_audio, logits_per_text_depth (`torch.FloatTensor` of shape `(text_batch_size, batch_size)`):
+            Similarities divided by the temperature.
+        temperature (`torch.FloatTensor`):
+            The learned temperature.
+        text_model_output ([`BaseModelOutputWithPastAndCrossAttentions`]):
+            The text tower's output (`hidden_states` / `attentions` with `output_hidden_states` / `output_attentions`).
+        modality_model_outputs (`dict[str, BaseModelOutputWithPooling]`):
+            Per modality given, the output of [`~MiCoModel.get_modality_features`] (the vision tower's tokens, states
+            and attentions over `batch_size * frames` images, and the projected embedding).
     """
 
     text_embeds: torch.FloatTensor | None = None
@@ -632,12 +344,22 @@ class MiCoOutput(ModelOutput):
     logits_per_text_depth: torch.FloatTensor | None = None
     temperature: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPastAndCrossAttentions | None = None
+    modality_model_outputs: dict[str, BaseModelOutputWithPooling] | None = None
 
 
 class MiCoModel(MiCoPreTrainedModel):
-    """
+    r"""
     The MiCo encoder: the shared vision tower, the cross-attention BERT, the bridges that build the multimodal
     context, the single and fused contrastive heads, the temperature and the matching head.
+
+    Every method takes the model inputs named by the modality registry (`config.modality_specs`): `pixel_values`
+    (image), `pixel_values_videos` (video), `input_features` (audio), `depth_values` (depth) and `<name>_values` for
+    configured extras (`normal_values`, `thermal_values`, ...); an input this configuration does not have is refused
+    by name. The projection API (`encode_modality`, `pool_tokens`, `encode_text`, `project`, `fused_head_for`,
+    `context_from_tokens`) is what [`MiCoForPreTraining`] and evaluation build on.
+
+    The `get_*_features` methods return a [`BaseModelOutputWithPooling`] whose `pooler_output` is the projected
+    (unnormalised) embedding, as CLIP and SigLIP do in Transformers 5 (they returned the embedding tensor before).
     """
 
     config: MiCoConfig
@@ -652,17 +374,20 @@ class MiCoModel(MiCoPreTrainedModel):
         self.vision_model = MiCoVisionModel._from_config(config.vision_config)
         self.text_model = MiCoTextModel._from_config(config.text_config)
 
-        modalities = list(config.knowledge_modalities)
-        self.modality_bridges = nn.ModuleDict({name: MiCoBridge(vision_width, text_width) for name in modalities})
-        self.modality_bridges["subtitle"] = MiCoBridge(text_width, text_width)
+        encoders = list(config.knowledge_modalities)
+        self.modality_bridges = nn.ModuleDict({name: MiCoBridge(vision_width, text_width) for name in encoders})
+        self.modality_bridges[SUBTITLE] = MiCoBridge(text_width, text_width)
         self.frame_embeddings = nn.ParameterDict(
-            {name: nn.Parameter(torch.zeros(1, frames, text_width)) for name, frames in config.knowledge_modalities.items()}
+            {
+                name: nn.Parameter(torch.zeros(1, frames, text_width))
+                for name, frames in config.knowledge_modalities.items()
+            }
         )
         self.type_embeddings = nn.ParameterDict(
-            {name: nn.Parameter(torch.zeros(1, 1, text_width)) for name in [*modalities, "subtitle"]}
+            {name: nn.Parameter(torch.zeros(1, 1, text_width)) for name in [*encoders, SUBTITLE]}
         )
 
-        head_inputs = {"text": text_width, "subtitle": text_width, **dict.fromkeys(modalities, vision_width)}
+        head_inputs = {"text": text_width, SUBTITLE: text_width, **dict.fromkeys(encoders, vision_width)}
         self.contrastive_heads = nn.ModuleDict(
             {name: nn.Linear(width, config.projection_dim, bias=False) for name, width in head_inputs.items()}
         )
@@ -676,137 +401,295 @@ class MiCoModel(MiCoPreTrainedModel):
         self.itm_head = MiCoMatchingHead(text_width)
         self.post_init()
 
-    # ---- encoders -------------------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.get_input_embeddings()
 
-    def encode_knowledge(self, modality: str, values: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Run the shared ViT on every frame: `(batch, frames, C, H, W)` -> `(batch, frames, tokens, width)`.
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_model.set_input_embeddings(value)
 
-        Images may be `(batch, C, H, W)` (one frame); audio arrives as `(batch, slices, H, W)` spectrogram slices and
-        is repeated to three channels.
+    # ---- registry inputs ------------------------------------------------------------------------------------------
+
+    def modality_inputs(
+        self, named: Mapping[str, torch.Tensor | None], kwargs: dict, strict: bool = True
+    ) -> dict[str, tuple[ModalitySpec, torch.Tensor]]:
+        """The modality inputs given, by registry name and in context order: the `named` ones plus `<name>_values` of
+        configured extras popped out of `kwargs`. An input this configuration does not take is refused by name, as
+        are two inputs of one encoder (images and videos); with `strict`, any keyword argument left that is not a
+        Transformers keyword argument (`output_attentions`, ...) is a `TypeError`."""
+        specs = self.config.modality_specs
+        input_names = {spec.input_name for spec in specs.values()}
+        given = dict(named)
+        for key in list(kwargs):
+            if key in input_names or key.endswith("_values"):
+                given[key] = kwargs.pop(key)
+        if strict:
+            unexpected = sorted(key for key in kwargs if key not in TOWER_KWARGS)
+            if unexpected:
+                raise TypeError(
+                    f"unexpected arguments {unexpected}; modality inputs are {', '.join(sorted(input_names))}"
+                )
+        found: dict[str, tuple[ModalitySpec, torch.Tensor]] = {}
+        encoders: dict[str, str] = {}
+        for input_name, values in given.items():
+            if values is None:
+                continue
+            spec = self.config.spec_for_input(input_name)
+            if spec.encoder in encoders:
+                raise ValueError(
+                    f"{encoders[spec.encoder]} and {spec.name} are both encoded by {spec.encoder!r}; give one of them "
+                    "(images or videos, not both)"
+                )
+            encoders[spec.encoder] = spec.name
+            found[spec.name] = (spec, values)
+        return {name: found[name] for name in specs if name in found}
+
+    # ---- projection API ----------------------------------------------------------------------------------------------
+
+    def encode_modality(self, name: str, values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """ViT tokens of a registry modality: `(batch, frames, tokens, vision_width)`.
+
+        Args:
+            name (`str`): the registry name (`"image"`, `"video"`, `"audio"`, `"depth"`, `"thermal"`, ...).
+            values (`torch.Tensor`): `(batch, frames, 3, H, W)`; image-like modalities also take `(batch, 3, H, W)`
+                (one frame); spectrogram modalities (audio) take `(batch, slices, H, W)`, repeated to 3 channels.
+            kwargs: passed to the vision tower (`output_attentions`, ...).
         """
-        if modality not in self.config.knowledge_modalities:
-            raise ValueError(f"unknown modality {modality!r}; configured: {list(self.config.knowledge_modalities)}")
-        if modality == "audio":
+        return self._encode(self._spec(name), values, **kwargs).last_hidden_state
+
+    def _spec(self, name: str) -> ModalitySpec:
+        specs = self.config.modality_specs
+        if name not in specs:
+            raise ValueError(f"unknown modality {name!r}; this model takes {', '.join(specs)}")
+        return specs[name]
+
+    def _encode(self, spec: ModalitySpec, values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """The vision tower's output over every frame, `last_hidden_state` reshaped to (batch, frames, tokens, C)."""
+        if spec.layout == "spectrogram":
             if values.dim() != 4:
                 raise ValueError(
-                    f"input_features must be (batch, slices, height, width) spectrograms, got {tuple(values.shape)}"
+                    f"{spec.input_name} must be (batch, slices, height, width) spectrograms, got {tuple(values.shape)}"
                 )
             values = values.unsqueeze(2).expand(-1, -1, 3, -1, -1)
         elif values.dim() == 4:
             values = values.unsqueeze(1)
         if values.dim() != 5:
-            raise ValueError(f"{modality} values must be (batch, frames, channels, height, width), got {tuple(values.shape)}")
+            raise ValueError(
+                f"{spec.input_name} must be (batch, frames, channels, height, width), got {tuple(values.shape)}"
+            )
         batch_size, num_frames = values.shape[:2]
-        tokens = self.vision_model(values.flatten(0, 1), **kwargs).last_hidden_state
-        return tokens.view(batch_size, num_frames, *tokens.shape[1:])
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Text (or subtitle) tokens from the BERT without cross-attention, with a bidirectional padding mask."""
-        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        output = self.vision_model(values.flatten(0, 1), **kwargs)
+        tokens = output.last_hidden_state
+        output.last_hidden_state = tokens.view(batch_size, num_frames, *tokens.shape[1:])
+        return output
 
     @staticmethod
-    def pool_knowledge(tokens: torch.Tensor) -> torch.Tensor:
-        """Contrastive pooling: the class token of every frame, averaged over frames."""
+    def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
+        """Contrastive pooling of `(batch, frames, tokens, C)` ViT tokens: the class token of every frame, averaged
+        over frames -> `(batch, C)`."""
         return tokens[:, :, 0].mean(dim=1)
 
-    # ---- contrastive features -------------------------------------------------------------------------------------
-
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected text embeddings `(batch, projection_dim)` (before L2 normalisation)."""
-        return self.contrastive_heads["text"](self.encode_text(input_ids, attention_mask)[:, 0])
-
-    def get_subtitle_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected subtitle embeddings (the subtitle head on the first BERT token)."""
-        return self.contrastive_heads["subtitle"](self.encode_text(input_ids, attention_mask)[:, 0])
-
-    def get_modality_features(self, modality: str, values: torch.Tensor) -> torch.Tensor:
-        """Projected embeddings of any configured knowledge modality (before L2 normalisation)."""
-        return self.contrastive_heads[modality](self.pool_knowledge(self.encode_knowledge(modality, values)))
-
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image embeddings; `pixel_values` is `(batch, 3, H, W)` or `(batch, frames, 3, H, W)`."""
-        return self.get_modality_features("vision", pixel_values)
-
-    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        """Projected video embeddings from `(batch, frames, 3, H, W)`."""
-        return self.get_modality_features("vision", pixel_values_videos)
-
-    def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
-        """Projected audio embeddings from spectrogram slices `(batch, slices, H, W)`."""
-        return self.get_modality_features("audio", input_features)
-
-    def get_depth_features(self, depth_values: torch.Tensor) -> torch.Tensor:
-        """Projected depth embeddings from `(batch, frames, 3, H, W)` depth maps."""
-        return self.get_modality_features("depth", depth_values)
-
-    def get_fused_features(
-        self,
-        subtitle_input_ids: torch.Tensor | None = None,
-        subtitle_attention_mask: torch.Tensor | None = None,
-        **knowledge_inputs: torch.Tensor,
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
-        """Fused-head embedding for exactly the modalities given: video+audio -> `va`, image+depth -> `id`,
-        video+subtitle -> `vs`, video+audio+subtitle -> `vas` (heads come from `config.fused_heads`)."""
-        pooled = {
-            modality: self.pool_knowledge(self.encode_knowledge(modality, values))
-            for modality, values in self._knowledge_by_modality(knowledge_inputs).items()
-        }
-        if subtitle_input_ids is not None:
-            pooled["subtitle"] = self.encode_text(subtitle_input_ids, subtitle_attention_mask)[:, 0]
-        head = self._fused_head_for(set(pooled))
-        parts = self.config.fused_heads[head]
-        return self.fused_heads[head](torch.cat([pooled[part] for part in parts], dim=-1))
+        """Text (or subtitle) tokens `(batch, length, D)` from the BERT without cross-attention, with a bidirectional
+        padding mask."""
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
-    def _fused_head_for(self, given: set[str]) -> str:
-        for name, parts in self.config.fused_heads.items():
-            if set(parts) == given:
+    def fused_head_for(self, parts: Iterable[str]) -> str:
+        """The fused head combining exactly `parts` (encoder names and/or `"subtitle"`)."""
+        given = set(parts)
+        for name, head_parts in self.config.fused_heads.items():
+            if set(head_parts) == given:
                 return name
         raise ValueError(
             f"no fused head combines {sorted(given)}; configured fused heads: {dict(self.config.fused_heads)}"
         )
 
-    # ---- multimodal context and matching --------------------------------------------------------------------------
+    def project(self, pooled: Mapping[str, torch.Tensor], head: str | None = None) -> torch.Tensor:
+        """Contrastive embedding `(batch, projection_dim)`, unnormalised, of pooled features.
 
-    def context_from_tokens(self, modality: str, tokens: torch.Tensor) -> torch.Tensor:
-        """Bridge ViT tokens `(batch, frames, tokens, C)` into context tokens `(batch, frames*tokens, D)`."""
+        Args:
+            pooled (`Mapping[str, torch.Tensor]`): pooled features keyed by encoder name (`vision`, `audio`, ...;
+                [`~MiCoModel.pool_tokens`] of its tokens) and/or `text` / `subtitle` (the first-token BERT output).
+                One key selects that key's head; several select the fused head combining exactly them, which
+                concatenates them in its configured order.
+            head (`str`, *optional*): a head name (single or fused) to use instead of choosing by keys.
+        """
+        if not pooled:
+            raise ValueError("project needs at least one pooled feature")
+        if head is None:
+            head = next(iter(pooled)) if len(pooled) == 1 else self.fused_head_for(pooled)
+        if head in self.config.fused_heads:
+            parts, layer = self.config.fused_heads[head], self.fused_heads[head]
+        elif head in self.contrastive_heads:
+            parts, layer = [head], self.contrastive_heads[head]
+        else:
+            known = [*self.contrastive_heads, *self.fused_heads]
+            raise ValueError(f"unknown head {head!r}; this model has {', '.join(known)}")
+        missing = [part for part in parts if part not in pooled]
+        if missing:
+            raise ValueError(f"head {head!r} combines {list(parts)}; missing pooled features {missing}")
+        return layer(torch.cat([pooled[part] for part in parts], dim=-1))
+
+    def context_from_tokens(self, encoder: str, tokens: torch.Tensor) -> torch.Tensor:
+        """Context tokens `(batch, frames*tokens, D)` of an encoder's ViT tokens `(batch, frames, tokens, C)`: bridge,
+        frame embedding (resampled by nearest neighbour when the frame count differs), type embedding. For
+        `"subtitle"`, `tokens` is the BERT output `(batch, length, D)` of the subtitle (padding included)."""
+        if encoder == SUBTITLE:
+            return self.modality_bridges[SUBTITLE](tokens) + self.type_embeddings[SUBTITLE]
+        if encoder not in self.config.knowledge_modalities:
+            raise ValueError(f"unknown encoder {encoder!r}; configured: {list(self.config.knowledge_modalities)}")
         batch_size, num_frames = tokens.shape[:2]
         if self.config.pool_video:
             tokens = torch.cat([tokens[:, :, :1], tokens[:, :, 1:].mean(dim=2, keepdim=True)], dim=2)
-        hidden_states = self.modality_bridges[modality](tokens)
-        hidden_states = hidden_states + self._frame_embedding(modality, num_frames).unsqueeze(2)
+        hidden_states = self.modality_bridges[encoder](tokens)
+        hidden_states = hidden_states + self._frame_embedding(encoder, num_frames).unsqueeze(2)
         hidden_states = hidden_states.reshape(batch_size, -1, hidden_states.shape[-1])
-        return hidden_states + self.type_embeddings[modality]
+        return hidden_states + self.type_embeddings[encoder]
 
-    def _frame_embedding(self, modality: str, num_frames: int) -> torch.Tensor:
+    def _frame_embedding(self, encoder: str, num_frames: int) -> torch.Tensor:
         """The frame table, resampled along the frame axis by nearest neighbour when the frame count differs."""
-        table = self.frame_embeddings[modality]
+        table = self.frame_embeddings[encoder]
         if table.shape[1] == num_frames:
             return table
         resized = F.interpolate(table.float().permute(0, 2, 1), size=num_frames, mode="nearest")
         return resized.permute(0, 2, 1).to(table.dtype)
 
+    # ---- contrastive features -------------------------------------------------------------------------------------
+
+    @can_return_tuple
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): tokenized captions.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): padding mask.
+
+        Returns:
+            [`BaseModelOutputWithPooling`]: `pooler_output` is the projected text embedding `(batch_size,
+            projection_dim)` (before L2 normalisation), `last_hidden_state` the BERT tokens.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from modeling_mico import MiCoConfig, MiCoModel
+
+        >>> model = MiCoModel(MiCoConfig.from_preset("tiny")).eval()
+        >>> model.get_text_features(torch.randint(1000, 2000, (2, 8))).pooler_output.shape
+        torch.Size([2, 64])
+
+        ```
+        """
+        return self._text_features("text", input_ids, attention_mask, **kwargs)
+
+    @can_return_tuple
+    def get_subtitle_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """As [`~MiCoModel.get_text_features`], through the subtitle head."""
+        return self._text_features(SUBTITLE, input_ids, attention_mask, **kwargs)
+
+    def _text_features(self, head: str, input_ids, attention_mask, **kwargs) -> BaseModelOutputWithPooling:
+        output = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=output.last_hidden_state,
+            pooler_output=self.project({head: output.last_hidden_state[:, 0]}),
+            hidden_states=output.hidden_states,
+            attentions=output.attentions,
+        )
+
+    @can_return_tuple
+    def get_modality_features(self, name: str, values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        r"""
+        Contrastive features of any registry modality.
+
+        Args:
+            name (`str`): the registry name (`"image"`, `"video"`, `"audio"`, `"depth"`, `"normal"`, `"thermal"`...).
+            values (`torch.Tensor`): its model input (see [`~MiCoModel.encode_modality`]).
+
+        Returns:
+            [`BaseModelOutputWithPooling`]: `pooler_output` is the projected embedding `(batch_size, projection_dim)`
+            (before L2 normalisation); `last_hidden_state` the ViT tokens `(batch_size, frames, tokens, C)`;
+            `hidden_states` / `attentions` (on request) are over the `batch_size * frames` images.
+        """
+        spec = self._spec(name)
+        output = self._encode(spec, values, **kwargs)
+        output.pooler_output = self.project({spec.encoder: self.pool_tokens(output.last_hidden_state)})
+        return output
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Image features (`pooler_output`: projected embedding); `pixel_values` is `(batch, 3, H, W)` or
+        `(batch, frames, 3, H, W)`."""
+        return self.get_modality_features("image", pixel_values, **kwargs)
+
+    @can_return_tuple
+    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Video features from `(batch, frames, 3, H, W)` (`pooler_output`: projected embedding)."""
+        return self.get_modality_features("video", pixel_values_videos, **kwargs)
+
+    @can_return_tuple
+    def get_audio_features(self, input_features: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Audio features from spectrogram slices `(batch, slices, H, W)` (`pooler_output`: projected embedding)."""
+        return self.get_modality_features("audio", input_features, **kwargs)
+
+    @can_return_tuple
+    def get_depth_features(self, depth_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Depth features from `(batch, frames, 3, H, W)` depth maps (`pooler_output`: projected embedding)."""
+        return self.get_modality_features("depth", depth_values, **kwargs)
+
+    @can_return_tuple
+    def get_fused_features(
+        self,
+        subtitle_input_ids: torch.Tensor | None = None,
+        subtitle_attention_mask: torch.Tensor | None = None,
+        **inputs: torch.Tensor,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Fused-head features of exactly the inputs given: video+audio -> `va`, image+depth -> `id`, video+subtitle ->
+        `vs`, video+audio+subtitle -> `vas` (heads come from `config.fused_heads`).
+
+        Args:
+            subtitle_input_ids, subtitle_attention_mask (`torch.Tensor`, *optional*): the subtitle.
+            inputs: registry inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `<name>_values`, ...).
+
+        Returns:
+            [`BaseModelOutputWithPooling`]: `pooler_output` is the fused projection `(batch_size, projection_dim)`
+            (before L2 normalisation); there is no single tower's `last_hidden_state`.
+        """
+        pooled = {
+            spec.encoder: self.pool_tokens(self._encode(spec, values).last_hidden_state)
+            for spec, values in self.modality_inputs({}, inputs).values()
+        }
+        if subtitle_input_ids is not None:
+            pooled[SUBTITLE] = self.encode_text(subtitle_input_ids, subtitle_attention_mask)[:, 0]
+        return BaseModelOutputWithPooling(pooler_output=self.project(pooled, self.fused_head_for(pooled)))
+
+    # ---- multimodal context and matching --------------------------------------------------------------------------
+
     def subtitle_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Subtitle context: the bridge over all token positions (padding included) plus the type embedding."""
-        return self.modality_bridges["subtitle"](self.encode_text(input_ids, attention_mask)) + self.type_embeddings[
-            "subtitle"
-        ]
+        return self.context_from_tokens(SUBTITLE, self.encode_text(input_ids, attention_mask))
 
     def get_multimodal_context(
         self,
         subtitle_input_ids: torch.Tensor | None = None,
         subtitle_attention_mask: torch.Tensor | None = None,
-        **knowledge_inputs: torch.Tensor,
+        **inputs: torch.Tensor,
     ) -> torch.Tensor:
-        """The concatenated context `(batch, length, D)` of the modalities given, in the order vision, audio, depth,
-        other configured modalities, subtitle. It is never masked."""
+        """The concatenated context `(batch, length, D)` of the inputs given, in context order (vision, audio, depth,
+        other configured modalities, subtitle). It is never masked."""
         parts = [
-            self.context_from_tokens(modality, self.encode_knowledge(modality, values))
-            for modality, values in self._knowledge_by_modality(knowledge_inputs).items()
+            self.context_from_tokens(spec.encoder, self._encode(spec, values).last_hidden_state)
+            for spec, values in self.modality_inputs({}, inputs).values()
         ]
         if subtitle_input_ids is not None:
             parts.append(self.subtitle_context(subtitle_input_ids, subtitle_attention_mask))
         if not parts:
-            raise ValueError(f"give at least one knowledge input ({', '.join(knowledge_input_names(self.config))})")
+            names = [spec.input_name for spec in self.config.modality_specs.values()]
+            raise ValueError(f"give at least one modality input ({', '.join(names)}, subtitle_input_ids)")
         return torch.cat(parts, dim=1)
 
     def get_matching_logits(
@@ -820,7 +703,7 @@ class MiCoModel(MiCoPreTrainedModel):
         if context is None:
             context = self.get_multimodal_context(**context_inputs)
         elif context_inputs:
-            raise ValueError(f"give either `context` or knowledge inputs, not both (got {sorted(context_inputs)})")
+            raise ValueError(f"give either `context` or modality inputs, not both (got {sorted(context_inputs)})")
         if context.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{input_ids.shape[0]} captions but a context batch of {context.shape[0]}")
         hidden_states = self.text_model(
@@ -838,37 +721,9 @@ class MiCoModel(MiCoPreTrainedModel):
         """Probability `(batch,)` that each caption matches its context: `softmax(itm_head(first token))[:, 1]`."""
         return self.get_matching_logits(input_ids, attention_mask, context, **context_inputs).softmax(dim=-1)[:, 1]
 
-    # ---- input plumbing -------------------------------------------------------------------------------------------
-
-    def _knowledge_by_modality(self, knowledge_inputs: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-        """Map model input names to modalities in context order, refusing unknown names and duplicate modalities."""
-        names = knowledge_input_names(self.config)
-        found: dict[str, torch.Tensor] = {}
-        for input_name, values in knowledge_inputs.items():
-            if values is None:
-                continue
-            if input_name not in names:
-                raise ValueError(f"unknown input {input_name!r}; this model takes {', '.join(names)}")
-            modality = names[input_name][0]
-            if modality in found:
-                raise ValueError(f"two inputs for the {modality} modality; give images or videos, not both")
-            found[modality] = values
-        order = [*CONTEXT_ORDER, *(m for m in self.config.knowledge_modalities if m not in CONTEXT_ORDER)]
-        return {modality: found[modality] for modality in order if modality in found}
-
-    def _gather_knowledge_inputs(
-        self, named: dict[str, torch.Tensor | None], kwargs: dict, strict: bool = False
-    ) -> dict[str, torch.Tensor | None]:
-        """The named knowledge inputs plus configured extras (`<name>_values`) popped out of `kwargs`; with
-        `strict`, any other keyword argument is an error."""
-        names = knowledge_input_names(self.config)
-        extra = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
-        if strict and kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}; knowledge inputs are {', '.join(names)}")
-        return {**named, **extra}
-
     # ---- forward ----------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -877,13 +732,24 @@ class MiCoModel(MiCoPreTrainedModel):
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         depth_values: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> MiCoOutput | tuple:
+    ) -> MiCoOutput:
         r"""
-        Contrastive embeddings of the text and of every knowledge input given, and `logits_per_text_<name>`
+        Contrastive embeddings of the text and of every modality input given, and `logits_per_text_<name>`
         similarity matrices (normalised text x normalised modality embeddings / temperature) when text is given.
-        Configured extra modalities are passed as `<name>_values`.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): captions.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): their padding.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, H, W)`, *optional*): images.
+            pixel_values_videos (`torch.FloatTensor` of shape `(batch_size, frames, 3, H, W)`, *optional*): videos.
+            input_features (`torch.FloatTensor` of shape `(batch_size, slices, H, W)`, *optional*): audio.
+            depth_values (`torch.FloatTensor` of shape `(batch_size, frames, 3, H, W)`, *optional*): depth maps.
+            kwargs: `<name>_values` of configured extra modalities (`normal_values`, `thermal_values`, ...), and
+                Transformers keyword arguments for the towers (`output_attentions`, `output_hidden_states`).
+
+        Returns:
+            [`MiCoOutput`]
 
         Example:
 
@@ -903,181 +769,39 @@ class MiCoModel(MiCoPreTrainedModel):
 
         ```
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        names = knowledge_input_names(self.config)
-        inputs = self._gather_knowledge_inputs(
-            {
-                "pixel_values": pixel_values,
-                "pixel_values_videos": pixel_values_videos,
-                "input_features": input_features,
-                "depth_values": depth_values,
-            },
-            kwargs,
-            strict=True,
-        )
+        named = {
+            "pixel_values": pixel_values,
+            "pixel_values_videos": pixel_values_videos,
+            "input_features": input_features,
+            "depth_values": depth_values,
+        }
+        inputs = self.modality_inputs(named, kwargs)
         output = MiCoOutput()
         text_embeds = None
         if input_ids is not None:
-            text_output = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
-            text_embeds = F.normalize(self.contrastive_heads["text"](text_output.last_hidden_state[:, 0]), dim=-1)
+            text_output = self.get_text_features(input_ids, attention_mask, **kwargs)
+            text_embeds = F.normalize(text_output.pooler_output, dim=-1)
             output["text_embeds"] = text_embeds
             output["text_model_output"] = text_output
-        for input_name, values in inputs.items():
-            if values is None:
-                continue
-            if input_name not in names:
-                raise ValueError(f"{input_name} is not a modality of this model; it takes {', '.join(names)}")
-            modality, output_name = names[input_name]
-            embeds = F.normalize(self.get_modality_features(modality, values), dim=-1)
-            output[f"{output_name}_embeds"] = embeds
+        modality_outputs = {}
+        for name, (_, values) in inputs.items():
+            modality_outputs[name] = self.get_modality_features(name, values, **kwargs)
+            embeds = F.normalize(modality_outputs[name].pooler_output, dim=-1)
+            output[f"{name}_embeds"] = embeds
             if text_embeds is not None:
-                output[f"logits_per_text_{output_name}"] = text_embeds @ embeds.t() / self.temperature
+                output[f"logits_per_text_{name}"] = text_embeds @ embeds.t() / self.temperature
         output["temperature"] = self.temperature
-        return output if return_dict else output.to_tuple()
-
-
-class MiCoModelWithLMHead(MiCoModel):
-    """[`MiCoModel`] plus BERT's masked-language-model head tied to the word embeddings: the shared base of the
-    captioning and pretraining heads (same weight names, so one checkpoint loads into every head class)."""
-
-    _tied_weights_keys = {"lm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
-    _keys_to_ignore_on_load_unexpected = None
-
-    def __init__(self, config: MiCoConfig):
-        super().__init__(config)
-        self.lm_head = MiCoLMHead(config.text_config)
-        self.post_init()
-
-    def post_init(self) -> None:
-        """`MiCoModel.__init__` calls this before `lm_head` exists (nothing to tie yet): run it once, at the end."""
-        if hasattr(self, "lm_head"):
-            super().post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.text_model.get_input_embeddings()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head.decoder = new_embeddings
+        if modality_outputs:
+            output["modality_model_outputs"] = modality_outputs
+        return output
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Pretraining: omni-modal contrastive, matching and caption losses
+# Heads composed on MiCoModel
 # --------------------------------------------------------------------------------------------------------------------
 
-# Letters of pretraining tasks: "t" is the caption, every further letter names one modality of the other side
-# ("tva": caption vs. vision+audio). Extra configured knowledge modalities use their first letter ("n" for "normal").
-TASK_LETTERS = {"v": "vision", "a": "audio", "d": "depth", "s": "subtitle"}
-
-# First id drawn for randomly replaced caption tokens (ids below it are BERT's special and unused tokens).
-RANDOM_TOKEN_START = 106
-
-
-def task_letters(config: MiCoConfig) -> dict[str, str]:
-    """Letter -> modality for the tasks of this configuration (`TASK_LETTERS` plus first letters of extras)."""
-    letters = {
-        letter: modality
-        for letter, modality in TASK_LETTERS.items()
-        if modality == "subtitle" or modality in config.knowledge_modalities
-    }
-    for modality in config.knowledge_modalities:
-        if modality in TASK_LETTERS.values():
-            continue
-        letter = modality[0]
-        if letter == "t" or letter in letters:
-            raise ValueError(f"modality {modality!r} cannot be named in tasks: its letter {letter!r} is taken")
-        letters[letter] = modality
-    return letters
-
-
-def parse_task(task: str, letters: dict[str, str]) -> tuple[str, ...]:
-    """`"tva"` -> `("vision", "audio")`; refuses unknown or repeated letters."""
-    parts = task[1:]
-    if task[:1] != "t" or not parts or len(set(parts)) != len(parts) or any(c not in letters for c in parts):
-        raise ValueError(
-            f"task {task!r} must be 't' followed by distinct modality letters of {dict(sorted(letters.items()))}"
-        )
-    return tuple(letters[c] for c in parts)
-
-
-def contrastive_loss(
-    text_embeds: torch.Tensor, modality_embeds: torch.Tensor, temperature: torch.Tensor, label_smoothing: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Symmetric cross-entropy of normalised embeddings against the global batch (all processes).
-
-    Returns the loss, `logits_per_text` and `logits_per_modality` (local rows x global columns, divided by the
-    temperature) and the offset of the local rows in the global batch (the positives' columns).
-    """
-    all_text, offset = all_gather_with_grad(text_embeds)
-    all_modality, _ = all_gather_with_grad(modality_embeds)
-    logits_per_text = text_embeds @ all_modality.t() / temperature
-    logits_per_modality = modality_embeds @ all_text.t() / temperature
-    targets = torch.arange(offset, offset + text_embeds.shape[0], device=text_embeds.device)
-    loss = (
-        F.cross_entropy(logits_per_modality, targets, label_smoothing=label_smoothing)
-        + F.cross_entropy(logits_per_text, targets, label_smoothing=label_smoothing)
-    ) / 2
-    return loss, logits_per_text, logits_per_modality, offset
-
-
-@torch.no_grad()
-def sample_hard_negatives(logits: torch.Tensor, offset: int) -> torch.Tensor:
-    """One column per row drawn with weights `softmax(logits) + 1e-4`, the positive (column `offset + row`) zeroed,
-    so it is never drawn (duplicates of the positive elsewhere in the batch can be). Uses torch's global RNG."""
-    weights = F.softmax(logits.float(), dim=1) + 1e-4
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    weights[rows, rows + offset] = 0
-    return torch.multinomial(weights, 1).squeeze(1)
-
-
-@torch.no_grad()
-def mask_caption_tokens(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    probability: float,
-    mask_token_id: int,
-    vocab_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask caption tokens for the caption loss, vectorised with torch's global RNG.
-
-    Every non-padding token after position 0 (`[SEP]` included) is chosen with `probability`, conditioned on at least
-    one per row, as the original's "redraw until something is chosen" loop: the first chosen token is drawn from the
-    truncated geometric distribution of that condition and the tokens after it independently. A chosen token becomes
-    `[MASK]` (80%), a random id in `[106, vocab_size)` (10%) or stays (10%). Returns the new ids and the labels
-    (the original id at chosen positions, -100 elsewhere).
-    """
-    if not 0 < probability <= 1:
-        raise ValueError(f"the caption mask probability must be in (0, 1], got {probability}")
-    eligible = attention_mask.bool().clone()
-    eligible[:, 0] = False
-    rank = eligible.long().cumsum(dim=1)  # 1-based rank of each eligible token in its row
-    count = rank[:, -1:]
-    if probability < 1:
-        # inverse CDF of P(first = k | at least one) = p (1-p)^(k-1) / (1 - (1-p)^count), k = 1..count
-        keep = torch.tensor(1 - probability, dtype=torch.float64, device=input_ids.device)
-        uniform = torch.rand(count.shape, dtype=torch.float64, device=input_ids.device)
-        first = torch.ceil(torch.log1p(-uniform * (1 - keep**count)) / torch.log(keep)).long().clamp(min=1)
-        first = torch.minimum(first, count)
-        later = torch.rand(input_ids.shape, device=input_ids.device) < probability
-        chosen = eligible & ((rank == first) | ((rank > first) & later))
-    else:
-        chosen = eligible
-    labels = input_ids.masked_fill(~chosen, -100)
-    action = torch.rand(input_ids.shape, device=input_ids.device)
-    low = RANDOM_TOKEN_START if vocab_size > RANDOM_TOKEN_START else 0
-    random_ids = torch.randint(low, vocab_size, input_ids.shape, device=input_ids.device, dtype=input_ids.dtype)
-    masked = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
-    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
-    return masked, labels
-
-
-def causal_caption_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """`(batch, seq, seq)` mask: query i sees the non-padding keys j <= i."""
-    seq_len = attention_mask.shape[1]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).tril()
-    return (causal[None] & attention_mask.bool()[:, None, :]).long()
+# The language-model head's decoder shares the word embeddings (Transformers 5 form: target -> source).
+TIED_LM_HEAD = {"lm_head.decoder.weight": "mico.text_model.embeddings.word_embeddings.weight"}
 
 
 @dataclass
@@ -1085,23 +809,31 @@ class MiCoForPreTrainingOutput(ModelOutput):
     r"""
     Output of [`MiCoForPreTraining`].
 
-    loss (`torch.FloatTensor`): `contrastive_loss + matching_loss + caption_loss` (the terms that ran).
-    contrastive_loss (`torch.FloatTensor`): mean over contrastive tasks of the symmetric, label-smoothed
-        cross-entropy against the global batch.
-    matching_loss (`torch.FloatTensor`): mean over matching tasks of `itm_loss_weight` x the matching cross-entropy.
-    caption_loss (`torch.FloatTensor`): mean over caption tasks of the cross-entropy on the masked caption tokens.
-    task_losses (`dict[str, torch.FloatTensor]`): every task's term, keyed `contrastive_<task>`, `matching_<task>`
-        (weighted) and `caption_<task>`, e.g. `contrastive_tva`.
-    logits_per_text, logits_per_modality (`dict[str, torch.FloatTensor]`): per contrastive (and matching) task, the
-        `(local_batch, global_batch)` similarities divided by the temperature; local row i's positive is column
-        `offset + i`.
-    matching_logits (`dict[str, torch.FloatTensor]`): per matching task, `(3 * batch, 2)` logits of the positive
-        pairs, the pairs (text, hard-negative context) and the pairs (hard-negative text, context), in that order.
-    caption_logits (`dict[str, torch.FloatTensor]`): per caption task, `(num_masked, vocab_size)` prediction scores at
-        the masked positions (`caption_labels != -100`, row-major).
-    caption_input_ids, caption_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the masked
-        caption shared by all caption tasks and its labels (-100 where not masked).
-    temperature (`torch.FloatTensor`): the learned temperature.
+    Args:
+        loss (`torch.FloatTensor`):
+            `contrastive_loss + matching_loss + caption_loss` (the terms that ran).
+        contrastive_loss (`torch.FloatTensor`):
+            Mean over contrastive tasks of the symmetric, label-smoothed cross-entropy against the global batch.
+        matching_loss (`torch.FloatTensor`):
+            Mean over matching tasks of `itm_loss_weight` x the matching cross-entropy.
+        caption_loss (`torch.FloatTensor`):
+            Mean over caption tasks of the cross-entropy on the masked caption tokens.
+        task_losses (`dict[str, torch.FloatTensor]`):
+            Every task's term, keyed `contrastive_<task>`, `matching_<task>` (weighted) and `caption_<task>`, e.g.
+            `contrastive_tva`.
+        logits_per_text, logits_per_modality (`dict[str, torch.FloatTensor]`):
+            Per contrastive (and matching) task, the `(local_batch, global_batch)` similarities divided by the
+            temperature; local row i's positive is column `offset + i`.
+        matching_logits (`dict[str, torch.FloatTensor]`):
+            Per matching task, `(3 * batch, 2)` logits of the positive pairs, the pairs (text, hard-negative context)
+            and the pairs (hard-negative text, context), in that order.
+        caption_logits (`dict[str, torch.FloatTensor]`):
+            Per caption task, `(num_masked, vocab_size)` prediction scores at the masked positions
+            (`caption_labels != -100`, row-major).
+        caption_input_ids, caption_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            The masked caption shared by all caption tasks and its labels (-100 where not masked).
+        temperature (`torch.FloatTensor`):
+            The learned temperature.
     """
 
     loss: torch.FloatTensor | None = None
@@ -1118,34 +850,58 @@ class MiCoForPreTrainingOutput(ModelOutput):
     temperature: torch.FloatTensor | None = None
 
 
-class MiCoForPreTraining(MiCoModelWithLMHead):
+class MiCoForPreTraining(MiCoPreTrainedModel):
     r"""
     MiCo with its three pretraining losses (omni-modal contrastive, matching with hard negatives, masked caption
-    generation), on top of [`MiCoModel`] (same weight names) plus the language-model head tied to the word embeddings.
+    generation): a [`MiCoModel`] (`self.mico`) plus the language-model head tied to its word embeddings. A
+    [`MiCoModel`] checkpoint loads into it (the head is then new) and its checkpoints load into [`MiCoModel`].
 
     Which tasks run is configuration: `config.contrastive_tasks`, `matching_tasks` and `caption_tasks` list tasks
     such as `"tv"` (caption vs. vision: image or video), `"ta"` (audio), `"td"` (depth), `"ts"` (subtitle), `"tva"`
     (vision+audio through the fused `va` head for contrastive, the concatenated context for matching and captions),
-    `"tn"` for an extra `normal` modality (see `TASK_LETTERS`). Tasks whose inputs are absent from the batch (of any
-    process) are skipped. Every encoder runs once per batch: the ViT tokens feed both the pooled contrastive features
-    and the multimodal context. Negatives of the contrastive and matching losses come from all processes.
+    `"th"` for a configured `thermal` modality (letters come from the modality registry, `config.task_letters`).
+    Tasks whose inputs are absent from the batch (of any process) are skipped. Every encoder runs once per batch: the
+    ViT tokens feed both the pooled contrastive features and the multimodal context. Negatives of the contrastive and
+    matching losses come from all processes.
 
     Hard negatives and caption masks are drawn from torch's global RNG (no `torch.Generator`), so seeding (`set_seed`,
     which `Trainer` calls on every process) makes a run reproducible; processes seeded alike draw the same mask
     *pattern* for their different captions, as in the original.
+
+    The caption loss runs the text branch with a causal mask built by `transformers.masking_utils`, so every
+    attention implementation works (`flash_attention_*` included). The losses are batch means: `Trainer` does not
+    pass `num_items_in_batch` (`accepts_loss_kwargs = False`).
     """
+
+    _tied_weights_keys = TIED_LM_HEAD
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MiCoConfig):
         super().__init__(config)
-        letters = task_letters(config)
+        self.mico = MiCoModel(config)
+        self.lm_head = MiCoLMHead(config.text_config)
         self.tasks = {
-            kind: {task: parse_task(task, letters) for task in getattr(config, f"{kind}_tasks")}
+            kind: {task: config.parse_task(task) for task in getattr(config, f"{kind}_tasks")}
             for kind in ("contrastive", "matching", "caption")
         }
-        for modalities in [*self.tasks["contrastive"].values(), *self.tasks["matching"].values()]:
-            if len(modalities) > 1:
-                self._fused_head_for(set(modalities))  # raises when no fused head combines them
+        for parts in [*self.tasks["contrastive"].values(), *self.tasks["matching"].values()]:
+            if len(parts) > 1:
+                self.mico.fused_head_for(parts)  # raises when no fused head combines them
+        self.post_init()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.mico.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.mico.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -1157,16 +913,23 @@ class MiCoForPreTraining(MiCoModelWithLMHead):
         subtitle_input_ids: torch.LongTensor | None = None,
         subtitle_attention_mask: torch.Tensor | None = None,
         return_loss: bool = True,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> MiCoForPreTrainingOutput | tuple:
+    ) -> MiCoForPreTrainingOutput:
         r"""
-        input_ids, attention_mask: the captions (`[CLS] ... [SEP]`, padded).
-        subtitle_input_ids, subtitle_attention_mask: subtitles (the `s` modality), optional.
-        return_loss (`bool`, defaults to `True`): with `False` only the contrastive similarities are computed (no
-            losses, no random draws).
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                The captions (`[CLS] ... [SEP]`, padded).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Their padding mask.
+            pixel_values, pixel_values_videos, input_features, depth_values (`torch.FloatTensor`, *optional*):
+                Modality inputs as for [`MiCoModel`]; `<name>_values` of configured extras go in `kwargs`.
+            subtitle_input_ids, subtitle_attention_mask (`torch.Tensor`, *optional*):
+                Subtitles (the `s` modality).
+            return_loss (`bool`, *optional*, defaults to `True`):
+                With `False` only the contrastive similarities are computed (no losses, no random draws).
 
-        Knowledge inputs as for [`MiCoModel`] (`<name>_values` for configured extras).
+        Returns:
+            [`MiCoForPreTrainingOutput`]
 
         Example:
 
@@ -1187,7 +950,7 @@ class MiCoForPreTraining(MiCoModelWithLMHead):
 
         ```
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        mico = self.mico
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         named = {
@@ -1196,38 +959,43 @@ class MiCoForPreTraining(MiCoModelWithLMHead):
             "input_features": input_features,
             "depth_values": depth_values,
         }
-        knowledge = self._knowledge_by_modality(self._gather_knowledge_inputs(named, kwargs, strict=True))
+        inputs = mico.modality_inputs(named, kwargs)
         kinds = ("contrastive",) if not return_loss else ("contrastive", "matching", "caption")
-        tasks = self._runnable_tasks(kinds, set(knowledge) | ({"subtitle"} if subtitle_input_ids is not None else set()))
+        given = {spec.encoder for spec, _ in inputs.values()} | (
+            {SUBTITLE} if subtitle_input_ids is not None else set()
+        )
+        tasks = self._runnable_tasks(kinds, given)
 
         # every encoder runs once; pooled features and contexts are derived from the same tokens
-        needed = {modality for kind in tasks.values() for modalities in kind.values() for modality in modalities}
-        tokens = {modality: self.encode_knowledge(modality, knowledge[modality]) for modality in knowledge if modality in needed}
-        pooled = {modality: self.pool_knowledge(value) for modality, value in tokens.items()}
+        needed = {part for kind in tasks.values() for parts in kind.values() for part in parts}
+        tokens = {
+            spec.encoder: mico.encode_modality(name, values)
+            for name, (spec, values) in inputs.items()
+            if spec.encoder in needed
+        }
+        pooled = {encoder: mico.pool_tokens(value) for encoder, value in tokens.items()}
+        if SUBTITLE in needed:
+            tokens[SUBTITLE] = mico.encode_text(subtitle_input_ids, subtitle_attention_mask)
+            pooled[SUBTITLE] = tokens[SUBTITLE][:, 0]
+        text_embeds = F.normalize(mico.project({"text": mico.encode_text(input_ids, attention_mask)[:, 0]}), dim=-1)
         contexts: dict[str, torch.Tensor] = {}
-        if "subtitle" in needed:
-            subtitle_hidden = self.encode_text(subtitle_input_ids, subtitle_attention_mask)
-            pooled["subtitle"] = subtitle_hidden[:, 0]
-            contexts["subtitle"] = self.modality_bridges["subtitle"](subtitle_hidden) + self.type_embeddings["subtitle"]
-        text_embeds = F.normalize(self.contrastive_heads["text"](self.encode_text(input_ids, attention_mask)[:, 0]), dim=-1)
 
-        def context_of(modalities: tuple[str, ...]) -> torch.Tensor:
-            for modality in modalities:
-                if modality not in contexts:
-                    contexts[modality] = self.context_from_tokens(modality, tokens[modality])
-            order = [*tokens, "subtitle"]  # tokens follow the context order of `_knowledge_by_modality`
-            return torch.cat([contexts[modality] for modality in order if modality in modalities], dim=1)
+        def context_of(parts: tuple[str, ...]) -> torch.Tensor:
+            for part in parts:
+                if part not in contexts:
+                    contexts[part] = mico.context_from_tokens(part, tokens[part])
+            return torch.cat([contexts[part] for part in tokens if part in parts], dim=1)  # tokens: context order
 
         output = MiCoForPreTrainingOutput(
-            task_losses={}, logits_per_text={}, logits_per_modality={}, temperature=self.temperature
+            task_losses={}, logits_per_text={}, logits_per_modality={}, temperature=mico.temperature
         )
         # similarities of contrastive tasks, and of matching tasks (their hard negatives are drawn from them)
         similarity: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         contrastive_terms = []
-        for task, modalities in {**tasks.get("matching", {}), **tasks["contrastive"]}.items():
-            modality_embeds = F.normalize(self._pooled_embeds(modalities, pooled), dim=-1)
-            loss, logits_per_text, logits_per_modality, offset = contrastive_loss(
-                text_embeds, modality_embeds, self.temperature, self.config.label_smoothing
+        for task, parts in {**tasks.get("matching", {}), **tasks["contrastive"]}.items():
+            modality_embeds = F.normalize(mico.project({part: pooled[part] for part in parts}), dim=-1)
+            loss, logits_per_text, logits_per_modality, offset = pretraining_mico.contrastive_loss(
+                text_embeds, modality_embeds, mico.temperature, self.config.label_smoothing
             )
             similarity[task] = (logits_per_text, logits_per_modality, offset)
             output.logits_per_text[task] = logits_per_text
@@ -1240,13 +1008,13 @@ class MiCoForPreTraining(MiCoModelWithLMHead):
 
         if return_loss:
             matching_terms = []
-            for task, modalities in tasks["matching"].items():
+            for task, parts in tasks["matching"].items():
                 logits_per_text, logits_per_modality, offset = similarity[task]
                 if logits_per_text.shape[1] < 2:
                     logger.warning_once("matching loss skipped: hard negatives need at least 2 samples in the batch")
                     continue
                 logits = self._matching_logits(
-                    input_ids, attention_mask, context_of(modalities), logits_per_text, logits_per_modality, offset
+                    input_ids, attention_mask, context_of(parts), logits_per_text, logits_per_modality, offset
                 )
                 labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
                 labels[: input_ids.shape[0]] = 1
@@ -1258,39 +1026,46 @@ class MiCoForPreTraining(MiCoModelWithLMHead):
                 output.matching_loss = torch.stack(matching_terms).mean()
 
             if tasks["caption"]:
-                text_config = self.config.text_config
-                masked_ids, labels = mask_caption_tokens(
-                    input_ids,
-                    attention_mask,
-                    self.config.caption_mask_probability,
-                    text_config.mask_token_id,
-                    text_config.vocab_size,
-                )
-                causal_mask = causal_caption_mask(attention_mask)
-                selected = labels != -100
-                output.caption_input_ids, output.caption_labels, output.caption_logits = masked_ids, labels, {}
-                caption_terms = []
-                for task, modalities in tasks["caption"].items():
-                    hidden_states = self.text_model(
-                        input_ids=masked_ids, attention_mask=causal_mask, encoder_hidden_states=context_of(modalities)
-                    ).last_hidden_state
-                    logits = self.lm_head(hidden_states[selected])
-                    loss = F.cross_entropy(logits.float(), labels[selected])
-                    output.caption_logits[task] = logits
-                    output.task_losses[f"caption_{task}"] = loss
-                    caption_terms.append(loss)
-                output.caption_loss = torch.stack(caption_terms).mean()
+                self._caption_losses(output, input_ids, attention_mask, tasks["caption"], context_of)
 
             terms = [output.contrastive_loss, output.matching_loss, output.caption_loss]
             output.loss = sum(term for term in terms if term is not None)
-        return output if return_dict else output.to_tuple()
+        return output
+
+    def _caption_losses(self, output, input_ids, attention_mask, tasks, context_of) -> None:
+        """Mask the captions once, then per task: causal text branch over the task's context, cross-entropy on the
+        masked positions."""
+        text_config = self.config.text_config
+        masked_ids, labels = pretraining_mico.mask_caption_tokens(
+            input_ids,
+            attention_mask,
+            self.config.caption_mask_probability,
+            text_config.mask_token_id,
+            text_config.vocab_size,
+        )
+        selected = labels != -100
+        output.caption_input_ids, output.caption_labels, output.caption_logits = masked_ids, labels, {}
+        terms = []
+        for task, parts in tasks.items():
+            hidden_states = self.mico.text_model(
+                input_ids=masked_ids,
+                attention_mask=attention_mask,
+                encoder_hidden_states=context_of(parts),
+                is_causal=True,
+            ).last_hidden_state
+            logits = self.lm_head(hidden_states[selected])
+            loss = F.cross_entropy(logits.float(), labels[selected])
+            output.caption_logits[task] = logits
+            output.task_losses[f"caption_{task}"] = loss
+            terms.append(loss)
+        output.caption_loss = torch.stack(terms).mean()
 
     def _runnable_tasks(self, kinds: tuple[str, ...], given: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
         """The configured tasks whose modalities are in this batch on every process; raises when none is."""
-        used = sorted({modality for kind in kinds for modalities in self.tasks[kind].values() for modality in modalities})
-        present = present_everywhere({modality: modality in given for modality in used}, self.temperature.device)
+        used = sorted({part for kind in kinds for parts in self.tasks[kind].values() for part in parts})
+        present = present_everywhere({part: part in given for part in used}, self.mico.temperature.device)
         tasks = {
-            kind: {task: mods for task, mods in self.tasks[kind].items() if all(present[m] for m in mods)}
+            kind: {task: parts for task, parts in self.tasks[kind].items() if all(present[p] for p in parts)}
             for kind in kinds
         }
         if not any(tasks.values()):
@@ -1300,13 +1075,6 @@ class MiCoForPreTraining(MiCoModelWithLMHead):
                 f"process), the configured tasks are {configured}"
             )
         return tasks
-
-    def _pooled_embeds(self, modalities: tuple[str, ...], pooled: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Projected (not yet normalised) features of one modality or, through its fused head, of several."""
-        if len(modalities) == 1:
-            return self.contrastive_heads[modalities[0]](pooled[modalities[0]])
-        head = self._fused_head_for(set(modalities))
-        return self.fused_heads[head](torch.cat([pooled[part] for part in self.config.fused_heads[head]], dim=-1))
 
     def _matching_logits(
         self,
@@ -1318,12 +1086,12 @@ class MiCoForPreTraining(MiCoModelWithLMHead):
         offset: int,
     ) -> torch.Tensor:
         """Matching logits of the positives, then (text, hard-negative context), then (hard-negative text, context)."""
-        negative_contexts = sample_hard_negatives(logits_per_text, offset)
-        negative_texts = sample_hard_negatives(logits_per_modality, offset)
+        negative_contexts = pretraining_mico.sample_hard_negatives(logits_per_text, offset)
+        negative_texts = pretraining_mico.sample_hard_negatives(logits_per_modality, offset)
         all_contexts, _ = all_gather_with_grad(context)
         all_ids = all_gather_no_grad(input_ids)
         all_masks = all_gather_no_grad(attention_mask)
-        return self.get_matching_logits(
+        return self.mico.get_matching_logits(
             torch.cat([input_ids, input_ids, all_ids[negative_texts]]),
             torch.cat([attention_mask, attention_mask, all_masks[negative_texts]]),
             context=torch.cat([context, all_contexts[negative_contexts], context]),
@@ -1335,45 +1103,22 @@ class MiCoForPreTraining(MiCoModelWithLMHead):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def caption_attention_mask(padding_mask: torch.Tensor, query_length: int, prefix_length: int = 0) -> torch.Tensor:
-    """`(batch, query_length, key_length)` mask of the caption decoder, 1 where attention is allowed.
-
-    The queries are the last `query_length` of the `key_length` positions (earlier ones are cached). Query `i` sees the
-    non-padding keys `j <= i` (causal), and the first `prefix_length` positions (a question) also see each other
-    bidirectionally but never what follows them, as in the original's captioning and question answering.
-    """
-    key_length = padding_mask.shape[1]
-    key_positions = torch.arange(key_length, device=padding_mask.device)
-    query_positions = key_positions[key_length - query_length :]
-    visible = key_positions[None, :] <= query_positions.clamp(min=prefix_length - 1)[:, None]
-    return visible[None] & padding_mask.bool()[:, None, :]
-
-
-@dataclass
-class _ReleaseBeamScoring:
-    """Per-call state of a beam search scored like Transformers 4.31 (see `MiCoForConditionalGeneration`)."""
-
-    eos_token_ids: torch.Tensor | None
-    best_candidate_scores: torch.Tensor | None = None
-
-    def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.eos_token_ids is None:
-            return torch.zeros_like(tokens, dtype=torch.bool)
-        return torch.isin(tokens, self.eos_token_ids.to(tokens.device))
-
-
-class MiCoForConditionalGeneration(MiCoModelWithLMHead, GenerationMixin):
+class MiCoForConditionalGeneration(MiCoPreTrainedModel, MiCoGenerationMixin):
     r"""
-    MiCo captioning and question answering: [`MiCoModel`] (same weight names) plus the language-model head tied to the
+    MiCo captioning and question answering: a [`MiCoModel`] (`self.mico`) plus the language-model head tied to its
     word embeddings, decoded with Transformers' `generate` (greedy, beam search, sampling, streamers, ...).
 
     Decoding follows the original "append a `[MASK]`" scheme: the text starts at `[CLS]`, and the distribution of the
     next token is read at a `[MASK]` appended after the tokens so far, under a causal mask and with cross-attention to
-    the multimodal context of whatever knowledge inputs are given (built once per call). The keys/values of the real
+    the multimodal context of whatever modality inputs are given (built once per call). The keys/values of the real
     tokens are cached (the `[MASK]` never is), which gives the same tokens as the original's full recomputation
     (`use_cache=False`) much faster. Beam search scores finished hypotheses as the release did (Transformers 4.31:
-    length penalty over the length *including* the prompt); `length_penalty_includes_prompt=False` selects the rule of
-    current Transformers (generated tokens only).
+    length penalty over the length *including* the prompt, see [`MiCoGenerationMixin`]);
+    `length_penalty_includes_prompt=False` selects the rule of current Transformers (generated tokens only).
+
+    Masks come from `transformers.masking_utils`, so captioning runs with every attention implementation. Limit: the
+    `flash_attention_*` kernels cannot express a question prefix read bidirectionally inside the causal mask
+    (`generate(input_ids=question, ...)`) or an explicit 3-D mask; those raise a `ValueError` (use `"sdpa"`).
 
     Example:
 
@@ -1394,12 +1139,30 @@ class MiCoForConditionalGeneration(MiCoModelWithLMHead, GenerationMixin):
     ```
     """
 
-    _release_beam_scoring: _ReleaseBeamScoring | None = None
+    _tied_weights_keys = TIED_LM_HEAD
 
     def __init__(self, config: MiCoConfig):
         super().__init__(config)
+        self.mico = MiCoModel(config)
+        self.lm_head = MiCoLMHead(config.text_config)
+        # labels are the token *at* each position (MiCo predicts where a [MASK] stands): no shift
+        self.loss_type = "ForMaskedLM"
+        self.post_init()
         self.generation_config = default_generation_config(config)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.mico.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.mico.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -1416,62 +1179,64 @@ class MiCoForConditionalGeneration(MiCoModelWithLMHead, GenerationMixin):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithCrossAttentions | tuple:
+    ) -> CausalLMOutputWithCrossAttentions:
         r"""
-        Language-model logits of every text position under the caption mask (see [`caption_attention_mask`]) with
-        cross-attention to the multimodal context. Positions are the plain index `0..n` (cached tokens included).
+        Language-model logits of every text position under the caption mask (causal, a bidirectional `prefix_length`)
+        with cross-attention to the multimodal context. Positions are the plain index `0..n` (cached tokens included).
 
-        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-            Text ids; to read the next-token distribution, end them with `[MASK]` (what `generate` does).
-        attention_mask (`torch.Tensor`, *optional*):
-            `(batch_size, past_length + sequence_length)` padding mask, turned into the caption mask, or an explicit
-            `(batch_size, sequence_length, past_length + sequence_length)` mask (1 = may attend).
-        context (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
-            A multimodal context from [`~MiCoModel.get_multimodal_context`]; otherwise it is built from the knowledge
-            inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `depth_values`, `<name>_values` for
-            configured extra modalities, `subtitle_input_ids`).
-        prefix_length (`int`, *optional*, defaults to 0):
-            Number of leading positions read bidirectionally (a question), as in the original question answering.
-        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Target ids *at* each position (not shifted: MiCo predicts a token where a `[MASK]` stands), -100 where no
-            loss is taken: the original caption loss is the cross-entropy on the masked caption tokens.
-        cache ([`Cache`], *optional*): keys/values of earlier tokens and of the context (an [`EncoderDecoderCache`];
-            a [`DynamicCache`] is taken as its self-attention part).
-        logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
-            Compute logits for the last `logits_to_keep` positions only (0 = all), or for the given indices.
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Text ids; to read the next-token distribution, end them with `[MASK]` (what `generate` does).
+            attention_mask (`torch.Tensor`, *optional*):
+                `(batch_size, past_length + sequence_length)` padding mask, turned into the caption mask, or an
+                explicit `(batch_size, sequence_length, past_length + sequence_length)` mask (1 = may attend).
+            context (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
+                A multimodal context from [`~MiCoModel.get_multimodal_context`]; otherwise it is built from the
+                modality inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `depth_values`,
+                `<name>_values` of configured extras, `subtitle_input_ids`).
+            prefix_length (`int`, *optional*, defaults to 0):
+                Number of leading positions read bidirectionally (a question), as in the original question answering.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Target ids *at* each position (not shifted: MiCo predicts a token where a `[MASK]` stands), -100 where
+                no loss is taken; the loss is `self.loss_function` (masked-LM cross-entropy).
+            cache ([`Cache`], *optional*):
+                Keys/values of earlier tokens and of the context (an [`EncoderDecoderCache`]; a [`DynamicCache`] is
+                taken as its self-attention part).
+            use_cache (`bool`, *optional*):
+                Create a cache when none is given.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute logits for the last `logits_to_keep` positions only (0 = all), or for the given indices
+                (see `slice_logits_to_keep`).
+
+        Returns:
+            [`CausalLMOutputWithCrossAttentions`]
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         named = {
             "pixel_values": pixel_values,
             "pixel_values_videos": pixel_values_videos,
             "input_features": input_features,
             "depth_values": depth_values,
         }
-        knowledge = self._gather_knowledge_inputs(named, kwargs)
-        context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, knowledge)
-
+        context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, named, kwargs)
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config.text_config), DynamicCache())
         elif isinstance(cache, DynamicCache):
             cache = EncoderDecoderCache(cache, DynamicCache())
-        if attention_mask is None or attention_mask.dim() == 2:
-            past_length = cache.get_seq_length() if cache is not None else 0
-            if attention_mask is None:
-                attention_mask = input_ids.new_ones(input_ids.shape[0], past_length + input_ids.shape[1])
-            attention_mask = caption_attention_mask(attention_mask, input_ids.shape[1], prefix_length)
-
-        outputs = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=context, cache=cache, **kwargs
+        outputs = self.mico.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=context,
+            cache=cache,
+            is_causal=True,
+            prefix_length=prefix_length,
+            **kwargs,
         )
-        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, positions])
-
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
-        output = CausalLMOutputWithCrossAttentions(
+            loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,
             cache=cache,
@@ -1479,21 +1244,24 @@ class MiCoForConditionalGeneration(MiCoModelWithLMHead, GenerationMixin):
             attentions=outputs.attentions,
             cross_attentions=outputs.cross_attentions,
         )
-        return output if return_dict else output.to_tuple()
 
     def _resolve_context(
         self,
         context: torch.Tensor | None,
         subtitle_input_ids: torch.Tensor | None,
         subtitle_attention_mask: torch.Tensor | None,
-        knowledge: dict[str, torch.Tensor | None],
+        named: dict[str, torch.Tensor | None],
+        kwargs: dict,
     ) -> torch.Tensor:
-        """The given context, or the one built from the knowledge inputs (exactly one of the two)."""
-        given = sorted(key for key, value in knowledge.items() if value is not None)
+        """The given context, or the one built from the modality inputs (exactly one of the two); configured extras
+        (`<name>_values`) are popped out of `kwargs`."""
+        inputs = self.mico.modality_inputs(named, kwargs, strict=False)
         if context is None:
-            return self.get_multimodal_context(subtitle_input_ids, subtitle_attention_mask, **knowledge)
-        if given or subtitle_input_ids is not None:
-            raise ValueError(f"give either `context` or knowledge inputs, not both (got {given or ['subtitle_input_ids']})")
+            by_input = {spec.input_name: values for spec, values in inputs.values()}
+            return self.mico.get_multimodal_context(subtitle_input_ids, subtitle_attention_mask, **by_input)
+        if inputs or subtitle_input_ids is not None:
+            given = [spec.input_name for spec, _ in inputs.values()] or ["subtitle_input_ids"]
+            raise ValueError(f"give either `context` or modality inputs, not both (got {given})")
         return context
 
     @torch.no_grad()
@@ -1511,19 +1279,25 @@ class MiCoForConditionalGeneration(MiCoModelWithLMHead, GenerationMixin):
         **generate_kwargs,
     ) -> torch.LongTensor | ModelOutput:
         r"""
-        Caption (or answer about) the knowledge inputs given, in any combination; the multimodal context is built once.
+        Caption (or answer about) the modality inputs given, in any combination; the multimodal context is built once.
 
-        input_ids (`torch.LongTensor` of shape `(batch_size, prefix_length)`, *optional*):
-            A text prefix read bidirectionally, e.g. a tokenized question (padded to a fixed length as in the original,
-            which also fixes the answer's positions); the answer is decoded after it, starting at `[CLS]`.
-        attention_mask (`torch.Tensor` of shape `(batch_size, prefix_length)`, *optional*): padding of `input_ids`.
-        context (`torch.Tensor`, *optional*): a precomputed multimodal context instead of the knowledge inputs.
-        generate_kwargs: anything [`~GenerationMixin.generate`] takes (`num_beams`, `do_sample`, `max_new_tokens`,
-            `num_return_sequences`, `streamer`, `stopping_criteria`, ...), plus `length_penalty_includes_prompt`
-            (default `True`, the release's beam scoring). Defaults come from `model.generation_config`.
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, prefix_length)`, *optional*):
+                A text prefix read bidirectionally, e.g. a tokenized question (padded to a fixed length as in the
+                original, which also fixes the answer's positions); the answer is decoded after it, from `[CLS]`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, prefix_length)`, *optional*):
+                Padding of `input_ids`.
+            context (`torch.Tensor`, *optional*):
+                A precomputed multimodal context instead of the modality inputs.
+            generate_kwargs:
+                `<name>_values` of configured extra modalities, and anything [`~GenerationMixin.generate`] takes
+                (`num_beams`, `do_sample`, `max_new_tokens`, `num_return_sequences`, `streamer`,
+                `stopping_criteria`, ...), plus `length_penalty_includes_prompt` (default `True`, the release's beam
+                scoring). Defaults come from `model.generation_config`.
 
-        Returns the ids of the prefix, `[CLS]` and the generated tokens (`[PAD]` after `[SEP]`), or a
-        [`~generation.GenerateOutput`] with `return_dict_in_generate=True`.
+        Returns:
+            `torch.LongTensor`: the ids of the prefix, `[CLS]` and the generated tokens (`[PAD]` after `[SEP]`), or a
+            [`~generation.GenerateOutput`] with `return_dict_in_generate=True`.
         """
         named = {
             "pixel_values": pixel_values,
@@ -1531,8 +1305,7 @@ class MiCoForConditionalGeneration(MiCoModelWithLMHead, GenerationMixin):
             "input_features": input_features,
             "depth_values": depth_values,
         }
-        knowledge = self._gather_knowledge_inputs(named, generate_kwargs)
-        context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, knowledge)
+        context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, named, generate_kwargs)
         batch_size = context.shape[0]
         generation_config = generate_kwargs.get("generation_config") or self.generation_config
         bos_token_id = generate_kwargs.get("bos_token_id", generation_config.bos_token_id)
@@ -1589,135 +1362,13 @@ class MiCoForConditionalGeneration(MiCoModelWithLMHead, GenerationMixin):
             cache.crop(-1)
         return model_kwargs
 
-    def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs) -> tuple:
-        """Accept `length_penalty_includes_prompt` as a `generate` argument even when the loaded generation config
-        does not carry it."""
-        includes_prompt = kwargs.pop("length_penalty_includes_prompt", None)
-        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
-        if includes_prompt is not None:
-            generation_config.length_penalty_includes_prompt = includes_prompt
-        return generation_config, model_kwargs
-
-    def _beam_search(self, input_ids: torch.LongTensor, *args, generation_config: GenerationConfig, **kwargs):
-        """Transformers' beam search with the release's scoring (unless `length_penalty_includes_prompt=False`);
-        rows finished early are padded with `pad_token_id`."""
-        if getattr(generation_config, "length_penalty_includes_prompt", True):
-            self._release_beam_scoring = _ReleaseBeamScoring(generation_config._eos_token_tensor)
-        try:
-            output = super()._beam_search(input_ids, *args, generation_config=generation_config, **kwargs)
-        finally:
-            self._release_beam_scoring = None
-        sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        eos, pad = generation_config._eos_token_tensor, generation_config._pad_token_tensor
-        if eos is not None and pad is not None:
-            generated = sequences[:, input_ids.shape[1] :]
-            is_eos = torch.isin(generated, eos.to(generated.device))
-            generated.masked_fill_((is_eos.cumsum(dim=-1) - is_eos.long()) > 0, pad.item())
-        if not isinstance(output, torch.Tensor) and output.sequences_scores is not None:
-            output.sequences_scores = output.sequences_scores.float()
-        return output
-
-    def _update_finished_beams(
-        self,
-        sequences: torch.Tensor,
-        topk_running_sequences: torch.Tensor,
-        beam_scores: torch.Tensor,
-        topk_log_probs: torch.Tensor,
-        beam_indices: torch.Tensor,
-        topk_running_beam_indices: torch.Tensor,
-        is_early_stop_heuristic_unsatisfied: torch.Tensor,
-        is_sent_finished: torch.Tensor,
-        next_token_hits_stopping_criteria: torch.Tensor,
-        top_num_beam_mask: torch.Tensor,
-        num_beams: int,
-        cur_len: int,
-        decoder_prompt_len: int,
-        length_penalty: float,
-        early_stopping: bool | str,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Transformers 4.31's hypotheses: one ending in `[SEP]` scores `sum_logprobs / len ** length_penalty` with
-        `len` counting the prompt and not the `[SEP]`; at the length limit the `num_beams` best running beams are
-        finished over their full length. Scores are compared in float64, as 4.31 did in Python."""
-        scoring = self._release_beam_scoring
-        if scoring is None:
-            return super()._update_finished_beams(
-                sequences=sequences,
-                topk_running_sequences=topk_running_sequences,
-                beam_scores=beam_scores,
-                topk_log_probs=topk_log_probs,
-                beam_indices=beam_indices,
-                topk_running_beam_indices=topk_running_beam_indices,
-                is_early_stop_heuristic_unsatisfied=is_early_stop_heuristic_unsatisfied,
-                is_sent_finished=is_sent_finished,
-                next_token_hits_stopping_criteria=next_token_hits_stopping_criteria,
-                top_num_beam_mask=top_num_beam_mask,
-                num_beams=num_beams,
-                cur_len=cur_len,
-                decoder_prompt_len=decoder_prompt_len,
-                length_penalty=length_penalty,
-                early_stopping=early_stopping,
-            )
-        is_eos = scoring.is_eos(topk_running_sequences[:, :, cur_len])
-        if cur_len + 1 >= sequences.shape[-1]:
-            running = ~is_eos & (torch.cumsum(~is_eos, dim=-1) <= num_beams)
-            finished = (is_eos & top_num_beam_mask) | running
-        else:
-            finished = next_token_hits_stopping_criteria & top_num_beam_mask
-        finished = finished & is_early_stop_heuristic_unsatisfied
-        if early_stopping is True:
-            finished = finished & ~is_sent_finished.all(dim=-1, keepdim=True)
-        denominators = torch.where(is_eos, float(cur_len) ** length_penalty, float(cur_len + 1) ** length_penalty)
-        scores = torch.where(finished, topk_log_probs.double() / denominators.double(), -1.0e9)
-        scoring.best_candidate_scores = topk_log_probs[:, :1].double()
-
-        merged_scores = torch.cat((beam_scores.double(), scores), dim=1)
-        keep = torch.topk(merged_scores, k=num_beams)[1]
-        return (
-            self._gather_beams(torch.cat((sequences, topk_running_sequences), dim=1), keep),
-            self._gather_beams(merged_scores, keep),
-            self._gather_beams(torch.cat((beam_indices, topk_running_beam_indices), dim=1), keep),
-            self._gather_beams(torch.cat((is_sent_finished, finished), dim=1), keep),
-        )
-
-    def _check_early_stop_heuristic(
-        self,
-        is_early_stop_heuristic_unsatisfied: torch.Tensor,
-        running_beam_scores: torch.Tensor,
-        beam_scores: torch.Tensor,
-        is_sent_finished: torch.Tensor,
-        cur_len: int,
-        max_length: int,
-        decoder_prompt_len: int,
-        early_stopping: bool | str,
-        length_penalty: float,
-    ) -> torch.Tensor:
-        """Transformers 4.31's `BeamHypotheses.is_done`: with `num_beams` finished hypotheses, stop when the worst of
-        them beats the step's best candidate over the current length (prompt included)."""
-        scoring = self._release_beam_scoring
-        if scoring is None:
-            return super()._check_early_stop_heuristic(
-                is_early_stop_heuristic_unsatisfied=is_early_stop_heuristic_unsatisfied,
-                running_beam_scores=running_beam_scores,
-                beam_scores=beam_scores,
-                is_sent_finished=is_sent_finished,
-                cur_len=cur_len,
-                max_length=max_length,
-                decoder_prompt_len=decoder_prompt_len,
-                early_stopping=early_stopping,
-                length_penalty=length_penalty,
-            )
-        length = max_length if early_stopping == "never" and length_penalty > 0.0 else cur_len
-        best_possible = scoring.best_candidate_scores / float(length) ** length_penalty
-        worst_finished = beam_scores.min(dim=-1, keepdim=True)[0]
-        done = is_sent_finished.all(dim=-1, keepdim=True) & ((early_stopping is True) | (worst_finished >= best_possible))
-        return is_early_stop_heuristic_unsatisfied & ~done
-
 
 __all__ = [
     "MiCoForConditionalGeneration",
     "MiCoForPreTraining",
     "MiCoForPreTrainingOutput",
     "MiCoModel",
+    "MiCoOutput",
     "MiCoPreTrainedModel",
     "MiCoTextModel",
     "MiCoVisionModel",

@@ -1,0 +1,451 @@
+"""PyTorch MiCo text branch: a BERT whose every layer carries a cross-attention block over the multimodal context, and
+its masked-language-model head (as BLIP keeps `modeling_blip_text.py`)."""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_mico import MiCoTextConfig
+
+
+# Attention implementations whose kernels take only a 2-D padding mask plus a causal flag.
+FLASH_ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; `attention_mask` is additive and broadcast to (batch, heads, query, key)."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def attention_forward(module: nn.Module, query, key, value, attention_mask, scaling: float, dropout: float, **kwargs):
+    """Dispatch to the attention implementation chosen in the module's config (eager, sdpa, flash, flex)."""
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    return attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=scaling,
+        dropout=dropout if module.training else 0.0,
+        **kwargs,
+    )
+
+
+class MiCoTextEmbeddings(nn.Module):
+    """Word, position and token-type embeddings followed by LayerNorm and dropout (BERT)."""
+
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        position_ids: torch.LongTensor,
+        token_type_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        embeddings = (
+            inputs_embeds + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class MiCoTextSelfAttention(nn.Module):
+    """Self-attention over the text; keys/values of processed tokens go to `cache` when one is given."""
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # set per call: retrieval and matching are bidirectional, captions causal
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        is_causal: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        if cache is not None:
+            self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            key, value = self_cache.update(key, value, self.layer_idx)
+        attn_output, attn_weights = attention_forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            self.scaling,
+            self.config.attention_probs_dropout_prob,
+            is_causal=is_causal,
+            **kwargs,
+        )
+        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+
+
+class MiCoTextCrossAttention(nn.Module):
+    """Attention from the text to the (never masked) multimodal context; context keys/values are cached once."""
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.encoder_hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.encoder_hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        cache: EncoderDecoderCache | None = None,
+        is_causal: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        query = self.query(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if cache is not None and cache.is_updated.get(self.layer_idx):
+            layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
+            key, value = layer_cache.keys, layer_cache.values
+        else:
+            kv_shape = (*encoder_hidden_states.shape[:-1], -1, self.head_dim)
+            key = self.key(encoder_hidden_states).view(kv_shape).transpose(1, 2)
+            value = self.value(encoder_hidden_states).view(kv_shape).transpose(1, 2)
+            if cache is not None:
+                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
+        # the context is never masked and never causal, whatever the text side does
+        attn_output, attn_weights = attention_forward(
+            self,
+            query,
+            key,
+            value,
+            None,
+            self.scaling,
+            self.config.attention_probs_dropout_prob,
+            is_causal=False,
+            **kwargs,
+        )
+        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+
+
+class MiCoTextResidualOutput(nn.Module):
+    """Dense projection, dropout, residual connection and LayerNorm closing every BERT sub-layer."""
+
+    def __init__(self, config: MiCoTextConfig, input_size: int):
+        super().__init__()
+        self.dense = nn.Linear(input_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class MiCoTextAttentionBlock(nn.Module):
+    """An attention module and its residual output, named as in BERT (`attention.self`, `attention.output`)."""
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int, is_cross_attention: bool):
+        super().__init__()
+        attention_class = MiCoTextCrossAttention if is_cross_attention else MiCoTextSelfAttention
+        self.self = attention_class(config, layer_idx)
+        self.output = MiCoTextResidualOutput(config, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.self(hidden_states, *args, **kwargs)
+        return self.output(attn_output, hidden_states)
+
+
+class MiCoTextIntermediate(nn.Module):
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class MiCoTextLayer(GradientCheckpointingLayer):
+    """Self-attention, then cross-attention to the context when one is given, then the feed-forward block."""
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int):
+        super().__init__()
+        self.attention = MiCoTextAttentionBlock(config, layer_idx, is_cross_attention=False)
+        self.crossattention = MiCoTextAttentionBlock(config, layer_idx, is_cross_attention=True)
+        self.intermediate = MiCoTextIntermediate(config)
+        self.output = MiCoTextResidualOutput(config, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        hidden_states = self.attention(hidden_states, attention_mask, cache=cache, **kwargs)
+        if encoder_hidden_states is not None:
+            hidden_states = self.crossattention(hidden_states, encoder_hidden_states, cache=cache, **kwargs)
+        return self.output(self.intermediate(hidden_states), hidden_states)
+
+
+class MiCoTextEncoder(nn.Module):
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([MiCoTextLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, cache=None, **kwargs):
+        for layer in self.layer:
+            # the context is positional so that gradient checkpointing passes it through
+            hidden_states = layer(hidden_states, attention_mask, encoder_hidden_states, cache=cache, **kwargs)
+        return hidden_states
+
+
+class MiCoLMHead(nn.Module):
+    """BERT's masked-language-model head; the decoder weight is tied to the word embeddings."""
+
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.LayerNorm(self.transform_act_fn(self.dense(hidden_states))))
+
+
+class MiCoTextPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and attention back-ends of the text branch."""
+
+    config: MiCoTextConfig
+    base_model_prefix = "text_model"
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MiCoTextLayer", "MiCoTextEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": MiCoTextLayer,
+        "attentions": OutputRecorder(MiCoTextSelfAttention, index=1),
+        "cross_attentions": OutputRecorder(MiCoTextCrossAttention, index=1),
+    }
+
+
+def prefix_overlay(prefix_length: int) -> Callable:
+    """Mask function letting every query see the first `prefix_length` positions (a question read
+    bidirectionally); combined with the causal mask by `or`, as in the original question answering."""
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx < prefix_length
+
+    return inner_mask
+
+
+class MiCoTextModel(MiCoTextPreTrainedModel):
+    r"""
+    MiCo's text branch: BERT with a cross-attention block in every layer. Without `encoder_hidden_states` it is the
+    plain text encoder of retrieval; with them it reads the multimodal context (matching, captioning).
+
+    Attention masks are built with `transformers.masking_utils` for the configured attention implementation: a 2-D
+    padding mask gives a bidirectional mask, or with `is_causal=True` the caption decoder's causal mask (optionally
+    with a bidirectional `prefix_length`). The context is never masked.
+
+    Limits of `flash_attention_*`: its kernels take a padding mask and a causal flag only, so an explicit 3-D mask and
+    a bidirectional prefix inside a causal mask (question answering) raise a `ValueError`; use `"sdpa"` or
+    `"flex_attention"` for those.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_mico import MiCoTextConfig, MiCoTextModel
+
+    >>> model = MiCoTextModel(MiCoTextConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    ...                                      intermediate_size=128, vocab_size=1000))
+    >>> context = torch.randn(2, 5, 64)
+    >>> out = model(input_ids=torch.randint(1000, (2, 7)), encoder_hidden_states=context, is_causal=True)
+    >>> out.last_hidden_state.shape
+    torch.Size([2, 7, 64])
+
+    ```
+    """
+
+    def __init__(self, config: MiCoTextConfig):
+        super().__init__(config)
+        self.embeddings = MiCoTextEmbeddings(config)
+        self.encoder = MiCoTextEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        is_causal: bool = False,
+        prefix_length: int = 0,
+        **kwargs,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                WordPiece ids (give these or `inputs_embeds`).
+            attention_mask (`torch.Tensor`, *optional*):
+                `(batch_size, past_length + sequence_length)` padding mask (1 = real token), or an explicit
+                `(batch_size, sequence_length, past_length + sequence_length)` mask with 1 where attention is allowed,
+                or a mask already prepared for the attention implementation (4-D).
+            token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Segment ids (0 by default).
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Positions; by default `past_length .. past_length + sequence_length - 1`.
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Word embeddings to use instead of looking `input_ids` up.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
+                The multimodal context. Cross-attention sees every position of it.
+            cache ([`Cache`], *optional*):
+                An [`EncoderDecoderCache`] of earlier self-attention keys/values and of the context's cross-attention
+                keys/values (a plain [`DynamicCache`] holds the self-attention part only).
+            is_causal (`bool`, *optional*, defaults to `False`):
+                Causal self-attention (the caption decoder) instead of bidirectional attention.
+            prefix_length (`int`, *optional*, defaults to 0):
+                With `is_causal`, the number of leading positions that every position sees (a question read
+                bidirectionally).
+
+        Returns:
+            [`BaseModelOutputWithPastAndCrossAttentions`]: `last_hidden_state` of every position (no pooler), the
+            cache, and with `output_hidden_states` / `output_attentions` the per-layer states and (cross-)attentions.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
+        batch_size, seq_length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + seq_length, device=device)
+            position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
+        hidden_states = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
+        attention_mask = self._attention_mask(attention_mask, hidden_states, cache, is_causal, prefix_length)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(hidden_states.dtype)
+        hidden_states = self.encoder(
+            hidden_states, attention_mask, encoder_hidden_states, cache=cache, is_causal=is_causal, **kwargs
+        )
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
+
+    def _attention_mask(
+        self,
+        attention_mask: torch.Tensor | None,
+        hidden_states: torch.Tensor,
+        cache: Cache | None,
+        is_causal: bool,
+        prefix_length: int,
+    ):
+        """The mask of the configured attention implementation (see the class docstring for flash's limits)."""
+        implementation = self.config._attn_implementation
+        if attention_mask is not None and attention_mask.dim() == 3:
+            if implementation in FLASH_ATTENTION_IMPLEMENTATIONS:
+                raise ValueError(
+                    f"{implementation} cannot take an explicit 3-D attention mask (its kernels take a padding mask and "
+                    "a causal flag only); pass a 2-D padding mask with is_causal, or use attn_implementation='sdpa'"
+                )
+            min_value = torch.finfo(hidden_states.dtype).min
+            allowed = attention_mask[:, None].to(device=hidden_states.device, dtype=torch.bool)
+            return torch.zeros(allowed.shape, dtype=hidden_states.dtype, device=hidden_states.device).masked_fill(
+                ~allowed, min_value
+            )
+        if attention_mask is not None and attention_mask.dim() not in (2, 4):
+            raise ValueError(
+                "attention_mask must be (batch, sequence), (batch, query, key) or prepared 4-D, got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if not is_causal:
+            if prefix_length:
+                raise ValueError("prefix_length only applies to causal attention (is_causal=True)")
+            return create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
+        or_mask_function = None
+        if prefix_length:
+            if implementation in FLASH_ATTENTION_IMPLEMENTATIONS:
+                raise ValueError(
+                    f"{implementation} cannot express a bidirectional prefix inside a causal mask (question "
+                    "answering); use attn_implementation='sdpa' or 'flex_attention'"
+                )
+            or_mask_function = prefix_overlay(prefix_length)
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        return create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=self_cache,
+            or_mask_function=or_mask_function,
+        )
+
+
+__all__ = ["MiCoLMHead", "MiCoTextModel", "MiCoTextPreTrainedModel"]

@@ -25,7 +25,6 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from . import pretraining_mico
 from .configuration_mico import SUBTITLE, MiCoConfig, MiCoVisionConfig, ModalitySpec
 from .distributed import all_gather_no_grad, all_gather_with_grad, present_everywhere
 from .generation_mico import MiCoGenerationMixin, default_generation_config
@@ -37,6 +36,7 @@ from .modeling_mico_text import (
     MiCoTextSelfAttention,
     eager_attention_forward,
 )
+from .pretraining_mico import contrastive_loss, mask_caption_tokens, sample_hard_negatives
 
 
 logger = logging.get_logger(__name__)
@@ -994,7 +994,7 @@ class MiCoForPreTraining(MiCoPreTrainedModel):
         contrastive_terms = []
         for task, parts in {**tasks.get("matching", {}), **tasks["contrastive"]}.items():
             modality_embeds = F.normalize(mico.project({part: pooled[part] for part in parts}), dim=-1)
-            loss, logits_per_text, logits_per_modality, offset = pretraining_mico.contrastive_loss(
+            loss, logits_per_text, logits_per_modality, offset = contrastive_loss(
                 text_embeds, modality_embeds, mico.temperature, self.config.label_smoothing
             )
             similarity[task] = (logits_per_text, logits_per_modality, offset)
@@ -1036,7 +1036,7 @@ class MiCoForPreTraining(MiCoPreTrainedModel):
         """Mask the captions once, then per task: causal text branch over the task's context, cross-entropy on the
         masked positions."""
         text_config = self.config.text_config
-        masked_ids, labels = pretraining_mico.mask_caption_tokens(
+        masked_ids, labels = mask_caption_tokens(
             input_ids,
             attention_mask,
             self.config.caption_mask_probability,
@@ -1086,8 +1086,8 @@ class MiCoForPreTraining(MiCoPreTrainedModel):
         offset: int,
     ) -> torch.Tensor:
         """Matching logits of the positives, then (text, hard-negative context), then (hard-negative text, context)."""
-        negative_contexts = pretraining_mico.sample_hard_negatives(logits_per_text, offset)
-        negative_texts = pretraining_mico.sample_hard_negatives(logits_per_modality, offset)
+        negative_contexts = sample_hard_negatives(logits_per_text, offset)
+        negative_texts = sample_hard_negatives(logits_per_modality, offset)
         all_contexts, _ = all_gather_with_grad(context)
         all_ids = all_gather_no_grad(input_ids)
         all_masks = all_gather_no_grad(attention_mask)

@@ -21,13 +21,14 @@ MANIFEST = json.loads((PARITY / "manifest.json").read_text())
 TOKENS_TOLERANCE = 1e-5
 LOGITS_TOLERANCE = 2e-5
 
+# fixture name -> (registry modality, its encoder, input array)
 KNOWLEDGE = {
-    "image": ("vision", "in_pixel_values_image"),
-    "video": ("vision", "in_pixel_values_video"),
-    "audio": ("audio", "in_input_features_audio"),
-    "audio_interp": ("audio", "in_input_features_audio_interp"),
-    "depth": ("depth", "in_depth_values"),
-    "depth_interp": ("depth", "in_depth_values_interp"),
+    "image": ("image", "vision", "in_pixel_values_image"),
+    "video": ("video", "vision", "in_pixel_values_video"),
+    "audio": ("audio", "audio", "in_input_features_audio"),
+    "audio_interp": ("audio", "audio", "in_input_features_audio_interp"),
+    "depth": ("depth", "depth", "in_depth_values"),
+    "depth_interp": ("depth", "depth", "in_depth_values_interp"),
 }
 CONTEXTS = {
     "video": {"pixel_values_videos": "in_pixel_values_video"},
@@ -73,24 +74,24 @@ def compute_outputs(model: MiCoModel) -> dict[str, torch.Tensor]:
     texts = {"input_ids": ref("in_text_input_ids"), "attention_mask": ref("in_text_attention_mask")}
     subtitles = {"input_ids": ref("in_subtitle_input_ids"), "attention_mask": ref("in_subtitle_attention_mask")}
     with torch.no_grad():
-        for name, (modality, array) in KNOWLEDGE.items():
-            tokens = model.encode_knowledge(modality, ref(array))
-            pooled = model.pool_knowledge(tokens)
+        for name, (modality, encoder, array) in KNOWLEDGE.items():
+            tokens = model.encode_modality(modality, ref(array))
+            pooled = model.pool_tokens(tokens)
             out[f"out_tokens_{name}"] = tokens
             out[f"out_pooled_{name}"] = pooled
-            out[f"out_feat_{name}_proj"] = model.contrastive_heads[modality](pooled)
-            out[f"out_context_{name}"] = model.context_from_tokens(modality, tokens)
-        out["out_feat_image_proj"] = model.get_image_features(ref("in_pixel_values_image"))
-        out["out_feat_video_proj"] = model.get_video_features(ref("in_pixel_values_video"))
-        out["out_feat_audio_proj"] = model.get_audio_features(ref("in_input_features_audio"))
-        out["out_feat_depth_proj"] = model.get_depth_features(ref("in_depth_values"))
+            out[f"out_feat_{name}_proj"] = model.project({encoder: pooled})
+            out[f"out_context_{name}"] = model.context_from_tokens(encoder, tokens)
+        out["out_feat_image_proj"] = model.get_image_features(ref("in_pixel_values_image")).pooler_output
+        out["out_feat_video_proj"] = model.get_video_features(ref("in_pixel_values_video")).pooler_output
+        out["out_feat_audio_proj"] = model.get_audio_features(ref("in_input_features_audio")).pooler_output
+        out["out_feat_depth_proj"] = model.get_depth_features(ref("in_depth_values")).pooler_output
         out["out_text_sequence_output"] = model.encode_text(**texts)
-        out["out_feat_text_proj"] = model.get_text_features(**texts)
+        out["out_feat_text_proj"] = model.get_text_features(**texts).pooler_output
         out["out_subtitle_sequence_output"] = model.encode_text(**subtitles)
-        out["out_feat_subtitle_proj"] = model.get_subtitle_features(**subtitles)
+        out["out_feat_subtitle_proj"] = model.get_subtitle_features(**subtitles).pooler_output
         out["out_context_subtitle"] = model.subtitle_context(**subtitles)
         for head, mapping in FUSED_INPUTS.items():
-            out[f"out_feat_{head}_proj"] = model.get_fused_features(**inputs(mapping))
+            out[f"out_feat_{head}_proj"] = model.get_fused_features(**inputs(mapping)).pooler_output
         for name in [key[len("out_feat_") : -len("_proj")] for key in list(out) if key.endswith("_proj")]:
             out[f"out_feat_{name}_norm"] = F.normalize(out[f"out_feat_{name}_proj"], dim=-1)
         out["out_contra_temp"] = model.temperature.detach().reshape(1)

@@ -84,7 +84,7 @@ def next_token_log_probs(model, ids: torch.Tensor, context: torch.Tensor, prefix
         mask[:prefix, :prefix] = 1
         padding[:, :prefix] = prefix_mask
     mask = mask[None] * padding[:, None, :]
-    hidden = model.text_model(input_ids=ids, attention_mask=mask, encoder_hidden_states=context).last_hidden_state
+    hidden = model.mico.text_model(input_ids=ids, attention_mask=mask, encoder_hidden_states=context).last_hidden_state
     return model.lm_head(hidden[:, -1]).float().log_softmax(dim=-1)
 
 
@@ -157,7 +157,7 @@ def test_generation_config_defaults(model):
 
 
 def test_lm_head_is_tied_to_the_word_embeddings(model):
-    assert model.lm_head.decoder.weight is model.text_model.embeddings.word_embeddings.weight
+    assert model.lm_head.decoder.weight is model.mico.text_model.embeddings.word_embeddings.weight
 
 
 def test_save_and_load_round_trip(model, tmp_path):
@@ -167,7 +167,7 @@ def test_save_and_load_round_trip(model, tmp_path):
         "modeling_mico.MiCoForConditionalGeneration"
     )
     loaded = MiCoForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert loaded.lm_head.decoder.weight is loaded.text_model.embeddings.word_embeddings.weight
+    assert loaded.lm_head.decoder.weight is loaded.mico.text_model.embeddings.word_embeddings.weight
     assert loaded.generation_config.to_diff_dict() == model.generation_config.to_diff_dict()
     assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), MiCoForConditionalGeneration)
     inputs = knowledge_inputs("video")
@@ -179,7 +179,7 @@ def test_loads_a_mico_model_checkpoint(tmp_path):
     encoder = MiCoModel(tiny_config())
     encoder.save_pretrained(tmp_path)
     captioner = MiCoForConditionalGeneration.from_pretrained(tmp_path)
-    embeddings = captioner.text_model.embeddings.word_embeddings.weight
+    embeddings = captioner.mico.text_model.embeddings.word_embeddings.weight
     assert torch.equal(embeddings, encoder.text_model.embeddings.word_embeddings.weight)
     assert captioner.lm_head.decoder.weight is embeddings
 
@@ -202,7 +202,7 @@ def test_greedy_matches_the_recompute_everything_scheme(model, use_cache):
     inputs = knowledge_inputs("combined", batch_size=3)
     ids = model.generate(**inputs, num_beams=1, max_new_tokens=15, use_cache=use_cache)
     with torch.no_grad():
-        expected = reference_greedy(model, model.get_multimodal_context(**inputs), 15)
+        expected = reference_greedy(model, model.mico.get_multimodal_context(**inputs), 15)
     assert strip(ids) == strip(expected)
     assert strip(ids)[0] != strip(ids)[1]  # the context matters
 
@@ -227,7 +227,7 @@ def test_question_prefix(model):
     ids = model.generate(**inputs, input_ids=question, attention_mask=mask, num_beams=1, max_new_tokens=8)
     assert torch.equal(ids[:, : question.shape[1] + 1], torch.cat([question, torch.full((2, 1), CLS)], dim=1))
     with torch.no_grad():
-        expected = reference_greedy(model, model.get_multimodal_context(**inputs), 8, question, mask)
+        expected = reference_greedy(model, model.mico.get_multimodal_context(**inputs), 8, question, mask)
     start = question.shape[1] + 1
     assert strip(ids, start) == strip(expected, start)
     for num_beams in (1, 3):
@@ -239,7 +239,7 @@ def test_question_prefix(model):
 
 def test_precomputed_context(model):
     inputs = knowledge_inputs("audio")
-    context = model.get_multimodal_context(**inputs)
+    context = model.mico.get_multimodal_context(**inputs)
     assert torch.equal(model.generate(context=context, max_new_tokens=6), model.generate(**inputs, max_new_tokens=6))
     with pytest.raises(ValueError, match="either"):
         model.generate(context=context, **inputs)
@@ -305,7 +305,7 @@ def test_beam_search_reproduces_transformers_4_31(model, sep_bias, length_penalt
     try:
         with torch.no_grad():
             bias[SEP] += sep_bias
-            contexts = model.get_multimodal_context(**inputs)
+            contexts = model.mico.get_multimodal_context(**inputs)
             expected = [reference_beam_search_431(model, c[None], 3, 12, length_penalty) for c in contexts]
         for use_cache in (True, False):
             output = model.generate(
@@ -328,14 +328,14 @@ def test_current_transformers_scoring_is_an_option(model):
     try:
         with torch.no_grad():
             bias[SEP] += 3.5
-            contexts = model.get_multimodal_context(**inputs)
-            kwargs = dict(num_beams=3, max_new_tokens=12)
+            contexts = model.mico.get_multimodal_context(**inputs)
+            kwargs = dict(num_beams=3, max_new_tokens=4)  # the rules differ at the length limit
             release = model.generate(**inputs, **kwargs)
             current = model.generate(**inputs, **kwargs, length_penalty_includes_prompt=False)
             assert strip(release) != strip(current)  # the rules pick different beams here
             for includes_prompt in (True, False):
                 output = model.generate(
-                    **inputs, num_beams=3, max_new_tokens=12, length_penalty_includes_prompt=includes_prompt,
+                    **inputs, num_beams=3, max_new_tokens=4, length_penalty_includes_prompt=includes_prompt,
                     return_dict_in_generate=True, output_scores=True,
                 )
                 for context, row, score in zip(contexts, output.sequences, output.sequences_scores):
@@ -350,6 +350,81 @@ def test_current_transformers_scoring_is_an_option(model):
     finally:
         with torch.no_grad():
             bias.copy_(original)
+
+
+def test_labels_loss_and_logits_to_keep(model):
+    """`labels` are the tokens *at* each position (masked-LM loss through `self.loss_function`, no shift);
+    `logits_to_keep` slices positions before the LM head."""
+    inputs = knowledge_inputs("image")
+    ids = torch.tensor([[CLS, 7, 8, MASK], [CLS, 9, MASK, PAD]])
+    mask = (ids != PAD).long()
+    labels = torch.tensor([[-100, -100, -100, 11], [-100, -100, 12, -100]])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, **inputs)
+        last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **inputs).logits
+    expected = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(last, out.logits[:, -1:])
+
+
+def test_flash_attention_limits_are_explicit(model):
+    """flash-attention kernels take a padding mask and a causal flag only: a question prefix read bidirectionally
+    inside the causal mask, and explicit 3-D masks, are refused with the reason (checked before any kernel runs)."""
+    text_model = model.mico.text_model
+    original = text_model.config._attn_implementation
+    text_model.config._attn_implementation = "flash_attention_2"
+    try:
+        ids = torch.tensor([[CLS, 7, 8]])
+        with pytest.raises(ValueError, match="cannot express a bidirectional prefix inside a causal mask"):
+            text_model(input_ids=ids, is_causal=True, prefix_length=2)
+        with pytest.raises(ValueError, match="cannot take an explicit 3-D attention mask"):
+            text_model(input_ids=ids, attention_mask=torch.ones(1, 3, 3).tril())
+    finally:
+        text_model.config._attn_implementation = original
+
+
+# Private methods of GenerationMixin that MiCoGenerationMixin / MiCoForConditionalGeneration override or call, with
+# the parameters the overrides rely on, for the supported Transformers range (pyproject: transformers>=5.0,<6).
+PINNED_GENERATION_API = {
+    "_prepare_generation_config": ["self", "generation_config"],
+    "_beam_search": ["self", "input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus"],
+    "_update_finished_beams": [
+        "self", "sequences", "topk_running_sequences", "beam_scores", "topk_log_probs", "beam_indices",
+        "topk_running_beam_indices", "is_early_stop_heuristic_unsatisfied", "is_sent_finished",
+        "next_token_hits_stopping_criteria", "top_num_beam_mask", "num_beams", "cur_len", "decoder_prompt_len",
+        "length_penalty", "early_stopping",
+    ],
+    "_check_early_stop_heuristic": [  # a staticmethod in 5.x
+        "is_early_stop_heuristic_unsatisfied", "running_beam_scores", "beam_scores", "is_sent_finished",
+        "cur_len", "max_length", "decoder_prompt_len", "early_stopping", "length_penalty",
+    ],
+    "_update_model_kwargs_for_generation": ["self", "outputs", "model_kwargs"],
+    "_gather_beams": ["tensor", "beam_indices"],
+}
+
+
+def test_overridden_generation_internals_match_the_supported_transformers():
+    """The release's beam scoring overrides private GenerationMixin methods: an upgrade that renames them or changes
+    their parameters must fail here rather than silently fall back to another scoring."""
+    import inspect
+
+    import transformers
+    from packaging.version import Version
+    from transformers import GenerationMixin
+
+    assert Version("5.0") <= Version(transformers.__version__) < Version("6"), transformers.__version__
+    for name, expected in PINNED_GENERATION_API.items():
+        method = getattr(GenerationMixin, name, None)
+        assert method is not None, f"GenerationMixin.{name} is gone"
+        parameters = [
+            p.name
+            for p in inspect.signature(method).parameters.values()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        ]
+        assert parameters[: len(expected)] == expected, f"GenerationMixin.{name}{inspect.signature(method)}"
+    # the hooks are reached: GenerationMixin's beam search calls the two scoring methods
+    source = inspect.getsource(GenerationMixin._beam_search)
+    assert "self._update_finished_beams(" in source and "self._check_early_stop_heuristic(" in source
 
 
 # ---- captioning CLI -------------------------------------------------------------------------------------------------
@@ -387,7 +462,6 @@ PARITY_CONTEXT_CACHE: dict[str, torch.Tensor] = {}
 
 @pytest.fixture(scope="module")
 def parity_model():
-    pytest.importorskip("modeling_mico.convert_original", reason="convert_original.py (on-the-fly conversion) is missing")
     return MiCoForConditionalGeneration.from_pretrained(PARITY / "hub").eval()
 
 
@@ -398,7 +472,7 @@ def test_captions_of_the_original_code(parity_model, context, num_beams, use_cac
     reference = np.load(PARITY / "reference_outputs.npz")
     if context not in PARITY_CONTEXT_CACHE:  # the ViT runs once per context for the whole module
         inputs = {INPUT_NAMES[name]: torch.from_numpy(reference[name]) for name in PARITY_CONTEXTS[context]}
-        PARITY_CONTEXT_CACHE[context] = parity_model.get_multimodal_context(**inputs)
+        PARITY_CONTEXT_CACHE[context] = parity_model.mico.get_multimodal_context(**inputs)
     ids = parity_model.generate(
         context=PARITY_CONTEXT_CACHE[context], num_beams=num_beams, max_new_tokens=40, use_cache=use_cache
     )
@@ -416,7 +490,7 @@ def test_answers_of_the_original_code(parity_model, num_beams):
         [q for item in qa["questions"] for q in item], padding="max_length", truncation=True, max_length=40,
         return_tensors="pt",
     )
-    context = parity_model.get_multimodal_context(pixel_values_videos=torch.from_numpy(reference["in_pixel_values_video"]))
+    context = parity_model.mico.get_multimodal_context(pixel_values_videos=torch.from_numpy(reference["in_pixel_values_video"]))
     context = torch.cat([context[i : i + 1].expand(len(item), -1, -1) for i, item in enumerate(qa["questions"])])
     ids = parity_model.generate(
         input_ids=questions.input_ids, attention_mask=questions.attention_mask, context=context,

@@ -33,7 +33,6 @@ from transformers.utils import logging
 from .annotations import flatten_captions
 from .configuration_mico import MiCoConfig
 from .data import MEDIA_COLUMNS, processor_for_config
-from .modeling_mico import CONTEXT_ORDER
 from .processing_mico import MiCoProcessor
 from .retrieval import rerank_top_k as rerank
 from .retrieval import retrieval_metrics
@@ -143,8 +142,7 @@ def item_embeddings(model: torch.nn.Module, pooled: dict[str, torch.Tensor], tar
 
 def _context_rank(modality: str, config: MiCoConfig) -> int:
     """Position of a modality in the multimodal context (vision, audio, depth, then configured extras)."""
-    order = [*CONTEXT_ORDER, *(m for m in config.knowledge_modalities if m not in CONTEXT_ORDER)]
-    return order.index(modality)
+    return config.context_order.index(modality)
 
 
 def _to_model(values: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

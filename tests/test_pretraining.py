@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoModel
 from modeling_mico import modeling_mico as mm
+from modeling_mico import pretraining_mico as pm
 
 
 VOCAB = 30522
@@ -26,6 +28,7 @@ def tiny_config(**overrides) -> MiCoConfig:
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         ),
         projection_dim=16,
+        max_caption_length=32,
         **overrides,
     )
     return config
@@ -66,19 +69,22 @@ def model_for(config: MiCoConfig, seed: int = 0) -> MiCoForPreTraining:
 def test_weights_shared_with_mico_model_and_lm_head_tied():
     model = model_for(tiny_config())
     base_keys = set(MiCoModel(tiny_config()).state_dict())
-    assert base_keys <= set(model.state_dict())
-    assert model.lm_head.decoder.weight is model.text_model.embeddings.word_embeddings.weight
+    assert {f"mico.{key}" for key in base_keys} <= set(model.state_dict())
+    assert set(model.mico.state_dict()) == base_keys
+    assert model.lm_head.decoder.weight is model.mico.text_model.embeddings.word_embeddings.weight
 
 
 def test_task_letters_and_validation():
     config = tiny_config(knowledge_modalities={"vision": 2, "audio": 2, "depth": 1, "normal": 1})
-    assert mm.task_letters(config)["n"] == "normal"
-    assert mm.parse_task("tvas", mm.task_letters(config)) == ("vision", "audio", "subtitle")
+    assert config.task_letters["n"] == "normal"
+    assert config.parse_task("tvas") == ("vision", "audio", "subtitle")
     for bad in ("vt", "t", "tvv", "tx"):
-        with pytest.raises(ValueError):
-            mm.parse_task(bad, mm.task_letters(config))
-    with pytest.raises(ValueError, match="no fused head"):
+        with pytest.raises(ValueError, match=f"task '{bad}' must be 't' followed by distinct modality letters"):
+            config.parse_task(bad)
+    with pytest.raises(ValueError, match=r"no fused head combines \['audio', 'depth'\]"):
         MiCoForPreTraining(only(tiny_config(), contrastive=["tad"]))
+    with pytest.raises(StrictDataclassClassValidationError, match="task 'td' must be"):
+        tiny_config(knowledge_modalities={"vision": 2, "audio": 2}, contrastive_tasks=["td"])
 
 
 def test_missing_modalities_skip_tasks_and_no_task_raises():
@@ -101,9 +107,9 @@ def test_batch_of_one_skips_matching():
 # ---- losses against direct re-computation ----------------------------------------------------------------------------
 
 
-def text_and_modality_embeds(model, batch, modality="vision", values="pixel_values"):
-    text = F.normalize(model.get_text_features(batch["input_ids"], batch["attention_mask"]), dim=-1)
-    other = F.normalize(model.get_modality_features(modality, batch[values]), dim=-1)
+def text_and_modality_embeds(model, batch, modality="image", values="pixel_values"):
+    text = F.normalize(model.mico.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output, dim=-1)
+    other = F.normalize(model.mico.get_modality_features(modality, batch[values]).pooler_output, dim=-1)
     return text, other
 
 
@@ -124,14 +130,14 @@ def manual_contrastive(text, other, temperature, smoothing=0.1):
 def test_contrastive_loss_matches_manual():
     model = model_for(only(tiny_config(), contrastive=["tv", "ta", "tva"]))
     with torch.no_grad():
-        model.temperature.fill_(0.05)
+        model.mico.temperature.fill_(0.05)
     batch = make_batch()
     out = model(**batch)
     text, vision = text_and_modality_embeds(model, batch)
     _, audio = text_and_modality_embeds(model, batch, "audio", "input_features")
-    pooled_v = model.pool_knowledge(model.encode_knowledge("vision", batch["pixel_values"]))
-    pooled_a = model.pool_knowledge(model.encode_knowledge("audio", batch["input_features"]))
-    fused = F.normalize(model.fused_heads["va"](torch.cat([pooled_v, pooled_a], -1)), dim=-1)
+    pooled_v = model.mico.pool_tokens(model.mico.encode_modality("image", batch["pixel_values"]))
+    pooled_a = model.mico.pool_tokens(model.mico.encode_modality("audio", batch["input_features"]))
+    fused = F.normalize(model.mico.fused_heads["va"](torch.cat([pooled_v, pooled_a], -1)), dim=-1)
     expected = {
         "tv": manual_contrastive(text, vision, 0.05),
         "ta": manual_contrastive(text, audio, 0.05),
@@ -154,8 +160,10 @@ def test_matching_loss_matches_recomputation_from_sampled_indices(monkeypatch):
     out = model(**batch)
     negative_contexts, negative_texts = drawn
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    context = model.get_multimodal_context(pixel_values=batch["pixel_values"], input_features=batch["input_features"])
-    logits = model.get_matching_logits(
+    context = model.mico.get_multimodal_context(
+        pixel_values=batch["pixel_values"], input_features=batch["input_features"]
+    )
+    logits = model.mico.get_matching_logits(
         torch.cat([ids, ids, ids[negative_texts]]),
         torch.cat([mask, mask, mask[negative_texts]]),
         context=torch.cat([context, context[negative_contexts], context]),
@@ -177,8 +185,8 @@ def test_caption_loss_matches_recomputation():
     mask3d = torch.tril(torch.ones(seq, seq)).bool()[None] & batch["attention_mask"].bool()[:, None, :]
     losses = []
     for values in ("pixel_values", "input_features"):
-        context = model.get_multimodal_context(**{values: batch[values]})
-        hidden = model.text_model(input_ids=masked, attention_mask=mask3d.long(), encoder_hidden_states=context)
+        context = model.mico.get_multimodal_context(**{values: batch[values]})
+        hidden = model.mico.text_model(input_ids=masked, attention_mask=mask3d.long(), encoder_hidden_states=context)
         scores = model.lm_head(hidden.last_hidden_state)
         losses.append(F.cross_entropy(scores.view(-1, scores.shape[-1]), labels.view(-1), ignore_index=-100))
     torch.testing.assert_close(out.task_losses["caption_tv"], losses[0])
@@ -189,10 +197,10 @@ def test_caption_loss_matches_recomputation():
 def test_encoders_run_once_per_batch(monkeypatch):
     model = model_for(tiny_config())
     calls = []
-    encode = model.encode_knowledge
-    monkeypatch.setattr(model, "encode_knowledge", lambda modality, values: calls.append(modality) or encode(modality, values))
+    encode = model.mico.encode_modality
+    monkeypatch.setattr(model.mico, "encode_modality", lambda name, values: calls.append(name) or encode(name, values))
     model(**make_batch())
-    assert sorted(calls) == ["audio", "vision"]
+    assert sorted(calls) == ["audio", "image"]
 
 
 # ---- samplers -------------------------------------------------------------------------------------------------------
@@ -204,7 +212,7 @@ def test_hard_negative_sampler_never_draws_the_positive():
     logits[2, 4] = 50  # a duplicate of the positive may be drawn
     for offset, columns in ((0, 6), (6, 12)):
         full = torch.cat([torch.zeros(6, offset), logits, torch.zeros(6, columns - 6 - offset)], dim=1)[:, :columns]
-        draws = torch.stack([mm.sample_hard_negatives(full, offset) for _ in range(2000)])
+        draws = torch.stack([pm.sample_hard_negatives(full, offset) for _ in range(2000)])
         assert not (draws == torch.arange(6) + offset).any()
     assert (draws[:, 2] == 10).float().mean() > 0.9
 
@@ -215,7 +223,7 @@ def test_caption_masking_statistics():
     ids = torch.randint(1000, 2000, (rows, length))
     attention = torch.ones_like(ids)
     attention[::2, 40:] = 0  # padding
-    masked, labels = mm.mask_caption_tokens(ids, attention, 0.6, 103, VOCAB)
+    masked, labels = pm.mask_caption_tokens(ids, attention, 0.6, 103, VOCAB)
     chosen = labels != -100
     assert not chosen[:, 0].any() and not chosen[attention == 0].any()
     assert chosen.sum(1).min() >= 1
@@ -236,7 +244,7 @@ def test_caption_masking_conditions_on_at_least_one():
     torch.manual_seed(0)
     ids = torch.randint(1000, 2000, (20000, 4))
     attention = torch.tensor([[1, 1, 1, 0]]).expand_as(ids)
-    _, labels = mm.mask_caption_tokens(ids, attention, 0.6, 103, VOCAB)
+    _, labels = pm.mask_caption_tokens(ids, attention, 0.6, 103, VOCAB)
     counts = (labels != -100).sum(1)
     assert counts.min() == 1 and counts.max() == 2
     assert abs((counts == 2).float().mean() - 0.36 / 0.84) < 0.015

@@ -2,10 +2,16 @@
 
 import doctest
 
+import pytest
+
 import modeling_mico.modeling_mico
+import modeling_mico.modeling_mico_text
 
 
-def test_model_docstring_examples():
-    result = doctest.testmod(modeling_mico.modeling_mico, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 3
+@pytest.mark.parametrize(
+    ("module", "minimum"), [(modeling_mico.modeling_mico, 5), (modeling_mico.modeling_mico_text, 1)]
+)
+def test_model_docstring_examples(module, minimum):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= minimum
     assert result.failed == 0

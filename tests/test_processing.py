@@ -438,7 +438,8 @@ def test_per_call_settings(processor):
                     target_length=100, image_size=112)
     assert out["pixel_values_videos"].shape == (1, 2, 3, 112, 112)
     assert out["input_features"].shape == (1, 2, 100, 224)
-    assert processor.num_frames == 4 and processor.feature_extractor.num_slices == 3
+    # the saved settings are untouched: unset, so each modality's default (4 frames, 3 slices) applies
+    assert processor.num_frames is None and processor.feature_extractor.num_slices is None
 
 
 def test_save_and_load_round_trip(tmp_path):

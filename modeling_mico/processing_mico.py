@@ -186,8 +186,8 @@ class MiCoProcessor(ProcessorMixin):
         self.training = bool(training)
         self.seed = seed
         self.max_length = int(max_length)
-        self.modalities = {name: dict(fields) for name, fields in (modalities or {}).items()} if modalities else {}
-        processor_modalities(self.modalities)  # refuse bad declarations now, not at the first call
+        processor_modalities(modalities)  # refuse bad declarations now, not at the first call
+        self.modalities = {name: dict(fields) for name, fields in (modalities or {}).items()}
 
     @classmethod
     def from_default(cls, **settings: Any) -> MiCoProcessor:

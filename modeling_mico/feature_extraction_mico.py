@@ -231,35 +231,16 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
         self,
         audio: AudioLike | list[AudioLike],
         sampling_rate: int | None = None,
-        num_mel_bins: int | None = None,
-        num_slices: int | None = None,
-        target_length: int | None = None,
-        training: bool | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
         return_tensors: str | None = "pt",
-        **kwargs: Any,
+        **settings: Any,
     ) -> BatchFeature:
         """Clips (paths, arrays with `sampling_rate`, dicts, or a list of them) -> `input_features`.
 
-        An array is one clip, (samples,) or channel-first (channels, samples); pass a list for a batch.
-
-        Slice sampling is deterministic at evaluation; in training it draws from `generator`, else from a
-        generator seeded with `seed`, else from torch's global RNG.
+        An array is one clip, (samples,) or channel-first (channels, samples); pass a list for a batch. `settings`
+        (`num_mel_bins`, `num_slices`, `target_length`, `training`, `seed`, `generator`) override the saved ones
+        for this call, see [`~MiCoFeatureExtractor.slices`].
         """
-        if kwargs:
-            raise ValueError(f"unexpected feature extractor arguments: {sorted(kwargs)}")
-        training = self.training if training is None else bool(training)
-        generator = generator if generator is not None else make_generator(seed)
-        features = self.slices(
-            audio,
-            sampling_rate=sampling_rate,
-            num_mel_bins=num_mel_bins,
-            num_slices=num_slices,
-            target_length=target_length,
-            training=training,
-            generator=generator,
-        )
+        features = self.slices(audio, sampling_rate=sampling_rate, **settings)
         return BatchFeature({"input_features": features}, tensor_type=return_tensors)
 
     def slices(
@@ -270,11 +251,18 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
         num_mel_bins: int | None = None,
         num_slices: int | None = None,
         target_length: int | None = None,
-        training: bool = False,
+        training: bool | None = None,
+        seed: int | None = None,
         generator: torch.Generator | None = None,
         what: str = "audio",
     ) -> torch.Tensor:
-        """Clips -> spectrogram slices (B, num_slices, target_length, feature_size); errors name items `what[i]`."""
+        """Clips -> spectrogram slices (B, num_slices, target_length, feature_size); errors name items `what[i]`.
+
+        Slice sampling is deterministic at evaluation; in training it draws from `generator`, else from a
+        generator seeded with `seed`, else from torch's global RNG.
+        """
+        training = self.training if training is None else bool(training)
+        generator = generator if generator is not None else make_generator(seed)
         num_mel_bins = num_mel_bins or self.num_mel_bins
         num_slices = num_slices or self.num_slices or DEFAULT_NUM_SLICES
         target_length = target_length or self.target_length

@@ -417,11 +417,15 @@ def test_mismatched_batch_sizes_raise(processor):
         processor()
 
 
-def test_unknown_settings_raise():
+def test_unknown_settings_raise(processor):
     with pytest.raises(ValueError, match="depth_scaling must be one of"):
         MiCoImageProcessor(depth_scaling="log")
     with pytest.raises(ValueError, match="num_frames must be >= 1"):
         MiCoVideoProcessor()(str(MP4), num_frames=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_slice'"):
+        MiCoFeatureExtractor()(np.zeros(16000), sampling_rate=16000, num_slice=2)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['num_frame'\]"):
+        processor(videos=str(MP4), num_frame=2)
 
 
 # ---------------------------------------------------------------- text, settings, saving

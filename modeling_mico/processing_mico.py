@@ -272,7 +272,8 @@ class MiCoProcessor(ProcessorMixin):
     @property
     def video_processor(self) -> MiCoVideoProcessor:
         """Frame sampler sharing this processor's image transform and settings."""
-        num_frames = first_set(self.num_frames, BUILTIN_MODALITIES["video"].num_frames)
+        video = self.modality_specs.get("video", BUILTIN_MODALITIES["video"])
+        num_frames = first_set(self.num_frames, video.num_frames)
         return MiCoVideoProcessor(num_frames, self.training, self.image_processor)
 
     def __call__(

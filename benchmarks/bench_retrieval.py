@@ -33,16 +33,15 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from benchmarks.common import markdown_table, run_cli  # noqa: E402
-from modeling_mico import evaluation  # noqa: E402
+from modeling_mico import MiCoConfig, MiCoProcessor, evaluation  # noqa: E402
 from modeling_mico.annotations import load_annotations  # noqa: E402
-from modeling_mico.data import config_for_size, processor_for_config  # noqa: E402
 from modeling_mico.modeling_mico import MiCoModel  # noqa: E402
 from modeling_mico.synthetic_data import make_synthetic_dataset  # noqa: E402
 
 
 MODES = {"full": (64, 10), "quick": (24, 5), "smoke": (3, 2)}  # mode -> (items, re-ranked candidates per query)
 TARGETS = ("video", "audio")
-ENCODING_METHODS = ("get_text_features", "encode_knowledge", "pool_knowledge", "context_from_tokens")
+ENCODING_METHODS = ("get_text_features", "encode_modality", "pool_tokens", "context_from_tokens")
 STAGES = ("decoding", "tokenization", "encoding", "re-ranking", "similarity and rest", "metrics")
 
 
@@ -109,9 +108,9 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
     mode = "smoke" if smoke else "quick" if quick else "full"
     items, top_k = MODES[mode]
     torch.manual_seed(0)
-    config = config_for_size("tiny")
+    config = MiCoConfig.from_preset("tiny")
     model = MiCoModel(config).eval()
-    processor = processor_for_config(config)
+    processor = MiCoProcessor.from_config(config)
     with tempfile.TemporaryDirectory(prefix="mico-bench-retrieval-") as tmp:
         data = make_synthetic_dataset(
             tmp, num_samples=items + 1, num_test=items, image_size=64, modalities=("video", "audio")

@@ -179,6 +179,14 @@ def _attention_note(entry: dict) -> str:
     )
 
 
+# GPU results come from `benchmarks/bench_gpu.py` run on a lent GPU machine (benchmarks/gpu/run_on_device.sh); the
+# CPU suite cannot re-measure them, so their last report is carried into RESULTS.md as it was measured.
+GPU_NOTE = (
+    "The GPU section below was measured separately with `bash benchmarks/gpu/run_on_device.sh` "
+    "(`benchmarks/bench_gpu.py`) and is copied from `benchmarks/results/gpu_*.md`."
+)
+
+
 def to_markdown(results: dict, goals: list[Goal], machine: dict, mode: str, chart: str) -> str:
     """The whole report."""
     goal_rows = [
@@ -211,6 +219,8 @@ def to_markdown(results: dict, goals: list[Goal], machine: dict, mode: str, char
             lines += ["", _section(name, results[name])]
             if name == "attention" and "pending" not in results[name]:
                 lines += ["", _attention_note(results[name])]
+    for gpu_report in sorted(DEFAULT_OUTPUT_DIR.glob("gpu_*.md")):
+        lines += ["", GPU_NOTE, "", gpu_report.read_text(encoding="utf-8").strip()]
     return "\n".join(lines) + "\n"
 
 

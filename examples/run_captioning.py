@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Caption images, videos and audio clips with a MiCo model and write one JSON line per file.
+"""Caption media files (images, videos, audio clips, any modality of the model) and write one JSON line per file.
 
     python examples/run_captioning.py --model_name_or_path DIR_OR_REPO --inputs media/ clip.mp4 \
-        --output_file captions.jsonl [--batch_size 8] [--num_beams 3] [--max_new_tokens 40] [--num_frames 4]
+        --output_file captions.jsonl [--batch_size 8] [--num_beams 3] [--max_new_tokens 40] [--num_frames 4] \
+        [--modality depth]
 
-Files are batched by modality (images, videos and audio are different model inputs); the model runs in bfloat16 on
-a GPU and in float32 on the CPU unless `--dtype` says otherwise.
+A file's modality comes from the extensions the model's modalities declare; `--modality` names it for every file
+(for extensions that name none or several, e.g. depth maps stored as PNG). Files are batched by modality (each is a
+different model input); the model runs in bfloat16 on a GPU and in float32 on the CPU unless `--dtype` says otherwise.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-from transformers import AutoProcessor
-
-from modeling_mico import MiCoForConditionalGeneration, MiCoProcessor
+from modeling_mico import MiCoForConditionalGeneration
 from modeling_mico.captioning import caption_files, collect_media_files, resolve_device, resolve_dtype
+from modeling_mico.evaluation import load_processor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,34 +30,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_beams", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=40)
     parser.add_argument("--num_frames", type=int, default=4, help="frames sampled per video")
+    parser.add_argument("--modality", default=None, help="the modality of every input file (default: by extension)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="auto", help="'auto' (bfloat16 on GPU), 'float32', 'bfloat16', 'float16'")
     return parser.parse_args(argv)
 
 
-def load_processor(model_name_or_path: str) -> MiCoProcessor:
-    """The model's saved processor, or the release processor for directories without one (original layouts)."""
-    try:
-        return AutoProcessor.from_pretrained(model_name_or_path)
-    except (OSError, ValueError, KeyError):
-        return MiCoProcessor()
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    model = MiCoForConditionalGeneration.from_pretrained(args.model_name_or_path, dtype=resolve_dtype(args.dtype, device))
+    model = MiCoForConditionalGeneration.from_pretrained(
+        args.model_name_or_path, dtype=resolve_dtype(args.dtype, device)
+    )
     model = model.to(device).eval()
-    processor = load_processor(args.model_name_or_path)
-    files = collect_media_files(args.inputs)
+    processor = load_processor(args.model_name_or_path, model.config)
+    files = collect_media_files(args.inputs, model.config, args.modality)
     if not files:
-        raise SystemExit(f"no image, video or audio files in {args.inputs}")
+        raise SystemExit(
+            f"no media files of the model's modalities ({', '.join(model.config.modality_specs)}) in {args.inputs}"
+        )
     records = caption_files(
         model,
         processor,
         files,
         batch_size=args.batch_size,
         num_frames=args.num_frames,
+        modality=args.modality,
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
     )

@@ -21,19 +21,9 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_mico import MiCoForPreTraining
-from modeling_mico.data import (
-    COLUMNS,
-    MEDIA_COLUMNS,
-    MiCoDataCollator,
-    check_processor_matches,
-    load_annotation_dataset,
-)
-from modeling_mico.evaluation import (
-    RETRIEVAL_TARGETS,
-    MiCoRetrievalTrainer,
-    load_processor,
-    retrieval_compute_metrics,
-)
+from modeling_mico.annotations import load_annotation_dataset
+from modeling_mico.data import MiCoDataCollator
+from modeling_mico.evaluation import load_processor, targets_for_columns
 from modeling_mico.peft_utils import (
     build_peft_config,
     build_peft_model,
@@ -43,6 +33,7 @@ from modeling_mico.peft_utils import (
     set_pretraining_losses,
     write_model_card,
 )
+from modeling_mico.trainer_mico import MiCoRetrievalTrainer, retrieval_compute_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -58,13 +49,19 @@ class ModelArguments:
 class DataArguments:
     train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
     validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
-    modalities: list[str] = field(
-        default_factory=lambda: ["video", "audio"],
-        metadata={"help": f"annotation columns to load, among {list(COLUMNS)} (image or video, not both)"},
+    modalities: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "annotation columns to load: media columns of the model's modalities (image or video, not both) "
+            "and subtitle (default: one column per encoder, videos rather than images, and subtitle)"
+        },
     )
     retrieval_targets: list[str] | None = field(
         default=None,
-        metadata={"help": f"retrieval reported at evaluation, among {list(RETRIEVAL_TARGETS)} (default: loaded ones)"},
+        metadata={
+            "help": "retrieval reported at evaluation: the model's modalities and fused targets such as va "
+            "(default: every target whose columns are loaded)"
+        },
     )
     num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir"})
@@ -87,11 +84,6 @@ class AdapterArguments:
         metadata={"help": "pretraining losses to train: contrastive, matching, caption"},
     )
     merge_and_save: bool = field(default=False, metadata={"help": "also save the merged model to <output_dir>/merged"})
-
-
-def default_targets(columns: list[str]) -> list[str]:
-    """Every retrieval target whose columns are all loaded."""
-    return [target for target, parts in RETRIEVAL_TARGETS.items() if all(part in columns for part in parts)]
 
 
 def main() -> None:
@@ -127,23 +119,26 @@ def main() -> None:
     model = build_peft_model(model, peft_config)
     model.print_trainable_parameters()
 
-    processor = load_processor(model_args.model_name_or_path, model.config, data_args.num_frames)
-    check_processor_matches(model.config, processor)
-    columns = [
-        m for m in data_args.modalities if m == "subtitle" or MEDIA_COLUMNS[m][2] in model.config.knowledge_modalities
-    ]
-    targets = data_args.retrieval_targets or default_targets(columns)
-    train_dataset = load_annotation_dataset(data_args.train_file)
-    eval_dataset = load_annotation_dataset(data_args.validation_file) if data_args.validation_file else None
-    collator_options = {"max_subtitle_length": model.config.max_subtitle_length}
+    config = model.config
+    processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
+    processor.check_matches(config)
+    train_collator, eval_collator = (
+        MiCoDataCollator(processor, data_args.modalities, training=training, config=config)
+        for training in (True, False)
+    )
+    targets = data_args.retrieval_targets or targets_for_columns(config, train_collator.modalities)
+    train_dataset = load_annotation_dataset(data_args.train_file, config=config)
+    eval_dataset = (
+        load_annotation_dataset(data_args.validation_file, config=config) if data_args.validation_file else None
+    )
 
     trainer = MiCoRetrievalTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=MiCoDataCollator(processor, columns, training=True, **collator_options),
-        eval_data_collator=MiCoDataCollator(processor, columns, training=False, **collator_options),
+        data_collator=train_collator,
+        eval_data_collator=eval_collator,
         processing_class=processor,
         compute_metrics=retrieval_compute_metrics(targets) if targets else None,
         retrieval_targets=targets,

@@ -22,16 +22,9 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
-from modeling_mico.data import (
-    COLUMNS,
-    MEDIA_COLUMNS,
-    MiCoDataCollator,
-    check_processor_matches,
-    config_for_size,
-    load_annotation_dataset,
-    processor_for_config,
-)
-from modeling_mico.evaluation import EvalCollatorTrainer
+from modeling_mico.annotations import load_annotation_dataset
+from modeling_mico.data import MiCoDataCollator
+from modeling_mico.trainer_mico import EvalCollatorTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -56,9 +49,12 @@ class DataArguments:
     train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
     validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
     streaming: bool = field(default=False, metadata={"help": "stream the annotations (needs --max_steps)"})
-    modalities: list[str] = field(
-        default_factory=lambda: ["video", "audio", "depth", "normal", "subtitle"],
-        metadata={"help": f"annotation columns to load, among {list(COLUMNS)} (image or video, not both)"},
+    modalities: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "annotation columns to load: media columns of the model's modalities (image or video, not both) "
+            "and subtitle (default: one column per encoder, videos rather than images, and subtitle)"
+        },
     )
     image_size: int | None = field(default=None, metadata={"help": "input resolution of a fresh model"})
     num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
@@ -79,7 +75,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> MiCoFor
     if os.path.isfile(model_args.config_name):
         config = MiCoConfig.from_json_file(model_args.config_name)
     else:
-        config = config_for_size(model_args.config_name)
+        config = MiCoConfig.from_preset(model_args.config_name)
     if data_args.image_size:
         config.vision_config.image_size = data_args.image_size
     if model_args.attn_implementation:
@@ -96,8 +92,8 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, config
         if data_args.num_slices:
             processor.feature_extractor.num_slices = data_args.num_slices
     else:
-        processor = processor_for_config(config, num_frames=data_args.num_frames, num_slices=data_args.num_slices)
-    check_processor_matches(config, processor)
+        processor = MiCoProcessor.from_config(config, num_frames=data_args.num_frames, num_slices=data_args.num_slices)
+    processor.check_matches(config)
     return processor
 
 
@@ -139,24 +135,17 @@ def main() -> None:
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
 
-    train_dataset = load_annotation_dataset(data_args.train_file, streaming=data_args.streaming)
+    train_dataset = load_annotation_dataset(data_args.train_file, streaming=data_args.streaming, config=model.config)
     eval_dataset = (
-        load_annotation_dataset(data_args.validation_file, streaming=data_args.streaming)
+        load_annotation_dataset(data_args.validation_file, streaming=data_args.streaming, config=model.config)
         if data_args.validation_file
         else None
     )
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a streamed data set has no length)")
-    modalities = [
-        m for m in data_args.modalities if m == "subtitle" or MEDIA_COLUMNS[m][2] in model.config.knowledge_modalities
-    ]
     train_collator, eval_collator = (
         MiCoDataCollator(
-            processor,
-            modalities,
-            training=training,
-            skip_broken=data_args.skip_broken,
-            max_subtitle_length=model.config.max_subtitle_length,
+            processor, data_args.modalities, training=training, skip_broken=data_args.skip_broken, config=model.config
         )
         for training in (True, False)
     )

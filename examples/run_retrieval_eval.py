@@ -5,8 +5,11 @@ On the synthetic data set (see examples/make_synthetic_dataset.py) with a model 
     python examples/run_retrieval_eval.py --model_name_or_path runs/tiny --test_file data/synthetic/test.jsonl \
         --output_dir runs/tiny/retrieval --modalities video audio depth normal va --itm_rerank_top_k 10
 
-Writes `retrieval_results.json` (keys such as `t2v/R@1`, `v2t/R@1`, `t2va/R@1`; percentages; matching-head re-ranked
-results under `itm/`), one `similarity_<target>.png` heat-map per target, and prints a Markdown table.
+Targets are the model's modalities (video, audio, image, depth, normal, declared ones such as thermal) and the fused
+combinations of its fused heads (va = video + audio, id = image + depth, ...): see `modeling_mico.evaluation`.
+Writes `retrieval_results.json` (keys such as `t2v/R@1`, `v2t/R@1`, `t2va/R@1`, `t2thermal/R@1`; percentages;
+matching-head re-ranked results under `itm/`), one `similarity_<target>.png` heat-map per target, and prints a Markdown
+table.
 """
 
 import argparse
@@ -20,9 +23,9 @@ from transformers import AutoModel
 import modeling_mico  # noqa: F401  (registers MiCo with the Auto classes)
 from modeling_mico.annotations import FORMATS, load_annotations
 from modeling_mico.evaluation import (
-    RETRIEVAL_TARGETS,
     load_processor,
     resolve_device_and_dtype,
+    resolve_targets,
     retrieval_results,
     score_retrieval,
     write_results,
@@ -39,8 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test_file", required=True, help="annotation file (see modeling_mico.annotations)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument(
-        "--modalities", nargs="+", default=["video"], choices=list(RETRIEVAL_TARGETS),
-        help="retrieval targets: single modalities, or va (video+audio) / id (image+depth) through the fused heads",
+        "--modalities",
+        nargs="+",
+        default=["video"],
+        help="retrieval targets: the model's modalities, or fused ones such as va (video+audio) / id (image+depth)",
     )
     parser.add_argument("--itm_rerank_top_k", type=int, default=None, help="re-rank each query's top k by matching")
     parser.add_argument("--batch_size", type=int, default=16, help="items, captions or matching pairs per pass")
@@ -73,12 +78,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     options = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     model = AutoModel.from_pretrained(args.model_name_or_path, dtype=dtype, **options).to(device).eval()
+    resolve_targets(model.config, args.modalities)  # unknown targets fail before the data is read
     processor = load_processor(args.model_name_or_path, model.config, args.num_frames)
-    rows = load_annotations(args.test_file, args.annotation_format, args.media_root, args.split)
+    rows = load_annotations(args.test_file, args.annotation_format, args.media_root, args.split, config=model.config)
     logger.info(f"{len(rows)} items from {args.test_file}; targets {args.modalities}; {device}, {dtype}")
 
     scores = score_retrieval(
-        model, processor, rows, args.modalities, args.batch_size, args.itm_rerank_top_k, args.skip_missing,
+        model,
+        processor,
+        rows,
+        args.modalities,
+        args.batch_size,
+        args.itm_rerank_top_k,
+        args.skip_missing,
         source=args.test_file,
     )
     results = retrieval_results(scores)

@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 
 
-DIRECTIONS = ("t2v", "v2t", "t2a", "a2t", "t2va", "va2t")
-
-
 def retrieval_table(results: dict) -> str:
+    """Every direction of the results (text->target and back, contrastive, not re-ranked) against chance."""
     chance_r1 = 100 / results["num_items"]
     chance_r5 = min(100.0, 5 * chance_r1)
     lines = ["| direction | R@1 | R@5 | chance R@1 | chance R@5 |", "| --- | --- | --- | --- | --- |"]
-    for direction in DIRECTIONS:
-        if f"{direction}/R@1" in results:
+    directions = [key.removesuffix("/R@1") for key in results if key.endswith("/R@1") and key.count("/") == 1]
+    for direction in directions:
+        if direction != "chance" and f"{direction}/R@5" in results:
             lines.append(
                 f"| {direction} | {results[f'{direction}/R@1']:.1f} | {results[f'{direction}/R@5']:.1f} "
                 f"| {chance_r1:.1f} | {chance_r5:.1f} |"

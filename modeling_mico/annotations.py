@@ -1,12 +1,16 @@
-"""Loaders for common captioning / retrieval annotation formats, into MiCo's own row format.
+"""Annotation readers: common captioning / retrieval formats into MiCo's own rows, and annotation files into a
+🤗 `datasets` data set for training.
 
-Every loader returns a list of rows (one per item)::
+Every loader of `load_annotations` returns a list of rows (one per item)::
 
-    {"id": str, "captions": [str, ...], "caption": captions[0], "video" | "image" | "audio" | "depth" | "normal": path}
+    {"id": str, "captions": [str, ...], "caption": captions[0], <media column>: path, ...}
 
-plus any extra fields the source carries (``subtitle``, ``split``, ``start_time``, ...). Media paths are joined to
-``media_root`` or, when it is not given, to the annotation file's directory (absolute paths are kept as they are).
-`flatten_captions` turns the rows into the `(texts, text_to_item)` pair that `retrieval.retrieval_metrics` expects.
+plus any extra fields the source carries (``subtitle``, ``split``, ``start_time``, ...). The media columns are those of
+the modality registry (`ModalitySpec.column`): ``image``, ``video``, ``audio``, ``depth``, ``normal`` and any modality
+declared in the model's configuration (pass ``config=`` to read, say, a ``thermal`` column as a path). Media paths are
+joined to ``media_root`` or, when it is not given, to the annotation file's directory (absolute paths are kept as they
+are). `flatten_captions` turns the rows into the `(texts, text_to_item)` pair that `retrieval.retrieval_metrics`
+expects.
 
 Supported formats (``format=`` name, see `load_annotations`):
 
@@ -20,6 +24,11 @@ Supported formats (``format=`` name, see `load_annotations`):
 - ``"audiocaps"``: CSV ``audiocap_id,youtube_id,start_time,caption``, grouped by ``youtube_id``; media
   ``<root>/<youtube_id>.wav``.
 - ``"clotho"``: CSV ``file_name,caption_1..caption_5``; media ``<root>/<file_name>``.
+
+`load_annotation_dataset` reads MiCo annotation files (JSON lines, JSON, CSV or parquet) with 🤗 `datasets`
+(``streaming=True`` for data sets too large to index) for `data.MiCoDataCollator`: rows have ``caption`` (a string)
+or ``captions`` (a list; training picks one at random), any of the media columns and ``subtitle`` (the subtitle text,
+or the path of a ``.txt`` file holding it). Rows may lack modalities (missing, null or empty).
 """
 
 from __future__ import annotations
@@ -31,11 +40,31 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .configuration_mico import BUILTIN_MODALITIES, SUBTITLE, MiCoConfig, ModalitySpec
 
-MEDIA_KEYS = ("video", "image", "audio", "depth", "normal")
+
 FORMATS = ("mico", "msrvtt", "karpathy", "coco", "audiocaps", "clotho")
+# Annotation file extension -> the 🤗 `datasets` builder that reads it (`load_annotation_dataset`).
+ANNOTATION_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 Row = dict[str, Any]
+
+
+def modality_specs(config: MiCoConfig | None = None) -> dict[str, ModalitySpec]:
+    """The modality registry of `config` (name -> `ModalitySpec`, in context order), or every built-in modality
+    when no configuration is given."""
+    return dict(config.modality_specs if config is not None else BUILTIN_MODALITIES)
+
+
+def media_keys(config: MiCoConfig | None = None) -> tuple[str, ...]:
+    """The annotation columns holding media paths: `ModalitySpec.column` of every modality of `config` (default:
+    the built-in modalities)."""
+    return tuple(spec.column for spec in modality_specs(config).values())
+
+
+def is_present(value: Any) -> bool:
+    """Missing, null, NaN and empty values mean the row lacks that field."""
+    return value is not None and value == value and value != "" and value != []
 
 
 class _Source:
@@ -114,8 +143,8 @@ def _read_json_or_lines(path: Path) -> Any:
     return records
 
 
-def _parse_mico(data: Any, source: _Source) -> list[Row]:
-    """MiCo rows / the flat BLIP-VAST list: captions plus media paths relative to the media root."""
+def _parse_mico(data: Any, source: _Source, keys: Sequence[str]) -> list[Row]:
+    """MiCo rows / the flat BLIP-VAST list: captions plus media paths (`keys`) relative to the media root."""
     if not isinstance(data, list):
         raise source.error("expected a list of rows (or JSON lines)")
     rows = []
@@ -126,7 +155,7 @@ def _parse_mico(data: Any, source: _Source) -> list[Row]:
             raise source.error("missing 'caption' / 'captions'", index)
         captions = _captions(record.get("captions", record.get("caption")), source, index)
         extra = {key: value for key, value in record.items() if key not in ("id", "caption", "captions")}
-        extra.update({key: source.media(record[key]) for key in MEDIA_KEYS if key in record})
+        extra.update({key: source.media(record[key]) for key in keys if key in record})
         rows.append(_make_row(record.get("id", index), captions, **extra))
     return rows
 
@@ -254,15 +283,15 @@ def _parse_clotho(records: list[dict[str, str]], header: Sequence[str], source: 
 # ------------------------------------------------------------------------------------------------- detection / API
 
 
-def _detect_json(data: Any, source: _Source) -> str:
-    """Name the JSON format from its structure."""
+def _detect_json(data: Any, source: _Source, keys: Sequence[str]) -> str:
+    """Name the JSON format from its structure (`keys`: the media columns)."""
     if isinstance(data, dict):
         if "images" in data:
             return "karpathy"
         if "videos" in data and "sentences" in data:
             return "msrvtt"
     elif isinstance(data, list) and data and isinstance(data[0], dict):
-        if any(key in data[0] for key in MEDIA_KEYS):
+        if any(key in data[0] for key in keys):
             return "mico"
         if "video_id" in data[0] or "clip_name" in data[0]:
             return "msrvtt"
@@ -285,6 +314,7 @@ def load_annotations(
     split: str | None = None,
     video_extension: str = ".mp4",
     audio_extension: str = ".wav",
+    config: MiCoConfig | None = None,
 ) -> list[Row]:
     """Load an annotation file into MiCo rows (see the module docstring for the formats).
 
@@ -296,6 +326,8 @@ def load_annotations(
             MiCo rows); an error for a file without split information.
         video_extension: extension appended to MSR-VTT video ids.
         audio_extension: extension appended to AudioCaps YouTube ids.
+        config: the model's configuration, whose modalities name the media columns of MiCo rows (`media_keys`);
+            default: the built-in modalities.
     """
     path = Path(path)
     if not path.is_file():
@@ -312,9 +344,10 @@ def load_annotations(
         }
     else:
         data = _read_json_or_lines(path)
-        format = _detect_json(data, source) if format == "auto" else format
+        keys = media_keys(config)
+        format = _detect_json(data, source, keys) if format == "auto" else format
         parsers = {
-            "mico": lambda: _parse_mico(data, source),
+            "mico": lambda: _parse_mico(data, source, keys),
             "msrvtt": lambda: _parse_msrvtt(data, source, video_extension),
             "karpathy": lambda: _parse_karpathy(data, source),
             "coco": lambda: _parse_karpathy(data, source),
@@ -335,3 +368,53 @@ def flatten_captions(rows: Sequence[Row]) -> tuple[list[str], list[int]]:
         texts.extend(captions)
         text_to_item.extend([index] * len(captions))
     return texts, text_to_item
+
+
+# ------------------------------------------------------------------------------------------ training data sets
+
+
+def _resolve_row(row: dict, root: str, columns: Sequence[str]) -> dict:
+    """Join relative media paths (the media `columns`, and `.txt` subtitle paths) to `root`."""
+    resolved = {}
+    for column in (*columns, SUBTITLE):
+        value = row.get(column)
+        is_path = column != SUBTITLE or (isinstance(value, str) and value.endswith(".txt"))
+        if column in row and is_present(value) and is_path:
+            resolved[column] = os.path.join(root, value)
+    return resolved
+
+
+def load_annotation_dataset(
+    data_files: str | os.PathLike | Sequence[str | os.PathLike],
+    streaming: bool = False,
+    config: MiCoConfig | None = None,
+):  # -> datasets.Dataset | datasets.IterableDataset
+    """Read one or several annotation files (`.jsonl`, `.json`, `.csv`, `.parquet`) into one `datasets` data set
+    whose media paths are absolute (each file's relative paths are resolved against its own directory).
+
+    Args:
+        data_files: the annotation file(s).
+        streaming: return an `IterableDataset` that reads the files lazily.
+        config: the model's configuration, whose modalities name the media columns (`media_keys`); default: the
+            built-in modalities.
+    """
+    import datasets
+
+    files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    if not files:
+        raise ValueError("give at least one annotation file")
+    columns = media_keys(config)
+    parts = []
+    for file in files:
+        file = os.path.abspath(os.fspath(file))
+        builder = ANNOTATION_BUILDERS.get(os.path.splitext(file)[1].lower())
+        if builder is None:
+            raise ValueError(f"{file}: annotation files must end in one of {sorted(ANNOTATION_BUILDERS)}")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"annotation file not found: {file}")
+        dataset = datasets.load_dataset(builder, data_files=file, split="train", streaming=streaming)
+        found = dataset.column_names or []
+        if "caption" not in found and "captions" not in found:
+            raise ValueError(f"{file}: rows need a `caption` or `captions` column, found {found}")
+        parts.append(dataset.map(_resolve_row, fn_kwargs={"root": os.path.dirname(file), "columns": columns}))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

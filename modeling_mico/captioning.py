@@ -1,7 +1,10 @@
-"""Caption folders of images, videos and audio clips with [`MiCoForConditionalGeneration`].
+"""Caption media files with [`MiCoForConditionalGeneration`], routed to the model's modalities by file extension.
 
-The files are grouped by modality (each becomes one kind of model input), preprocessed by [`MiCoProcessor`] and
-captioned in batches; `examples/run_captioning.py` is a command line around [`caption_files`].
+A file's modality comes from the extensions each modality of the model's registry declares (`ModalitySpec.extensions`:
+images, videos, audio clips, depth `.npy` arrays, and declared modalities such as `thermal` with their extensions). A
+file whose extension no modality declares, or one that several declare, needs `modality=` (e.g. depth maps stored as
+PNG: `modality="depth"`). The files are grouped by modality (each becomes one kind of model input), preprocessed by
+[`MiCoProcessor`] and captioned in batches; `examples/run_captioning.py` is a command line around [`caption_files`].
 """
 
 from __future__ import annotations
@@ -14,37 +17,51 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-
-# File extension -> knowledge modality.
-MEDIA_EXTENSIONS = {
-    **dict.fromkeys((".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"), "image"),
-    **dict.fromkeys((".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"), "video"),
-    **dict.fromkeys((".wav", ".flac", ".mp3", ".ogg", ".m4a"), "audio"),
-}
-
-# Modality -> (processor argument, model input).
-MODALITY_INPUTS = {
-    "image": ("images", "pixel_values"),
-    "video": ("videos", "pixel_values_videos"),
-    "audio": ("audio", "input_features"),
-}
+from .annotations import modality_specs
+from .configuration_mico import MiCoConfig
 
 
-def media_modality(path: str | os.PathLike) -> str | None:
-    """`"image"`, `"video"`, `"audio"` from the file extension, or `None` for other files."""
-    return MEDIA_EXTENSIONS.get(Path(path).suffix.lower())
+def media_extensions(config: MiCoConfig | None = None) -> dict[str, list[str]]:
+    """File extension -> the modalities of `config` (default: the built-in ones) that declare it."""
+    extensions: dict[str, list[str]] = {}
+    for spec in modality_specs(config).values():
+        for extension in spec.extensions:
+            extensions.setdefault(extension, []).append(spec.name)
+    return extensions
 
 
-def collect_media_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files and (recursively, sorted) folder contents with a known media extension, in the order given."""
+def media_modality(
+    path: str | os.PathLike, config: MiCoConfig | None = None, modality: str | None = None
+) -> str | None:
+    """The modality of a media file: `modality` when given (checked against `config`'s modalities), else the one
+    that declares the file's extension, or `None` when none does; an extension that several modalities declare is an
+    error asking for `modality`."""
+    specs = modality_specs(config)
+    if modality is not None:
+        if modality not in specs:
+            raise ValueError(f"unknown modality {modality!r}; this model takes {list(specs)}")
+        return modality
+    suffix = Path(path).suffix.lower()
+    names = media_extensions(config).get(suffix, [])
+    if len(names) > 1:
+        raise ValueError(f"{path}: the extension {suffix!r} is declared by {names}; say which with `modality`")
+    return names[0] if names else None
+
+
+def collect_media_files(
+    inputs: Iterable[str | os.PathLike], config: MiCoConfig | None = None, modality: str | None = None
+) -> list[Path]:
+    """Files and (recursively, sorted) folder contents with an extension of `config`'s modalities (every file of a
+    folder when `modality` is given), in the order given."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files.extend(p for p in sorted(path.rglob("*")) if p.is_file() and media_modality(p))
+            files.extend(p for p in sorted(path.rglob("*")) if p.is_file() and media_modality(p, config, modality))
         elif path.is_file():
-            if media_modality(path) is None:
-                raise ValueError(f"{path}: unknown media extension (known: {', '.join(sorted(MEDIA_EXTENSIONS))})")
+            if media_modality(path, config, modality) is None:
+                known = ", ".join(sorted(media_extensions(config)))
+                raise ValueError(f"{path}: unknown media extension (known: {known}); say which with `modality`")
             files.append(path)
         else:
             raise FileNotFoundError(path)
@@ -63,6 +80,8 @@ def resolve_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> to
     if dtype == "auto":
         on_gpu = torch.device(device).type == "cuda"
         return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return getattr(torch, dtype)
 
 
@@ -73,41 +92,49 @@ def caption_files(
     batch_size: int = 8,
     num_frames: int | None = None,
     progress: bool = True,
+    modality: str | None = None,
     **generate_kwargs: Any,
 ) -> list[dict[str, str]]:
     """Caption media files; returns `{"path", "modality", "caption"}` records in the order of `paths`.
 
     Args:
-        model ([`MiCoForConditionalGeneration`]): the captioner (its device and dtype receive the inputs).
+        model ([`MiCoForConditionalGeneration`]): the captioner (its device and dtype receive the inputs; its
+            configuration's modalities route the files).
         processor ([`MiCoProcessor`]): preprocessing and decoding.
-        paths: image, video and audio files (see `MEDIA_EXTENSIONS`); each batch holds a single modality.
+        paths: media files (see `media_modality`); each batch holds a single modality.
         batch_size (`int`, *optional*, defaults to 8): files per `generate` call.
-        num_frames (`int`, *optional*): frames sampled per video (default: the processor's).
+        num_frames (`int`, *optional*): frames sampled per clip of video-like modalities (default: the processor's).
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar.
+        modality (`str`, *optional*): the modality of every file, for extensions that name none or several.
         generate_kwargs: passed to `model.generate` (`num_beams`, `max_new_tokens`, ...).
     """
+    config = model.config
+    specs = config.modality_specs
     paths = [Path(path) for path in paths]
+    modalities = []
     by_modality: dict[str, list[int]] = {}
     for index, path in enumerate(paths):
-        modality = media_modality(path)
-        if modality is None:
-            raise ValueError(f"{path}: unknown media extension")
-        by_modality.setdefault(modality, []).append(index)
+        name = media_modality(path, config, modality)
+        if name is None:
+            raise ValueError(f"{path}: unknown media extension; say which modality with `modality`")
+        modalities.append(name)
+        by_modality.setdefault(name, []).append(index)
 
     captions: list[str | None] = [None] * len(paths)
     with tqdm(total=len(paths), desc="captioning", unit="file", disable=not progress) as bar:
-        for modality, indices in by_modality.items():
-            argument, input_name = MODALITY_INPUTS[modality]
-            options = {"num_frames": num_frames} if modality == "video" and num_frames else {}
+        for name, indices in by_modality.items():
+            spec = specs[name]
+            options = {"num_frames": num_frames} if spec.layout == "video" and num_frames else {}
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size]
-                features = processor(**{argument: [str(paths[i]) for i in batch]}, **options, return_tensors="pt")
-                values = features[input_name].to(model.device, model.dtype)
-                ids = model.generate(**{input_name: values}, **generate_kwargs)
+                files = [str(paths[i]) for i in batch]
+                features = processor(**{spec.processor_argument: files}, **options, return_tensors="pt")
+                values = features[spec.input_name].to(model.device, model.dtype)
+                ids = model.generate(**{spec.input_name: values}, **generate_kwargs)
                 for i, caption in zip(batch, processor.batch_decode(ids, skip_special_tokens=True)):
                     captions[i] = caption.strip()
                 bar.update(len(batch))
     return [
-        {"path": str(path), "modality": media_modality(path), "caption": caption}
-        for path, caption in zip(paths, captions)
+        {"path": str(path), "modality": name, "caption": caption}
+        for path, name, caption in zip(paths, modalities, captions)
     ]

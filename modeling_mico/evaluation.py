@@ -2,37 +2,45 @@
 
 Every caption and every item is encoded once (batched): the caption through the text branch, each item through the
 shared ViT, from whose tokens come both the pooled contrastive features and, for matching re-ranking, the multimodal
-context. Retrieval targets are single modalities (``video``, ``audio``, ``image``, ``depth``, ``normal``) or fused
-combinations through the model's fused heads (``va`` = video + audio, ``id`` = image + depth). The similarity of a
-caption and an item is the cosine of their contrastive embeddings; optionally each query's top-k candidates are
-re-ranked by the matching head over the item's multimodal context (the original's ``itm_rerank_num``).
+context. The similarity of a caption and an item is the cosine of their contrastive embeddings (the model's
+`project`); optionally each query's top-k candidates are re-ranked by the matching head over the item's multimodal
+context (the original's ``itm_rerank_num``).
 
-Result keys follow `retrieval.retrieval_metrics`: ``t2v/R@1`` ... ``v2t/MeanR`` from the contrastive similarity, and
-with re-ranking the same keys under ``itm/`` (``itm/t2v/R@1``); plus ``num_items``, ``num_texts`` and the chance level
-``chance/R@1`` = 100 / num_items.
+Retrieval targets come from the model's configuration (`retrieval_targets`): every modality of its registry
+(``image``, ``video``, ``audio``, ``depth``, ``normal``, declared ones such as ``thermal``), and every combination of
+modalities that a fused head of ``config.fused_heads`` projects (one modality per encoder of the head; heads that
+take the subtitle are not media targets): ``va`` = video + audio, ``id`` = image + depth, and also ``ia`` = image +
+audio, ``vd`` = video + depth.
 
-The module also provides what `Trainer` needs to report retrieval during fine-tuning: `MiCoRetrievalTrainer` returns
-the batch's text and item embeddings as predictions and `retrieval_compute_metrics(targets)` turns them into metrics.
+Result keys follow `retrieval.retrieval_metrics` with the prefix `target_prefix(target)`: ``t2`` followed by the
+target's key, where a built-in modality is keyed by the first letter of its name (``t2v``, ``t2a``, ``t2i``, ``t2d``,
+``t2n``), a declared one by its full name (``t2thermal``), and a fused target by its name, which joins the keys of its
+modalities (``t2va``, ``t2id``; with a ``+`` when a key is longer than one letter: ``t2v+thermal``). The item->text
+direction is the reverse (``v2t``, ``thermal2t``). With re-ranking, the same keys come under ``itm/``
+(``itm/t2v/R@1``); plus ``num_items``, ``num_texts`` and the chance level ``chance/R@1`` = 100 / num_items.
+
+`batch_retrieval_embeddings` gives the text and target embeddings of one collated batch, which
+`trainer_mico.MiCoRetrievalTrainer` returns as predictions during fine-tuning.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, EvalPrediction, Trainer
+from transformers import AutoProcessor
 from transformers.utils import logging
 
 from .annotations import flatten_captions
-from .configuration_mico import MiCoConfig
-from .data import MEDIA_COLUMNS, processor_for_config
+from .captioning import resolve_device, resolve_dtype
+from .configuration_mico import BUILTIN_MODALITIES, SUBTITLE, MiCoConfig
 from .processing_mico import MiCoProcessor
 from .retrieval import rerank_top_k as rerank
 from .retrieval import retrieval_metrics
@@ -40,31 +48,70 @@ from .retrieval import retrieval_metrics
 
 logger = logging.get_logger(__name__)
 
-# Retrieval target -> the annotation columns it needs (one: its contrastive head; several: the fused head combining
-# their modalities).
-RETRIEVAL_TARGETS: dict[str, tuple[str, ...]] = {
-    "video": ("video",),
-    "audio": ("audio",),
-    "image": ("image",),
-    "depth": ("depth",),
-    "normal": ("normal",),
-    "va": ("video", "audio"),
-    "id": ("image", "depth"),
-}
-
-# Retrieval target -> name of its text->item direction (the item->text direction is the reverse, e.g. "v2t").
-TARGET_PREFIXES = {
-    "video": "t2v",
-    "audio": "t2a",
-    "image": "t2i",
-    "depth": "t2d",
-    "normal": "t2n",
-    "va": "t2va",
-    "id": "t2id",
-}
-
 # Key namespace of the matching-head re-ranked results.
 RERANK_NAMESPACE = "itm"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _modality_key(name: str) -> str:
+    """A built-in modality is keyed by the first letter of its name (``v``, ``i``, ``a``, ``d``, ``n``), a declared
+    one by its name (``thermal``): the one-letter key of a declared modality could read as ``t``ext."""
+    return name[0] if name in BUILTIN_MODALITIES else name
+
+
+def _fused_target_name(modalities: Sequence[str]) -> str:
+    keys = [_modality_key(name) for name in modalities]
+    return "".join(keys) if all(len(key) == 1 for key in keys) else "+".join(keys)
+
+
+def target_prefix(target: str) -> str:
+    """Name of a target's text->item direction: ``t2`` + its key (``video`` -> ``t2v``, ``va`` -> ``t2va``,
+    ``thermal`` -> ``t2thermal``); the item->text direction is its reverse (``v2t``)."""
+    return f"t2{_modality_key(target) if target in BUILTIN_MODALITIES else target}"
+
+
+def retrieval_targets(config: MiCoConfig) -> dict[str, tuple[str, ...]]:
+    """Retrieval target -> the modalities (registry names) it embeds, in context order: every modality of `config`
+    (its contrastive head), then every combination of modalities, one per encoder, that a fused head projects."""
+    specs = config.modality_specs
+    targets = {name: (name,) for name in specs}
+    order = list(specs)
+    for parts in config.fused_heads.values():
+        if SUBTITLE in parts:
+            continue
+        choices = [[name for name, spec in specs.items() if spec.encoder == part] for part in parts]
+        for combination in itertools.product(*choices):
+            combination = tuple(sorted(combination, key=order.index))
+            targets.setdefault(_fused_target_name(combination), combination)
+    return targets
+
+
+def resolve_targets(config: MiCoConfig, targets: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The modalities of each of `targets`, refusing names that are not targets of this model."""
+    known = retrieval_targets(config)
+    unknown = [target for target in targets if target not in known]
+    if unknown:
+        raise ValueError(f"unknown retrieval targets {unknown}; this model's targets are {list(known)}")
+    return {target: known[target] for target in targets}
+
+
+def target_modalities(config: MiCoConfig, targets: Sequence[str]) -> list[str]:
+    """The modalities needed by `targets`, each once, in first-use order."""
+    return list(dict.fromkeys(name for names in resolve_targets(config, targets).values() for name in names))
+
+
+def targets_for_columns(config: MiCoConfig, columns: Sequence[str]) -> list[str]:
+    """Every retrieval target whose media columns are all in `columns` (e.g. the columns a collator loads)."""
+    specs = config.modality_specs
+    return [
+        target
+        for target, names in retrieval_targets(config).items()
+        if all(specs[name].column in columns for name in names)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -74,19 +121,12 @@ RERANK_NAMESPACE = "itm"
 
 def resolve_device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """`auto` picks CUDA when present, and bfloat16 on a GPU that supports it (float32 otherwise)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return device, torch.bfloat16 if bf16 else torch.float32
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return device, getattr(torch, dtype)
+    device = resolve_device(device)
+    return device, resolve_dtype(dtype, device)
 
 
 def load_processor(model_name_or_path: str, config: MiCoConfig, num_frames: int | None = None) -> MiCoProcessor:
-    """The processor saved with the model, or (when the model has none) the default one at the model's input size."""
+    """The processor saved with the model, or (when the model has none) `MiCoProcessor.from_config(config)`."""
     try:
         processor = AutoProcessor.from_pretrained(model_name_or_path)
     except (OSError, ValueError) as err:
@@ -94,55 +134,28 @@ def load_processor(model_name_or_path: str, config: MiCoConfig, num_frames: int 
             f"no processor found with {model_name_or_path} ({type(err).__name__}); using the default MiCoProcessor at "
             f"the model's image size {config.vision_config.image_size}"
         )
-        processor = processor_for_config(config)
+        processor = MiCoProcessor.from_config(config)
     if num_frames:
         processor.num_frames = num_frames
     return processor
 
 
-def target_columns(targets: Sequence[str]) -> list[str]:
-    """The annotation columns needed by `targets`, each once, in first-use order."""
-    unknown = [target for target in targets if target not in RETRIEVAL_TARGETS]
-    if unknown:
-        raise ValueError(f"unknown retrieval targets {unknown}; choose among {list(RETRIEVAL_TARGETS)}")
-    return list(dict.fromkeys(column for target in targets for column in RETRIEVAL_TARGETS[target]))
+def mico_base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The `MiCoModel` that holds the projection API: `model` itself, the base model a head class composes
+    (`model.mico`), or the one inside a PEFT wrapper (whose adapters stay in place)."""
+    if hasattr(model, "get_base_model"):  # a peft.PeftModel
+        model = model.get_base_model()
+    return model.base_model
 
 
-def column_modality(column: str, config: MiCoConfig) -> str:
-    """The knowledge modality that encodes an annotation column, refusing one the model was not configured with."""
-    modality = MEDIA_COLUMNS[column][2]
-    if modality not in config.knowledge_modalities:
-        raise ValueError(
-            f"the model has no {modality!r} modality for the {column!r} column; "
-            f"its knowledge modalities are {list(config.knowledge_modalities)}"
-        )
-    return modality
-
-
-def fused_head_name(config: MiCoConfig, modalities: Sequence[str]) -> str:
-    """The fused head combining exactly `modalities` (`config.fused_heads`)."""
-    for name, parts in config.fused_heads.items():
-        if set(parts) == set(modalities):
-            return name
-    raise ValueError(f"no fused head combines {sorted(modalities)}; configured: {dict(config.fused_heads)}")
-
-
-def item_embeddings(model: torch.nn.Module, pooled: dict[str, torch.Tensor], target: str) -> torch.Tensor:
-    """L2-normalised contrastive embeddings of a target from the pooled (pre-head) features of its columns."""
-    config = model.config
-    columns = RETRIEVAL_TARGETS[target]
-    if len(columns) == 1:
-        features = model.contrastive_heads[column_modality(columns[0], config)](pooled[columns[0]])
-    else:
-        by_modality = {column_modality(column, config): pooled[column] for column in columns}
-        head = fused_head_name(config, list(by_modality))
-        features = model.fused_heads[head](torch.cat([by_modality[part] for part in config.fused_heads[head]], dim=-1))
+def item_embeddings(
+    model: torch.nn.Module, pooled: Mapping[str, torch.Tensor], modalities: Sequence[str]
+) -> torch.Tensor:
+    """L2-normalised contrastive embeddings of a target from the pooled (pre-head) features of its `modalities`
+    (registry names): the modality's own head for one, the fused head combining their encoders for several."""
+    specs = model.config.modality_specs
+    features = model.project({specs[name].encoder: pooled[name] for name in modalities})
     return F.normalize(features.float(), dim=-1)
-
-
-def _context_rank(modality: str, config: MiCoConfig) -> int:
-    """Position of a modality in the multimodal context (vision, audio, depth, then configured extras)."""
-    return config.context_order.index(modality)
 
 
 def _to_model(values: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -166,7 +179,7 @@ class EncodedTexts:
 
 @dataclass
 class EncodedItems:
-    """Per column: pooled ViT features `(N, C)` and, when asked for, the multimodal context `(N, L, D)` (CPU)."""
+    """Per modality: pooled ViT features `(N, C)` and, when asked for, the multimodal context `(N, L, D)` (CPU)."""
 
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
     contexts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -181,7 +194,9 @@ def encode_texts(
     embeds, ids, masks = [], [], []
     for start in tqdm(range(0, len(texts), batch_size), desc="Encoding texts", disable=not progress):
         tokens = processor(text=list(texts[start : start + batch_size]), return_tensors="pt")
-        features = model.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        features = model.get_text_features(
+            tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        ).pooler_output
         embeds.append(F.normalize(features.float(), dim=-1).cpu())
         ids.append(tokens["input_ids"])
         masks.append(tokens["attention_mask"])
@@ -193,29 +208,30 @@ def encode_items(
     model: torch.nn.Module,
     processor: MiCoProcessor,
     rows: Sequence[dict[str, Any]],
-    columns: Sequence[str],
+    modalities: Sequence[str],
     batch_size: int = 16,
     keep_context: bool = False,
     progress: bool = True,
 ) -> EncodedItems:
-    """Decode and encode every item's media once per column: the ViT runs once and feeds both the pooled features
-    and (with `keep_context`, for matching re-ranking) the bridged multimodal context, cached on the CPU."""
+    """Decode and encode every item's media once per modality (registry name; the row's `ModalitySpec.column`):
+    the ViT runs once and feeds both the pooled features and (with `keep_context`, for matching re-ranking) the
+    bridged multimodal context, cached on the CPU."""
     device, dtype = model.device, model.dtype
+    specs = model.config.modality_specs
     encoded = EncodedItems()
-    for column in columns:
-        modality = column_modality(column, model.config)
-        argument, input_name, _ = MEDIA_COLUMNS[column]
+    for name in modalities:
+        spec = specs[name]
         pooled, contexts = [], []
-        for start in tqdm(range(0, len(rows), batch_size), desc=f"Encoding {column}", disable=not progress):
-            paths = [row[column] for row in rows[start : start + batch_size]]
-            values = processor(**{argument: paths}, return_tensors="pt")[input_name]
-            tokens = model.encode_knowledge(modality, _to_model(values, device, dtype))
-            pooled.append(model.pool_knowledge(tokens).cpu())
+        for start in tqdm(range(0, len(rows), batch_size), desc=f"Encoding {name}", disable=not progress):
+            paths = [row[spec.column] for row in rows[start : start + batch_size]]
+            values = processor(**{spec.processor_argument: paths}, return_tensors="pt")[spec.input_name]
+            tokens = model.encode_modality(name, _to_model(values, device, dtype))
+            pooled.append(model.pool_tokens(tokens).cpu())
             if keep_context:
-                contexts.append(model.context_from_tokens(modality, tokens).cpu())
-        encoded.pooled[column] = torch.cat(pooled)
+                contexts.append(model.context_from_tokens(spec.encoder, tokens).cpu())
+        encoded.pooled[name] = torch.cat(pooled)
         if keep_context:
-            encoded.contexts[column] = torch.cat(contexts)
+            encoded.contexts[name] = torch.cat(contexts)
     return encoded
 
 
@@ -278,18 +294,19 @@ class RetrievalScores:
 
 
 def check_rows(
-    rows: Sequence[dict[str, Any]], targets: Sequence[str], skip_missing: bool = False, source: str | None = None
+    config: MiCoConfig,
+    rows: Sequence[dict[str, Any]],
+    targets: Sequence[str],
+    skip_missing: bool = False,
+    source: str | None = None,
 ) -> list[str]:
     """The targets every row can be evaluated on. A row lacking a needed column raises an error naming it (and
     `source`); with `skip_missing` the target is dropped instead, with a logged count."""
+    specs = config.modality_specs
     kept = []
-    for target in targets:
-        missing = [
-            (index, column)
-            for index, row in enumerate(rows)
-            for column in RETRIEVAL_TARGETS[target]
-            if not row.get(column)
-        ]
+    for target, modalities in resolve_targets(config, targets).items():
+        columns = [specs[name].column for name in modalities]
+        missing = [(index, column) for index, row in enumerate(rows) for column in columns if not row.get(column)]
         if not missing:
             kept.append(target)
             continue
@@ -322,38 +339,38 @@ def score_retrieval(
     """Encode every caption and item once and score every requested target (see the module docstring).
 
     Args:
-        model: a `MiCoModel` (or a head class sharing its methods), in eval mode, on its device and dtype.
+        model: a `MiCoModel` (or a head class composing one, or a PEFT wrapper), in eval mode, on its device and
+            dtype.
         processor: decodes the media and tokenizes the captions.
         rows: annotation rows (`annotations.load_annotations`): `captions` / `caption` and media paths.
-        targets: names of `RETRIEVAL_TARGETS`.
+        targets: names of `retrieval_targets(model.config)`.
         batch_size: items, captions, or (text, item) pairs per forward pass.
         rerank_top_k: re-rank each query's top-k candidates with the matching head (`None`: no re-ranking).
         skip_missing: drop a target some rows cannot provide instead of raising.
         source: the annotation file, named in errors.
         progress: show tqdm progress bars.
     """
-    targets = check_rows(rows, targets, skip_missing, source)
+    model = mico_base_model(model)
+    config = model.config
+    targets = check_rows(config, rows, targets, skip_missing, source)
     if not targets:
         raise ValueError("no retrieval target left to evaluate")
     texts, text_to_item = flatten_captions(rows)
-    columns = target_columns(targets)
+    modalities = target_modalities(config, targets)
     scores = RetrievalScores(text_to_item)
     encoded_texts = encode_texts(model, processor, texts, batch_size, progress)
     encoded = encode_items(
-        model, processor, rows, columns, batch_size, keep_context=bool(rerank_top_k), progress=progress
+        model, processor, rows, modalities, batch_size, keep_context=bool(rerank_top_k), progress=progress
     )
-    for target in targets:
+    specs = config.modality_specs
+    for target, parts in resolve_targets(config, targets).items():
         with torch.no_grad():
-            embeds = item_embeddings(
-                model, {column: encoded.pooled[column].to(model.device) for column in columns}, target
-            )
+            embeds = item_embeddings(model, {name: encoded.pooled[name].to(model.device) for name in parts}, parts)
         similarity = encoded_texts.embeds @ embeds.cpu().t()
         scores.similarity[target] = similarity
         if rerank_top_k:
-            ordered = sorted(
-                RETRIEVAL_TARGETS[target], key=lambda c: _context_rank(column_modality(c, model.config), model.config)
-            )
-            contexts = [encoded.contexts[column] for column in ordered]
+            ordered = sorted(parts, key=lambda name: config.context_order.index(specs[name].encoder))
+            contexts = [encoded.contexts[name] for name in ordered]
             logger.info(f"re-ranking the top {rerank_top_k} candidates of every {target} query with the matching head")
             scores.reranked_t2x[target] = rerank(
                 similarity, rerank_top_k, matching_score_fn(model, encoded_texts, contexts), batch_size
@@ -368,7 +385,7 @@ def retrieval_results(scores: RetrievalScores, ks: Sequence[int] = (1, 5, 10)) -
     """Metrics of every scored target (`retrieval_metrics`), the re-ranked ones under `itm/`, and the counts."""
     results: dict[str, float] = {}
     for target, similarity in scores.similarity.items():
-        prefix = TARGET_PREFIXES[target]
+        prefix = target_prefix(target)
         results.update(retrieval_metrics(similarity, scores.text_to_item, prefix=prefix, ks=ks))
         if target in scores.reranked_t2x:
             forward = retrieval_metrics(scores.reranked_t2x[target], scores.text_to_item, prefix=prefix, ks=ks)
@@ -400,94 +417,34 @@ def evaluate_retrieval(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Trainer integration
+# Batches of a Trainer
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def batch_retrieval_embeddings(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: Sequence[str]
+    model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], targets: Sequence[str]
 ) -> tuple[torch.Tensor, ...]:
-    """`(text_embeds, *target_embeds)` of one collated batch (`MiCoDataCollator` output); a target whose inputs the
-    batch lacks gets NaN rows, which `retrieval_compute_metrics` leaves out."""
-    text = F.normalize(model.get_text_features(inputs["input_ids"], inputs.get("attention_mask")).float(), dim=-1)
+    """`(text_embeds, *target_embeds)` of one collated batch (`MiCoDataCollator` output, keyed by model input
+    names); a target whose inputs the batch lacks gets NaN rows, which `retrieval_compute_metrics` leaves out."""
+    model = mico_base_model(model)
+    specs = model.config.modality_specs
+    targets = resolve_targets(model.config, targets)
+    text = model.get_text_features(inputs["input_ids"], inputs.get("attention_mask")).pooler_output
+    text = F.normalize(text.float(), dim=-1)
     pooled = {}
-    for column in target_columns(targets):
-        input_name = MEDIA_COLUMNS[column][1]
-        if inputs.get(input_name) is not None:
-            tokens = model.encode_knowledge(column_modality(column, model.config), inputs[input_name])
-            pooled[column] = model.pool_knowledge(tokens)
-    embeds = []
-    for target in targets:
-        if all(column in pooled for column in RETRIEVAL_TARGETS[target]):
-            embeds.append(item_embeddings(model, pooled, target))
-        else:
-            embeds.append(torch.full_like(text, float("nan")))
-    return (text, *embeds)
-
-
-def retrieval_compute_metrics(
-    targets: Sequence[str], ks: Sequence[int] = (1, 5, 10)
-) -> Callable[[EvalPrediction], dict[str, float]]:
-    """A `Trainer(compute_metrics=...)` function for `MiCoRetrievalTrainer` predictions `(text, *targets)`: text i
-    describes item i; items without embeddings (NaN, absent from their batch) are left out with their text."""
-    targets = list(targets)
-
-    def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-        text, *items = eval_pred.predictions
-        results: dict[str, float] = {}
-        for target, item in zip(targets, items, strict=True):
-            valid = ~np.isnan(item).any(axis=1)
-            if valid.sum() < 2:
-                continue
-            similarity = torch.from_numpy(text[valid] @ item[valid].T)
-            results.update(
-                retrieval_metrics(similarity, np.arange(int(valid.sum())), prefix=TARGET_PREFIXES[target], ks=ks)
-            )
-        return results
-
-    return compute_metrics
-
-
-class EvalCollatorTrainer(Trainer):
-    """A `Trainer` that collates evaluation batches with their own collator (first caption, middle frames)."""
-
-    def __init__(self, *args, eval_data_collator=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eval_data_collator = eval_data_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = train_collator
-
-
-class MiCoRetrievalTrainer(EvalCollatorTrainer):
-    """A `Trainer` whose evaluation returns text and item embeddings as predictions (for
-    `retrieval_compute_metrics`) beside the pretraining loss, and collates evaluation batches with their own collator
-    (first caption, middle frames).
-
-    Args:
-        retrieval_targets: targets whose embeddings evaluation returns (`RETRIEVAL_TARGETS` names).
-        eval_data_collator: collator of evaluation batches (default: `data_collator`).
-    """
-
-    def __init__(self, *args, retrieval_targets: Sequence[str] = ("video",), **kwargs):
-        super().__init__(*args, **kwargs)
-        target_columns(retrieval_targets)  # validates the names
-        self.retrieval_targets = list(retrieval_targets)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs).detach()
-            if prediction_loss_only:
-                return loss, None, None
-            embeds = batch_retrieval_embeddings(self.accelerator.unwrap_model(model), inputs, self.retrieval_targets)
-        # compute_metrics runs only when labels exist; text i of the evaluation set describes item i
-        labels = torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long, device=loss.device)
-        return loss, embeds, labels
+    for name in target_modalities(model.config, list(targets)):
+        values = inputs.get(specs[name].input_name)
+        if values is not None:
+            pooled[name] = model.pool_tokens(model.encode_modality(name, values))
+    return (
+        text,
+        *(
+            item_embeddings(model, pooled, parts)
+            if all(name in pooled for name in parts)
+            else torch.full_like(text, float("nan"))
+            for parts in targets.values()
+        ),
+    )
 
 
 def write_results(results: dict[str, float], path: str | os.PathLike) -> None:
@@ -498,15 +455,15 @@ def write_results(results: dict[str, float], path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "MiCoRetrievalTrainer",
-    "RETRIEVAL_TARGETS",
     "RetrievalScores",
-    "TARGET_PREFIXES",
+    "batch_retrieval_embeddings",
     "encode_items",
     "encode_texts",
     "evaluate_retrieval",
     "load_processor",
-    "retrieval_compute_metrics",
+    "resolve_targets",
     "retrieval_results",
+    "retrieval_targets",
     "score_retrieval",
+    "target_prefix",
 ]

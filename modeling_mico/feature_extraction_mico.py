@@ -17,14 +17,15 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import soundfile
 import torch
 import torch.nn.functional as F
 from transformers.audio_utils import mel_filter_bank, window_function
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 
+from .configuration_mico import BUILTIN_MODALITIES
 from .image_processing_mico import check_file, check_finite, map_batch
+from .import_utils import require
 from .video_processing_mico import make_generator, sample_segments
 
 
@@ -35,6 +36,7 @@ FFT_LENGTH = 512  # frame length rounded up to a power of two
 PREEMPHASIS = 0.97
 LOW_FREQUENCY = 20.0
 LOG_FLOOR = float(torch.finfo(torch.float32).eps)
+DEFAULT_NUM_SLICES = BUILTIN_MODALITIES["audio"].num_frames  # 3
 
 AudioLike = str | os.PathLike | np.ndarray | torch.Tensor | dict
 
@@ -126,6 +128,7 @@ def load_waveform(audio: AudioLike, sampling_rate: int | None, what: str) -> tup
         audio, sampling_rate = audio["array"], audio["sampling_rate"]
     if isinstance(audio, (str, os.PathLike)):
         path = check_file(audio, what)
+        soundfile = require("soundfile", "decoding audio files")
         try:
             data, sampling_rate = soundfile.read(path, dtype="float32", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
@@ -136,7 +139,9 @@ def load_waveform(audio: AudioLike, sampling_rate: int | None, what: str) -> tup
             raise ValueError(f"{what} is an array: pass its sampling_rate")
         waveform = torch.as_tensor(np.asarray(audio, dtype=np.float32))
         if waveform.ndim not in (1, 2):
-            raise ValueError(f"{what} array must have shape (samples,) or (channels, samples), got {tuple(waveform.shape)}")
+            raise ValueError(
+                f"{what} array must have shape (samples,) or (channels, samples), got {tuple(waveform.shape)}"
+            )
         waveform = waveform[0] if waveform.ndim == 2 else waveform
     else:
         raise ValueError(f"{what} must be a path, an array or a dict, got {type(audio).__name__}")
@@ -172,7 +177,8 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
 
     Args:
         num_mel_bins (`int`, *optional*, defaults to 64): Kaldi mel bins before the resize to `feature_size`.
-        num_slices (`int`, *optional*, defaults to 3): slices sampled per clip (one per segment).
+        num_slices (`int`, *optional*): slices sampled per clip (one per segment); `None` (the default) takes the
+            modality's `num_frames` in [`MiCoProcessor`] (3 for `audio`), and 3 when called directly.
         target_length (`int`, *optional*, defaults to 224): frames (10 ms each) per slice.
         feature_size (`int`, *optional*, defaults to 224): mel bins after the bilinear resize.
         mean (`float`, *optional*, defaults to 15.41663): normalisation mean.
@@ -186,7 +192,7 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
     def __init__(
         self,
         num_mel_bins: int = 64,
-        num_slices: int = 3,
+        num_slices: int | None = None,
         target_length: int = 224,
         feature_size: int = 224,
         mean: float = 15.41663,
@@ -200,7 +206,7 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
         if sampling_rate != SAMPLING_RATE:
             raise ValueError(f"MiCo's filterbank runs at {SAMPLING_RATE} Hz, got sampling_rate={sampling_rate}")
         self.num_mel_bins = int(num_mel_bins)
-        self.num_slices = int(num_slices)
+        self.num_slices = None if num_slices is None else int(num_slices)
         self.target_length = int(target_length)
         self.mean = float(mean)
         self.std = float(std)
@@ -225,41 +231,52 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
         self,
         audio: AudioLike | list[AudioLike],
         sampling_rate: int | None = None,
+        return_tensors: str | None = "pt",
+        **settings: Any,
+    ) -> BatchFeature:
+        """Clips (paths, arrays with `sampling_rate`, dicts, or a list of them) -> `input_features`.
+
+        An array is one clip, (samples,) or channel-first (channels, samples); pass a list for a batch. `settings`
+        (`num_mel_bins`, `num_slices`, `target_length`, `training`, `seed`, `generator`) override the saved ones
+        for this call, see [`~MiCoFeatureExtractor.slices`].
+        """
+        features = self.slices(audio, sampling_rate=sampling_rate, **settings)
+        return BatchFeature({"input_features": features}, tensor_type=return_tensors)
+
+    def slices(
+        self,
+        audio: AudioLike | list[AudioLike],
+        *,
+        sampling_rate: int | None = None,
         num_mel_bins: int | None = None,
         num_slices: int | None = None,
         target_length: int | None = None,
         training: bool | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        return_tensors: str | None = "pt",
-        **kwargs: Any,
-    ) -> BatchFeature:
-        """Clips (paths, arrays with `sampling_rate`, dicts, or a list of them) -> `input_features`.
-
-        An array is one clip, (samples,) or channel-first (channels, samples); pass a list for a batch.
+        what: str = "audio",
+    ) -> torch.Tensor:
+        """Clips -> spectrogram slices (B, num_slices, target_length, feature_size); errors name items `what[i]`.
 
         Slice sampling is deterministic at evaluation; in training it draws from `generator`, else from a
         generator seeded with `seed`, else from torch's global RNG.
         """
-        if kwargs:
-            raise ValueError(f"unexpected feature extractor arguments: {sorted(kwargs)}")
-        num_mel_bins = num_mel_bins or self.num_mel_bins
-        num_slices = num_slices or self.num_slices
-        target_length = target_length or self.target_length
         training = self.training if training is None else bool(training)
         generator = generator if generator is not None else make_generator(seed)
+        num_mel_bins = num_mel_bins or self.num_mel_bins
+        num_slices = num_slices or self.num_slices or DEFAULT_NUM_SLICES
+        target_length = target_length or self.target_length
         single = isinstance(audio, (str, os.PathLike, dict, np.ndarray, torch.Tensor))
         clips = [audio] if single else list(audio)
         if not clips:
-            raise ValueError("audio must be a clip or a non-empty list of clips")
+            raise ValueError(f"{what} must be a clip or a non-empty list of clips")
 
         def process(clip: AudioLike, name: str) -> torch.Tensor:
             waveform, rate = load_waveform(clip, sampling_rate, name)
             fbank = self.extract(waveform, rate, num_mel_bins, name)
             return spectrogram_slices(fbank, num_slices, target_length, training, generator)
 
-        features = torch.stack(map_batch(clips, process, "audio"))
-        return BatchFeature({"input_features": features}, tensor_type=return_tensors)
+        return torch.stack(map_batch(clips, process, what))
 
 
 __all__ = ["MiCoFeatureExtractor"]

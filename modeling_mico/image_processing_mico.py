@@ -138,9 +138,7 @@ def scale_depth(depth: torch.Tensor, scaling: str) -> torch.Tensor:
     return (depth - low) / (high - low)
 
 
-def resize_and_normalize(
-    pixels: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def resize_and_normalize(pixels: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> (N, 3, size, size): bilinear resize without antialiasing, then normalisation.
 
     This is torchvision 0.15's tensor `Resize((size, size))` followed by `Normalize(mean, std)`.
@@ -222,19 +220,49 @@ class MiCoImageProcessor(BaseImageProcessor):
         return torch.cat([self.transform(t[None], image_size) for t in tensors])
 
     def preprocess(
-        self, images: ImageLike | list[ImageLike], image_size: int | None = None, return_tensors: str | None = "pt",
+        self,
+        images: ImageLike | list[ImageLike],
+        image_size: int | None = None,
+        return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchFeature:
         """Images -> `pixel_values` (B, 3, image_size, image_size)."""
         self._reject_unknown(kwargs)
-        tensors = map_batch(as_batch(images, is_single_image), load_image, "images")
-        return BatchFeature({"pixel_values": self._transform_each(tensors, image_size)}, tensor_type=return_tensors)
+        return BatchFeature({"pixel_values": self.image_pixels(images, image_size)}, tensor_type=return_tensors)
 
     def preprocess_depth(
-        self, depth: ImageLike | list[ImageLike], image_size: int | None = None, depth_scaling: str | None = None,
+        self,
+        depth: ImageLike | list[ImageLike],
+        image_size: int | None = None,
+        depth_scaling: str | None = None,
         return_tensors: str | None = "pt",
     ) -> BatchFeature:
         """Depth maps -> `depth_values` (B, 1, 3, image_size, image_size)."""
+        pixels = self.depth_pixels(depth, image_size, depth_scaling)[:, None]
+        return BatchFeature({"depth_values": pixels}, tensor_type=return_tensors)
+
+    def preprocess_normals(
+        self, normals: ImageLike | list[ImageLike], image_size: int | None = None, return_tensors: str | None = "pt"
+    ) -> BatchFeature:
+        """Surface-normal maps (RGB images) -> `normal_values` (B, 1, 3, image_size, image_size)."""
+        pixels = self.image_pixels(normals, image_size, what="normals")[:, None]
+        return BatchFeature({"normal_values": pixels}, tensor_type=return_tensors)
+
+    def image_pixels(
+        self, images: ImageLike | list[ImageLike], image_size: int | None = None, what: str = "images"
+    ) -> torch.Tensor:
+        """RGB images (one or a list) -> (B, 3, S, S); errors name the failing item as `what[i]`."""
+        tensors = map_batch(as_batch(images, is_single_image), load_image, what)
+        return self._transform_each(tensors, image_size)
+
+    def depth_pixels(
+        self,
+        depth: ImageLike | list[ImageLike],
+        image_size: int | None = None,
+        depth_scaling: str | None = None,
+        what: str = "depth",
+    ) -> torch.Tensor:
+        """Single-channel maps (one or a list) -> scaled to [0, 1], copied to 3 channels, (B, 3, S, S)."""
         scaling = depth_scaling or self.depth_scaling
         if scaling not in DEPTH_SCALINGS:
             raise ValueError(f"depth_scaling must be one of {DEPTH_SCALINGS}, got {scaling!r}")
@@ -245,17 +273,7 @@ class MiCoImageProcessor(BaseImageProcessor):
                 raise ValueError(f"{name} must lie in [0, 1] with depth_scaling='none'")
             return scaled.expand(3, *scaled.shape)
 
-        tensors = map_batch(as_batch(depth, is_single_image), to_pixels, "depth")
-        pixels = self._transform_each(tensors, image_size)[:, None]
-        return BatchFeature({"depth_values": pixels}, tensor_type=return_tensors)
-
-    def preprocess_normals(
-        self, normals: ImageLike | list[ImageLike], image_size: int | None = None, return_tensors: str | None = "pt"
-    ) -> BatchFeature:
-        """Surface-normal maps (RGB images) -> `normal_values` (B, 1, 3, image_size, image_size)."""
-        tensors = map_batch(as_batch(normals, is_single_image), load_image, "normals")
-        pixels = self._transform_each(tensors, image_size)[:, None]
-        return BatchFeature({"normal_values": pixels}, tensor_type=return_tensors)
+        return self._transform_each(map_batch(as_batch(depth, is_single_image), to_pixels, what), image_size)
 
     @staticmethod
     def _reject_unknown(kwargs: dict) -> None:

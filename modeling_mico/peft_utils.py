@@ -2,9 +2,9 @@
 
 Adapters are placed on the attention and MLP projections of the vision tower (`qkv`, `proj`, `fc1`, `fc2` of every
 block), of the text branch (`query`, `key`, `value` and every `dense` of the self-attention, cross-attention and
-feed-forward sub-layers) or of both. Targets are regular expressions over module names, which are the same in
-`MiCoModel` and every head class (shared weight names), so an adapter trained on `MiCoForPreTraining` applies to
-`MiCoModel` as well.
+feed-forward sub-layers) or of both. Targets are regular expressions over module names that accept any prefix before
+the towers (`vision_model`, `text_model`), so they select the same modules in `MiCoModel` and in the head classes that
+compose it (`mico.vision_model...`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ TOWERS = {
 }
 # Tower -> the second projection of its feed-forward block (IA3's `feedforward_modules` scale their inputs).
 FEEDFORWARD_MODULES = {"vision": r"mlp\.fc2", "text": r"output\.dense"}
+# Any module path before a tower (`mico.` in the head classes, nothing in `MiCoModel`).
+_ANY_PREFIX = r"(?:.*\.)?"
 
 
 def resolve_towers(towers: str | Sequence[str]) -> list[str]:
@@ -50,14 +52,15 @@ def lora_target_modules(towers: str | Sequence[str] = "both", module_names: Sequ
     for tower in resolve_towers(towers):
         prefix, defaults = TOWERS[tower]
         names = "|".join(re.escape(name) for name in (module_names or defaults))
-        patterns.append(rf"{re.escape(prefix)}\.\d+\.(?:.*\.)?(?:{names})")
+        patterns.append(rf"{_ANY_PREFIX}{re.escape(prefix)}\.\d+\.(?:.*\.)?(?:{names})")
     return "|".join(patterns)
 
 
 def feedforward_target_modules(towers: str | Sequence[str] = "both") -> str:
     """Regular expression of the feed-forward output projections of the chosen towers (IA3's feedforward modules)."""
     return "|".join(
-        rf"{re.escape(TOWERS[tower][0])}\.\d+\.{FEEDFORWARD_MODULES[tower]}" for tower in resolve_towers(towers)
+        rf"{_ANY_PREFIX}{re.escape(TOWERS[tower][0])}\.\d+\.{FEEDFORWARD_MODULES[tower]}"
+        for tower in resolve_towers(towers)
     )
 
 

@@ -1,16 +1,19 @@
-"""`MiCoProcessor`: one call that turns text, images, videos, audio, depth and normal maps into MiCo inputs.
+"""`MiCoProcessor`: one call that turns text and every modality of the registry into MiCo inputs.
 
 It wraps a BERT WordPiece tokenizer (lower-cased `bert-base-uncased`, bundled in `assets/`), a
-`MiCoImageProcessor` (images, depth, normals), a `MiCoVideoProcessor` (frame sampling) and a
-`MiCoFeatureExtractor` (audio spectrogram slices), reproducing the preprocessing the released model
-was trained with. Every setting (frames, mel bins, slices, slice length, image size, training-mode
-sampling and its seed) can be overridden per call and is saved by `save_pretrained`.
+`MiCoImageProcessor` (images and image-like maps, depth-like maps), a `MiCoVideoProcessor` (frame sampling) and a
+`MiCoFeatureExtractor` (audio spectrogram slices), reproducing the preprocessing the released model was trained
+with. Which modalities it takes, under which keyword, and what it produces comes from the modality registry
+(`configuration_mico.ModalitySpec`): every built-in modality plus the ones declared in its `modalities` setting,
+dispatched by `layout`. Every setting (frames, mel bins, slices, slice length, image size, training-mode sampling
+and its seed) can be overridden per call and is saved by `save_pretrained`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,12 +22,34 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .configuration_mico import BUILTIN_MODALITIES, ModalitySpec, resolve_modalities
 from .feature_extraction_mico import MiCoFeatureExtractor
 from .image_processing_mico import MiCoImageProcessor, is_single_image
 from .video_processing_mico import MiCoVideoProcessor, is_single_video, make_generator
 
 
+if TYPE_CHECKING:
+    from .configuration_mico import MiCoConfig
+
+
 DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bert-base-uncased")
+
+# Keywords of `MiCoProcessor.__call__` that are not modalities: no modality may take one as its argument.
+CALL_SETTINGS = (
+    "text",
+    "sampling_rate",
+    "num_frames",
+    "num_mel_bins",
+    "num_slices",
+    "target_length",
+    "image_size",
+    "training",
+    "seed",
+    "max_length",
+    "padding",
+    "truncation",
+    "return_tensors",
+)
 
 
 def load_default_tokenizer() -> PreTrainedTokenizerBase:
@@ -32,13 +57,46 @@ def load_default_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(DEFAULT_TOKENIZER_DIR)
 
 
-def batch_size(name: str, inputs: Any) -> int:
-    """Number of items of one modality's input, by the same single-vs-batch rules the sub-processors use."""
+def processor_modalities(declarations: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, ModalitySpec]:
+    """The modalities a processor takes: the declared ones (in `MiCoConfig.modalities` format, resolved by
+    `resolve_modalities`) plus every built-in modality that does not share an input name or processor argument
+    with a declared one, built-in modalities first."""
+    if not isinstance(declarations or {}, Mapping) or not all(
+        isinstance(fields, Mapping) for fields in (declarations or {}).values()
+    ):
+        raise ValueError(f"modalities must map modality names to dicts of ModalitySpec fields, got {declarations!r}")
+    declarations = {name: dict(fields) for name, fields in (declarations or {}).items()}
+    encoders = [
+        fields.get("encoder", BUILTIN_MODALITIES[name].encoder if name in BUILTIN_MODALITIES else name)
+        for name, fields in declarations.items()
+    ]
+    declared = resolve_modalities(dict.fromkeys(encoders), declarations)
+    taken = {
+        (field, getattr(spec, field)) for spec in declared.values() for field in ("input_name", "processor_argument")
+    }
+    specs = {
+        name: declared.get(name, spec)
+        for name, spec in BUILTIN_MODALITIES.items()
+        if name in declared
+        or not {("input_name", spec.input_name), ("processor_argument", spec.processor_argument)} & taken
+    }
+    specs.update((name, spec) for name, spec in declared.items() if name not in specs)
+    reserved = [spec.processor_argument for spec in specs.values() if spec.processor_argument in CALL_SETTINGS]
+    if reserved:
+        raise ValueError(
+            f"processor arguments {reserved} are settings of MiCoProcessor; declare another `processor_argument`"
+        )
+    return specs
+
+
+def batch_size(name: str, inputs: Any, layout: str | None = None) -> int:
+    """Number of items of one input (`text` or a modality of `layout`), by the single-vs-batch rules the
+    sub-processors use."""
     if name == "text":
         single = isinstance(inputs, str)
-    elif name == "videos":
+    elif layout == "video":
         single = is_single_video(inputs)
-    elif name == "audio":
+    elif layout == "spectrogram":
         single = isinstance(inputs, (str, os.PathLike, dict, np.ndarray, torch.Tensor))
     else:
         single = is_single_image(inputs)
@@ -49,32 +107,63 @@ def batch_size(name: str, inputs: Any) -> int:
     return len(inputs)
 
 
-def check_batch_sizes(inputs: dict[str, Any]) -> None:
-    """All given modalities must hold the same number of items (a single text is not broadcast)."""
-    sizes = {name: batch_size(name, value) for name, value in inputs.items() if value is not None}
+def check_batch_sizes(inputs: Mapping[str, Any], layouts: Mapping[str, str]) -> None:
+    """All given inputs (keyed by processor argument) must hold the same number of items (a single text is not
+    broadcast); `layouts` maps each modality argument to its layout."""
+    sizes = {name: batch_size(name, value, layouts.get(name)) for name, value in inputs.items() if value is not None}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"all inputs must have the same batch size, got {sizes}")
+
+
+def first_set(*values: Any) -> Any:
+    """The first value that is not `None` (per-call setting, then the saved one, then the modality's default)."""
+    return next((value for value in values if value is not None), None)
 
 
 class MiCoProcessor(ProcessorMixin):
     r"""
     Processor of MiCo. `MiCoProcessor()` builds the release processor (bundled tokenizer, 224 px images,
-    4 frames, 64 mel bins, 3 slices of 224 frames, evaluation sampling).
+    4 frames, 64 mel bins, 3 slices of 224 frames, evaluation sampling); `MiCoProcessor.from_config(config)` the one
+    matching a model configuration.
 
-    `processor(text=..., images=..., videos=..., audio=..., depth=..., normals=...)` returns a `BatchFeature`
-    with `input_ids`, `attention_mask` (padded to `max_length` 40, truncated), `pixel_values` (B, 3, H, W),
-    `pixel_values_videos` (B, T, 3, H, W), `input_features` (B, num_slices, target_length, 224),
-    `depth_values` (B, 1, 3, H, W) and `normal_values` (B, 1, 3, H, W) for the modalities given. When several
-    modalities are given they must have the same batch size.
+    `processor(text=..., images=..., videos=..., audio=..., depth=..., normals=..., <declared>=...)` returns a
+    `BatchFeature` with `input_ids`, `attention_mask` (padded to `max_length` 40, truncated) and, for each modality
+    given, its model input (`ModalitySpec.input_name`), laid out by the modality's `layout`:
+
+    * `"image"`: RGB images -> `(B, 1, 3, H, W)`; `pixel_values` (images) is `(B, 3, H, W)` as in every Transformers
+      vision model. Normal maps (`normals` -> `normal_values`) and declared modalities (`thermal` ->
+      `thermal_values`) are image-like by default.
+    * `"depth"`: single-channel maps min-max scaled to [0, 1] and copied to 3 channels -> `(B, 1, 3, H, W)`
+      (`depth_values`).
+    * `"video"`: `num_frames` frames sampled per clip -> `(B, T, 3, H, W)` (`pixel_values_videos`).
+    * `"spectrogram"`: `num_slices` log-mel slices per clip -> `(B, S, target_length, 224)` (`input_features`).
+
+    When several inputs are given they must have the same batch size.
 
     Args:
-        image_processor ([`MiCoImageProcessor`], *optional*): images, depth and normal maps (and video frames).
+        image_processor ([`MiCoImageProcessor`], *optional*): image-, depth- and video-frame transform.
         feature_extractor ([`MiCoFeatureExtractor`], *optional*): audio.
         tokenizer ([`PreTrainedTokenizerBase`], *optional*): defaults to the bundled `bert-base-uncased`.
-        num_frames (`int`, *optional*, defaults to 4): frames sampled per video.
+        num_frames (`int`, *optional*): frames sampled per video; `None` takes each video-like modality's
+            `num_frames` (4 for `video`).
         training (`bool`, *optional*, defaults to `False`): random frame / slice within each segment.
         seed (`int`, *optional*): seed of the per-call generator used in training mode (`None`: torch's RNG).
         max_length (`int`, *optional*, defaults to 40): caption length (`MiCoConfig.max_caption_length`).
+        modalities (`dict[str, dict]`, *optional*): modalities taken besides the built-in ones (or changes to
+            built-in ones), in the format of `MiCoConfig.modalities`: any field of [`ModalitySpec`].
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from modeling_mico import MiCoConfig, MiCoProcessor
+
+    >>> config = MiCoConfig(knowledge_modalities={"vision": 8, "audio": 4, "thermal": 1})
+    >>> processor = MiCoProcessor.from_config(config)
+    >>> processor(thermal=np.zeros((32, 32), dtype=np.uint8))["thermal_values"].shape
+    torch.Size([1, 1, 3, 224, 224])
+
+    ```
     """
 
     def __init__(
@@ -82,25 +171,85 @@ class MiCoProcessor(ProcessorMixin):
         image_processor: MiCoImageProcessor | None = None,
         feature_extractor: MiCoFeatureExtractor | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
-        num_frames: int = 4,
+        num_frames: int | None = None,
         training: bool = False,
         seed: int | None = None,
         max_length: int = 40,
+        modalities: dict[str, dict] | None = None,
     ):
         super().__init__(
             image_processor if image_processor is not None else MiCoImageProcessor(),
             feature_extractor if feature_extractor is not None else MiCoFeatureExtractor(),
             tokenizer if tokenizer is not None else load_default_tokenizer(),
         )
-        self.num_frames = int(num_frames)
+        self.num_frames = None if num_frames is None else int(num_frames)
         self.training = bool(training)
         self.seed = seed
         self.max_length = int(max_length)
+        processor_modalities(modalities)  # refuse bad declarations now, not at the first call
+        self.modalities = {name: dict(fields) for name, fields in (modalities or {}).items()}
 
     @classmethod
     def from_default(cls, **settings: Any) -> MiCoProcessor:
         """The release processor with the bundled tokenizer; `settings` override `num_frames`, `training`, ..."""
         return cls(**settings)
+
+    @classmethod
+    def from_config(
+        cls, config: MiCoConfig, num_frames: int | None = None, num_slices: int | None = None, **settings: Any
+    ) -> MiCoProcessor:
+        """The default processor for a model configuration: images, frames and maps at the model's `image_size`,
+        audio slices of `image_size` frames x `image_size` mel bins (the release's 224 x 224), captions of
+        `config.max_caption_length` tokens, and every modality of `config.modality_specs` (declared ones and
+        knowledge modalities that are not built in, such as an image-like `thermal`).
+
+        `num_frames` / `num_slices` fix the frames of every video and the slices of every clip (default: each
+        modality's `num_frames`); `settings` are further `MiCoProcessor` arguments (`training`, `seed`, ...).
+        """
+        size = config.vision_config.image_size
+        declared = {
+            name: {key: value for key, value in spec.to_dict().items() if key != "name"}
+            for name, spec in config.modality_specs.items()
+            if spec != BUILTIN_MODALITIES.get(name)
+        }
+        return cls(
+            image_processor=MiCoImageProcessor(image_size=size),
+            feature_extractor=MiCoFeatureExtractor(target_length=size, feature_size=size, num_slices=num_slices),
+            max_length=config.max_caption_length,
+            num_frames=num_frames,
+            modalities={**declared, **settings.pop("modalities", {})},
+            **settings,
+        )
+
+    def check_matches(self, config: MiCoConfig) -> None:
+        """Refuse this processor for a model it would feed wrongly: images or audio slices not of the model's input
+        size, or a modality of the model that it does not produce (or produces under another name or layout)."""
+        size = config.vision_config.image_size
+        found = {
+            "image_processor.image_size": self.image_processor.image_size,
+            "feature_extractor.target_length": self.feature_extractor.target_length,
+            "feature_extractor.feature_size": self.feature_extractor.feature_size,
+        }
+        wrong = {name: value for name, value in found.items() if value != size}
+        if wrong:
+            raise ValueError(f"the model takes {size}x{size} inputs but the processor has {wrong}")
+        ours = self.modality_specs
+        for name, spec in config.modality_specs.items():
+            mine = ours.get(name)
+            if mine is None:
+                raise ValueError(
+                    f"the model takes the modality {name!r} ({spec.input_name}) but the processor does not; build the "
+                    "processor with MiCoProcessor.from_config(config) or declare it in `modalities`"
+                )
+            differences = {
+                field: (getattr(mine, field), getattr(spec, field))
+                for field in ("input_name", "processor_argument", "layout")
+                if getattr(mine, field) != getattr(spec, field)
+            }
+            if differences:
+                raise ValueError(
+                    f"the processor's modality {name!r} differs from the model's (processor, model): {differences}"
+                )
 
     @classmethod
     def _get_arguments_from_pretrained(
@@ -116,9 +265,16 @@ class MiCoProcessor(ProcessorMixin):
         ]
 
     @property
+    def modality_specs(self) -> dict[str, ModalitySpec]:
+        """Every modality this processor takes, by name: the built-in ones and those declared in `modalities`."""
+        return processor_modalities(self.modalities)
+
+    @property
     def video_processor(self) -> MiCoVideoProcessor:
         """Frame sampler sharing this processor's image transform and settings."""
-        return MiCoVideoProcessor(self.num_frames, self.training, self.image_processor)
+        video = self.modality_specs.get("video", BUILTIN_MODALITIES["video"])
+        num_frames = first_set(self.num_frames, video.num_frames)
+        return MiCoVideoProcessor(num_frames, self.training, self.image_processor)
 
     def __call__(
         self,
@@ -141,33 +297,52 @@ class MiCoProcessor(ProcessorMixin):
         padding: bool | str = "max_length",
         truncation: bool = True,
         return_tensors: str | None = "pt",
+        **modality_inputs: Any,
     ) -> BatchFeature:
-        """Preprocess every given modality; per-call settings override the saved ones for this call only."""
-        inputs = {"text": text, "images": images, "videos": videos, "audio": audio, "depth": depth, "normals": normals}
-        if all(value is None for value in inputs.values()):
-            raise ValueError("give at least one of text, images, videos, audio, depth or normals")
-        check_batch_sizes(inputs)
+        """Preprocess text and every given modality; `modality_inputs` are the arguments of declared modalities
+        (`thermal=...`). Per-call settings override the saved ones for this call only."""
+        specs = {spec.processor_argument: spec for spec in self.modality_specs.values()}
+        named = {"images": images, "videos": videos, "audio": audio, "depth": depth, "normals": normals}
+        unknown = [key for key in modality_inputs if key not in specs]
+        unknown += [key for key, value in named.items() if value is not None and key not in specs]
+        if unknown:
+            raise TypeError(
+                f"MiCoProcessor got unexpected arguments {unknown}; it takes text and the modalities "
+                f"{list(specs)} (declare others in `modalities`)"
+            )
+        given = {**named, **modality_inputs}
+        media = {argument: given[argument] for argument in specs if given.get(argument) is not None}
+        if text is None and not media:
+            raise ValueError(f"give at least one of {', '.join(['text', *specs])}")
+        check_batch_sizes({"text": text, **media}, {argument: spec.layout for argument, spec in specs.items()})
         training = self.training if training is None else bool(training)
-        generator = make_generator(self.seed if seed is None else seed)
+        generator = make_generator(first_set(seed, self.seed))
         data: dict[str, Any] = {}
         if text is not None:
             data.update(self._tokenize(text, max_length or self.max_length, padding, truncation))
-        if images is not None:
-            data.update(self.image_processor.preprocess(images, image_size=image_size))
-        if videos is not None:
-            video_processor = MiCoVideoProcessor(num_frames or self.num_frames, training, self.image_processor)
-            data.update(video_processor(videos, generator=generator, image_size=image_size))
-        if audio is not None:
-            data.update(
-                self.feature_extractor(
-                    audio, sampling_rate=sampling_rate, num_mel_bins=num_mel_bins, num_slices=num_slices,
-                    target_length=target_length, training=training, generator=generator,
+        for argument, value in media.items():
+            spec = specs[argument]
+            if spec.layout == "image":
+                pixels = self.image_processor.image_pixels(value, image_size, what=argument)
+                # `pixel_values` keeps Transformers' (B, 3, H, W); other image-like maps carry one frame
+                data[spec.input_name] = pixels if spec.input_name == "pixel_values" else pixels[:, None]
+            elif spec.layout == "depth":
+                data[spec.input_name] = self.image_processor.depth_pixels(value, image_size, what=argument)[:, None]
+            elif spec.layout == "video":
+                frames = first_set(num_frames, self.num_frames, spec.num_frames)
+                sampler = MiCoVideoProcessor(frames, training, self.image_processor)
+                data[spec.input_name] = sampler.sample(value, frames, training, generator, image_size, argument)[0]
+            else:  # "spectrogram"
+                data[spec.input_name] = self.feature_extractor.slices(
+                    value,
+                    sampling_rate=sampling_rate,
+                    num_mel_bins=num_mel_bins,
+                    num_slices=first_set(num_slices, self.feature_extractor.num_slices, spec.num_frames),
+                    target_length=target_length,
+                    training=training,
+                    generator=generator,
+                    what=argument,
                 )
-            )
-        if depth is not None:
-            data.update(self.image_processor.preprocess_depth(depth, image_size=image_size))
-        if normals is not None:
-            data.update(self.image_processor.preprocess_normals(normals, image_size=image_size))
         return BatchFeature(data, tensor_type=return_tensors)
 
     def _tokenize(self, text: str | list[str], max_length: int, padding: bool | str, truncation: bool) -> dict:
@@ -175,7 +350,11 @@ class MiCoProcessor(ProcessorMixin):
         if not isinstance(text, str) and not all(isinstance(t, str) for t in text):
             raise ValueError("text must be a string or a list of strings")
         encoded = self.tokenizer(
-            text, padding=padding, truncation=truncation, max_length=max_length, return_token_type_ids=False,
+            text,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            return_token_type_ids=False,
             return_tensors="pt",
         )
         return dict(encoded)
@@ -190,11 +369,8 @@ class MiCoProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        """Every input name this processor can produce."""
-        return [
-            "input_ids", "attention_mask", "pixel_values", "pixel_values_videos", "input_features", "depth_values",
-            "normal_values",
-        ]
+        """Every input name this processor can produce: the text inputs, then each modality's input."""
+        return ["input_ids", "attention_mask", *(spec.input_name for spec in self.modality_specs.values())]
 
 
 def register_processing_auto_classes() -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .import_utils import require
+
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -223,8 +225,8 @@ def plot_similarity_heatmap(
 
     Uses matplotlib's Agg canvas directly, so it neither needs a display nor changes the global pyplot backend.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plot_similarity_heatmap").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "plot_similarity_heatmap").Figure
 
     if max_items < 1:
         raise ValueError(f"`max_items` must be >= 1, got {max_items!r}.")

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from .configuration_mico import BUILTIN_MODALITIES
+from .import_utils import require
 
-MODALITIES = ("image", "video", "audio", "depth", "normal")
-MEDIA_EXTENSIONS = {"image": "png", "video": "mp4", "audio": "flac", "depth": "png", "normal": "png"}
+
 SAMPLE_RATE = 16_000
 CLIP_SECONDS = 1.0
 
@@ -217,10 +217,7 @@ def _smooth_gate(gate: np.ndarray, ramp_seconds: float = 0.005) -> np.ndarray:
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
     """Write (num_frames, H, W, 3) uint8 RGB frames (H and W even) as a reproducible H.264 yuv420p mp4."""
-    try:
-        import av
-    except ImportError as error:
-        raise ImportError("Writing the synthetic videos needs PyAV: `pip install av`.") from error
+    av = require("av", "Writing the synthetic videos")
     with av.open(str(path), mode="w") as container:
         # Intra-only (keyint=1): x264's inter-frame coding of such small frames differed from run to run; every frame
         # being a key frame also makes random access cheap.
@@ -231,6 +228,59 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """Write an image array (uint8 RGB, or uint16 single-channel) as a lossless PNG."""
+    Image.fromarray(pixels).save(path)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What the files of one sample are rendered from."""
+
+    scene: Scene
+    relief: np.ndarray
+    audio: np.ndarray
+    num_video_frames: int
+
+
+def _write_image(path: Path, sample: Sample) -> None:
+    write_png(path, render_frame(sample.scene, sample.scene.still_centre))
+
+
+def _write_video(path: Path, sample: Sample) -> None:
+    frames = np.stack([render_frame(sample.scene, tuple(centre)) for centre in sample.scene.trajectory])
+    write_mp4(path, frames, fps=round(sample.num_video_frames / CLIP_SECONDS))
+
+
+def _write_audio(path: Path, sample: Sample) -> None:
+    require("soundfile", "Writing the synthetic audio").write(path, sample.audio, SAMPLE_RATE, subtype="PCM_16")
+
+
+def _write_depth(path: Path, sample: Sample) -> None:
+    write_png(path, render_depth(sample.scene, sample.relief))
+
+
+def _write_normal(path: Path, sample: Sample) -> None:
+    write_png(path, render_normals(sample.relief, strength=sample.scene.radius))
+
+
+# Modality (a name of the registry, `configuration_mico.BUILTIN_MODALITIES`) -> the extension and writer of its file.
+# The formats are the generator's own lossless choices, not the registry's routing: depth is a 16-bit PNG in
+# millimetres, so tools that route files by extension need `modality="depth"` for it (the registry routes `.png` to
+# images); normal maps are 8-bit RGB PNGs.
+WRITERS = {
+    "image": (".png", _write_image),
+    "video": (".mp4", _write_video),
+    "audio": (".flac", _write_audio),
+    "depth": (".png", _write_depth),
+    "normal": (".png", _write_normal),
+}
+# The modalities the generator writes, in registry order.
+MODALITIES = tuple(name for name in BUILTIN_MODALITIES if name in WRITERS)
+if len(MODALITIES) != len(WRITERS):
+    raise ImportError(f"synthetic writers {sorted(set(WRITERS) - set(MODALITIES))} are not registry modalities")
 
 
 def split_combinations(num_train: int, num_test: int, rng: np.random.Generator) -> tuple[list[tuple], list[tuple]]:
@@ -272,22 +322,12 @@ def write_sample(
     }
     scene = make_scene(attributes, rng, image_size, num_video_frames)
     audio = synthesize_audio(attributes, rng)
-    relief = object_relief(scene)
+    sample = Sample(scene, object_relief(scene), audio, num_video_frames)
     for modality in modalities:
-        relative = f"{modality}/{sample_id}.{MEDIA_EXTENSIONS[modality]}"
-        path = output_dir / relative
-        if modality == "image":
-            Image.fromarray(render_frame(scene, scene.still_centre)).save(path)
-        elif modality == "video":
-            frames = np.stack([render_frame(scene, tuple(centre)) for centre in scene.trajectory])
-            write_mp4(path, frames, fps=round(num_video_frames / CLIP_SECONDS))
-        elif modality == "audio":
-            sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
-        elif modality == "depth":
-            Image.fromarray(render_depth(scene, relief)).save(path)
-        else:
-            Image.fromarray(render_normals(relief, strength=scene.radius)).save(path)
-        row[modality] = relative
+        extension, write = WRITERS[modality]
+        relative = f"{modality}/{sample_id}{extension}"
+        write(output_dir / relative, sample)
+        row[BUILTIN_MODALITIES[modality].column] = relative
     return row
 
 

@@ -17,12 +17,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import decord
 import numpy as np
 import torch
 from PIL import Image
 
 from .image_processing_mico import MiCoImageProcessor, check_file, load_image, map_batch, uint8_frames_to_tensor
+from .import_utils import require
 
 
 VideoLike = str | os.PathLike | np.ndarray | torch.Tensor | Sequence[Image.Image]
@@ -60,8 +60,12 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 def read_video_file(
     path: str | os.PathLike, num_frames: int, training: bool, generator: torch.Generator | None, what: str
 ) -> tuple[torch.Tensor, list[int]]:
-    """Decode only the sampled frames of a video file with decord -> ((T, 3, H, W) in [0, 1], frame indices)."""
+    """Decode only the sampled frames of a video file with decord -> ((T, 3, H, W) in [0, 1], frame indices).
+
+    decord is imported here, on first use: without it, frame folders and in-memory videos still work.
+    """
     path = check_file(path, what)
+    decord = require("decord", "decoding video files")
     try:
         reader = decord.VideoReader(path, num_threads=1)
         length = len(reader)
@@ -87,7 +91,9 @@ def read_frame_folder(
     indices = sample_segments(range(len(names)), num_frames, training, generator)
     frames = [load_image(os.path.join(folder, names[i]), f"{what} frame") for i in indices]
     if len({tuple(f.shape) for f in frames}) > 1:
-        raise ValueError(f"{what} frames in {folder!r} have different sizes: {sorted({tuple(f.shape) for f in frames})}")
+        raise ValueError(
+            f"{what} frames in {folder!r} have different sizes: {sorted({tuple(f.shape) for f in frames})}"
+        )
     return torch.stack(frames), indices
 
 
@@ -106,9 +112,7 @@ def read_frame_array(
         return torch.stack([load_image(frames[i], f"{what} frame {i}") for i in indices]), indices
     array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        raise ValueError(
-            f"{what} array must be uint8 with shape (T, H, W, 3), got {array.dtype} {tuple(array.shape)}"
-        )
+        raise ValueError(f"{what} array must be uint8 with shape (T, H, W, 3), got {array.dtype} {tuple(array.shape)}")
     if array.shape[0] == 0:
         raise ValueError(f"{what} has zero frames")
     indices = sample_segments(range(array.shape[0]), num_frames, training, generator)
@@ -153,9 +157,7 @@ class MiCoVideoProcessor:
 
     model_input_names = ["pixel_values_videos"]
 
-    def __init__(
-        self, num_frames: int = 4, training: bool = False, image_processor: MiCoImageProcessor | None = None
-    ):
+    def __init__(self, num_frames: int = 4, training: bool = False, image_processor: MiCoImageProcessor | None = None):
         self.num_frames = int(num_frames)
         self.training = bool(training)
         self.image_processor = image_processor if image_processor is not None else MiCoImageProcessor()
@@ -178,17 +180,30 @@ class MiCoVideoProcessor:
         num_frames = self.num_frames if num_frames is None else int(num_frames)
         training = self.training if training is None else bool(training)
         generator = generator if generator is not None else make_generator(seed)
+        pixels, indices = self.sample(videos, num_frames, training, generator, image_size)
+        output = {"pixel_values_videos": pixels}
+        if return_frame_indices:
+            output["frame_indices"] = indices
+        return output
+
+    def sample(
+        self,
+        videos: VideoLike | list[VideoLike],
+        num_frames: int,
+        training: bool,
+        generator: torch.Generator | None,
+        image_size: int | None = None,
+        what: str = "videos",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Videos -> (pixels (B, T, 3, S, S), sampled frame indices (B, T)); errors name the item as `what[i]`."""
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         batch = [videos] if is_single_video(videos) else list(videos)
         if not batch:
-            raise ValueError("videos must be a video or a non-empty list of videos")
-        decoded = map_batch(batch, lambda v, name: read_video(v, num_frames, training, generator, name), "videos")
+            raise ValueError(f"{what} must be a video or a non-empty list of videos")
+        decoded = map_batch(batch, lambda v, name: read_video(v, num_frames, training, generator, name), what)
         pixels = torch.stack([self.image_processor.transform(frames, image_size) for frames, _ in decoded])
-        output = {"pixel_values_videos": pixels}
-        if return_frame_indices:
-            output["frame_indices"] = torch.tensor([indices for _, indices in decoded], dtype=torch.long)
-        return output
+        return pixels, torch.tensor([indices for _, indices in decoded], dtype=torch.long)
 
 
 __all__ = ["MiCoVideoProcessor", "sample_segments", "split_segments"]

@@ -1,4 +1,4 @@
-"""Annotation loading and the pretraining data collator: path resolution, missing modalities, broken media."""
+"""Annotation data sets and the pretraining data collator: path resolution, missing modalities, broken media."""
 
 import json
 
@@ -8,19 +8,14 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from modeling_mico.data import (
-    BrokenMediaError,
-    MiCoDataCollator,
-    check_processor_matches,
-    config_for_size,
-    load_annotation_dataset,
-    processor_for_config,
-)
+from modeling_mico import MiCoConfig, MiCoProcessor
+from modeling_mico.annotations import load_annotation_dataset
+from modeling_mico.data import BrokenMediaError, MiCoDataCollator, default_columns
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return processor_for_config(config_for_size("tiny"))
+    return MiCoProcessor.from_config(MiCoConfig.from_preset("tiny"))
 
 
 @pytest.fixture()
@@ -94,10 +89,15 @@ def test_skip_count_is_shared_with_dataloader_workers(annotations, processor):
     assert collator.num_skipped == 1
 
 
-def test_processor_must_match_the_model_size():
-    config = config_for_size("tiny")
-    check_processor_matches(config, processor_for_config(config))
-    with pytest.raises(ValueError, match="64x64"):
-        check_processor_matches(config, processor_for_config(config_for_size("giant")))
-    with pytest.raises(ValueError, match="image"):
-        MiCoDataCollator(processor_for_config(config), modalities=["image", "video"])
+def test_default_columns_take_one_modality_per_encoder():
+    assert default_columns() == ["video", "audio", "depth", "normal", "subtitle"]
+    assert default_columns(MiCoConfig()) == ["video", "audio", "depth", "subtitle"]
+
+
+def test_collator_refuses_unknown_columns_and_two_columns_of_one_encoder():
+    config = MiCoConfig()  # the release: no normal maps
+    processor = object()  # the columns are checked before any media is decoded
+    with pytest.raises(ValueError, match=r"unknown modalities \['normal'\]; choose among \['image', 'video', 'audio'"):
+        MiCoDataCollator(processor, modalities=["video", "normal"], config=config)
+    with pytest.raises(ValueError, match="`image` and `video` both feed the vision encoder: load one of them"):
+        MiCoDataCollator(processor, modalities=["image", "video"], config=config)

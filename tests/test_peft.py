@@ -12,9 +12,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel
 
-from modeling_mico import MiCoForPreTraining, MiCoModel, peft_utils
+from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoModel, MiCoProcessor, peft_utils
 from modeling_mico.annotations import load_annotations
-from modeling_mico.data import config_for_size, processor_for_config
 from modeling_mico.evaluation import evaluate_retrieval
 from modeling_mico.peft_utils import (
     build_peft_config,
@@ -37,17 +36,16 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("peft")
     make_synthetic_dataset(root / "data", num_samples=64, num_test=24, image_size=64, modalities=("image",))
     torch.manual_seed(0)
-    config = config_for_size("tiny", initializer_range=0.1)
-    config.vision_config.initializer_range = config.text_config.initializer_range = 0.1
+    config = MiCoConfig.from_preset("tiny")
     config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0
     MiCoForPreTraining(config).save_pretrained(root / "base")
-    processor_for_config(config).save_pretrained(root / "base")
+    MiCoProcessor.from_config(config).save_pretrained(root / "base")
     return root
 
 
 @pytest.fixture(scope="module")
 def processor(workdir):
-    return processor_for_config(MiCoModel.config_class.from_pretrained(workdir / "base"))
+    return MiCoProcessor.from_config(MiCoModel.config_class.from_pretrained(workdir / "base"))
 
 
 def image_r1(model, processor, rows) -> float:
@@ -85,14 +83,17 @@ def finetuned(workdir, processor):
 
 
 def adapted_modules(model) -> list[str]:
+    """Adapted module paths below the `MiCoModel` (whether the adapter wraps it or a head class composing it)."""
     return sorted(
-        name.removeprefix("base_model.model.") for name, module in model.named_modules() if hasattr(module, "lora_A")
+        name.removeprefix("base_model.model.").removeprefix("mico.")
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A")
     )
 
 
 @pytest.mark.parametrize("towers", ["vision", "text", "both"])
 def test_lora_targets_exactly_the_tower_projections(towers):
-    model = MiCoForPreTraining(config_for_size("tiny"))
+    model = MiCoForPreTraining(MiCoConfig.from_preset("tiny"))
     expected = []
     if towers in ("vision", "both"):
         expected += [
@@ -113,7 +114,7 @@ def test_lora_targets_exactly_the_tower_projections(towers):
     # explicit names stay inside the chosen towers ("dense" exists only in the text tower)
     if towers != "vision":
         names = adapted_modules(
-            build_peft_model(MiCoForPreTraining(config_for_size("tiny")), towers=towers, target_modules=["dense"])
+            build_peft_model(MiCoForPreTraining(MiCoConfig.from_preset("tiny")), towers=towers, target_modules=["dense"])
         )
         assert len(names) == 8 and all(n.startswith("text_model.encoder.") and n.endswith("dense") for n in names)
 
@@ -139,14 +140,14 @@ def test_only_adapter_parameters_train(finetuned):
 
 
 def test_vision_qkv_adapter_is_used():
-    model = build_peft_model(MiCoForPreTraining(config_for_size("tiny")).eval(), towers="vision")
+    model = build_peft_model(MiCoForPreTraining(MiCoConfig.from_preset("tiny")).eval(), towers="vision")
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        before = model.get_image_features(pixels)
+        before = model.get_image_features(pixels).pooler_output
         for name, parameter in model.named_parameters():
             if ".qkv.lora_B." in name:
                 parameter.normal_()
-        assert not torch.allclose(model.get_image_features(pixels), before)
+        assert not torch.allclose(model.get_image_features(pixels).pooler_output, before)
 
 
 def test_adapter_merged_and_mico_model_agree(workdir, finetuned, processor):
@@ -157,8 +158,8 @@ def test_adapter_merged_and_mico_model_agree(workdir, finetuned, processor):
         with torch.no_grad():
             return torch.cat(
                 [
-                    model.get_text_features(inputs["input_ids"], inputs["attention_mask"]),
-                    model.get_image_features(inputs["pixel_values"]),
+                    model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).pooler_output,
+                    model.get_image_features(inputs["pixel_values"]).pooler_output,
                 ]
             )
 
@@ -180,10 +181,10 @@ def test_adapter_merged_and_mico_model_agree(workdir, finetuned, processor):
 )
 def test_other_peft_methods_target_the_same_modules(config):
     model = build_peft_model(
-        MiCoForPreTraining(config_for_size("tiny")), build_peft_config("vision", peft_config=config)
+        MiCoForPreTraining(MiCoConfig.from_preset("tiny")), build_peft_config("vision", peft_config=config)
     )
     names = [name for name, module in model.named_modules() if name.endswith(("qkv", "proj", "fc1", "fc2"))]
-    assert len(names) == 8 and all(name.split(".")[2] == "vision_model" for name in names)
+    assert len(names) == 8 and all(".vision_model.encoder.layers." in name for name in names)
     assert all(".lora_" not in name for name, _ in model.named_parameters())
     assert any(parameter.requires_grad for parameter in model.parameters())
 

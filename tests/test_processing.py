@@ -148,7 +148,9 @@ def test_grey_and_cmyk_images_become_rgb(processor):
     for mode in ("L", "CMYK"):
         out = processor(images=rgb.convert(mode))["pixel_values"]
         torch.testing.assert_close(out, processor(images=rgb.convert(mode).convert("RGB"))["pixel_values"])
-    torch.testing.assert_close(processor(images=np.asarray(rgb))["pixel_values"], processor(images=rgb)["pixel_values"])
+    torch.testing.assert_close(
+        processor(images=np.asarray(rgb))["pixel_values"], processor(images=rgb)["pixel_values"]
+    )
 
 
 def test_in_memory_video_inputs_and_frame_folder(tmp_path):
@@ -258,7 +260,9 @@ def test_audio_padding_formula(frames, pad, total):
 def reference_kaldi_fbank(waveform: np.ndarray, num_mel_bins: int) -> np.ndarray:
     """Kaldi's fbank recipe written out frame by frame (float64)."""
     frame_length, shift, fft_length = 400, 160, 512
-    window = np.array([(0.5 - 0.5 * math.cos(2 * math.pi * n / (frame_length - 1))) ** 0.85 for n in range(frame_length)])
+    window = np.array(
+        [(0.5 - 0.5 * math.cos(2 * math.pi * n / (frame_length - 1))) ** 0.85 for n in range(frame_length)]
+    )
 
     def mel(f):
         return 1127.0 * math.log(1.0 + f / 700.0)
@@ -413,11 +417,15 @@ def test_mismatched_batch_sizes_raise(processor):
         processor()
 
 
-def test_unknown_settings_raise():
+def test_unknown_settings_raise(processor):
     with pytest.raises(ValueError, match="depth_scaling must be one of"):
         MiCoImageProcessor(depth_scaling="log")
     with pytest.raises(ValueError, match="num_frames must be >= 1"):
         MiCoVideoProcessor()(str(MP4), num_frames=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_slice'"):
+        MiCoFeatureExtractor()(np.zeros(16000), sampling_rate=16000, num_slice=2)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['num_frame'\]"):
+        processor(videos=str(MP4), num_frame=2)
 
 
 # ---------------------------------------------------------------- text, settings, saving
@@ -434,11 +442,19 @@ def test_text_tokenization_and_decoding(processor):
 
 
 def test_per_call_settings(processor):
-    out = processor(videos=str(MP4), audio=str(FLAC), num_frames=2, num_mel_bins=128, num_slices=2,
-                    target_length=100, image_size=112)
+    out = processor(
+        videos=str(MP4),
+        audio=str(FLAC),
+        num_frames=2,
+        num_mel_bins=128,
+        num_slices=2,
+        target_length=100,
+        image_size=112,
+    )
     assert out["pixel_values_videos"].shape == (1, 2, 3, 112, 112)
     assert out["input_features"].shape == (1, 2, 100, 224)
-    assert processor.num_frames == 4 and processor.feature_extractor.num_slices == 3
+    # the saved settings are untouched: unset, so each modality's default (4 frames, 3 slices) applies
+    assert processor.num_frames is None and processor.feature_extractor.num_slices is None
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -482,3 +498,223 @@ def test_auto_processor_after_registration(tmp_path, processor):
 def test_from_default_matches_plain_constructor():
     default = MiCoProcessor.from_default(num_frames=8)
     assert default.num_frames == 8 and default.feature_extractor.num_mel_bins == 64
+
+
+# ---------------------------------------------------------------- the modality registry: declared modalities
+
+
+THERMAL_CONFIG_KWARGS = dict(
+    knowledge_modalities={"vision": 8, "audio": 4, "depth": 4, "thermal": 1}, contrastive_tasks=["tv", "ta", "th"]
+)
+
+
+@pytest.fixture(scope="module")
+def thermal_config():
+    from modeling_mico.configuration_mico import MiCoConfig
+
+    return MiCoConfig(**THERMAL_CONFIG_KWARGS)
+
+
+@pytest.fixture(scope="module")
+def small_inputs() -> dict:
+    rng = np.random.default_rng(7)
+    image = Image.open(JPEG).convert("RGB").resize((40, 30))
+    return {
+        "images": [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)],
+        "depth": np.tile(np.linspace(0.5, 9.0, 24, dtype=np.float32), (18, 1)),
+        "frames": rng.integers(0, 256, size=(9, 20, 24, 3), dtype=np.uint8),
+        "waveform": rng.uniform(-0.3, 0.3, 16000 * 6).astype(np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def declared_outputs(thermal_config, small_inputs) -> dict:
+    """Every declared-modality output and its built-in counterpart, computed once for the tests below."""
+    images, depth, frames, waveform = (small_inputs[k] for k in ("images", "depth", "frames", "waveform"))
+    thermal = MiCoProcessor.from_config(thermal_config)
+    declared = MiCoProcessor(
+        modalities={
+            "lidar": {"layout": "depth"},
+            "clip": {"layout": "video", "num_frames": 2},
+            "sonar": {"layout": "spectrogram", "num_frames": 2},
+        }
+    )
+    plain = MiCoProcessor()
+    return {
+        "thermal_processor": thermal,
+        "declared_processor": declared,
+        "thermal": thermal(thermal=images)["thermal_values"],
+        "images": plain(images=images)["pixel_values"],
+        "lidar": declared(lidar=depth)["lidar_values"],
+        "depth": plain(depth=depth)["depth_values"],
+        "clip": declared(clip=frames)["clip_values"],
+        "clip_4": declared(clip=frames, num_frames=4)["clip_values"],
+        "videos_2": plain(videos=frames, num_frames=2)["pixel_values_videos"],
+        "videos_4": plain(videos=frames)["pixel_values_videos"],
+        "sonar": declared(sonar={"array": waveform, "sampling_rate": 16000})["sonar_values"],
+        "audio_2": plain(audio=waveform, sampling_rate=16000, num_slices=2)["input_features"],
+    }
+
+
+def test_declared_image_like_modality_follows_image_transform(declared_outputs):
+    thermal = declared_outputs["thermal"]
+    assert thermal.shape == (2, 1, 3, 224, 224)
+    torch.testing.assert_close(thermal[:, 0], declared_outputs["images"], rtol=0, atol=0)
+
+
+def test_declared_depth_layout_behaves_like_depth(declared_outputs):
+    assert declared_outputs["lidar"].shape == (1, 1, 3, 224, 224)
+    torch.testing.assert_close(declared_outputs["lidar"], declared_outputs["depth"], rtol=0, atol=0)
+
+
+def test_declared_video_and_spectrogram_take_their_frame_count_from_the_spec(declared_outputs):
+    assert declared_outputs["clip"].shape == (1, 2, 3, 224, 224)
+    torch.testing.assert_close(declared_outputs["clip"], declared_outputs["videos_2"], rtol=0, atol=0)
+    torch.testing.assert_close(declared_outputs["clip_4"], declared_outputs["videos_4"], rtol=0, atol=0)
+    assert declared_outputs["sonar"].shape == (1, 2, 224, 224)
+    torch.testing.assert_close(declared_outputs["sonar"], declared_outputs["audio_2"], rtol=0, atol=0)
+
+
+def test_model_input_names_come_from_the_registry(declared_outputs, thermal_config):
+    names = declared_outputs["thermal_processor"].model_input_names
+    assert names == [
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "pixel_values_videos",
+        "input_features",
+        "depth_values",
+        "normal_values",
+        "thermal_values",
+    ]
+    assert {spec.input_name for spec in thermal_config.modality_specs.values()} <= set(names)
+    assert MiCoProcessor().model_input_names == names[:-1]
+    assert {"lidar_values", "clip_values", "sonar_values"} <= set(
+        declared_outputs["declared_processor"].model_input_names
+    )
+
+
+def test_from_config_settings(thermal_config):
+    from modeling_mico.configuration_mico import MiCoConfig
+
+    config = MiCoConfig.from_preset("tiny", max_caption_length=24)
+    processor = MiCoProcessor.from_config(config, num_frames=6, num_slices=2, training=True, seed=4)
+    assert processor.image_processor.image_size == 64
+    assert (processor.feature_extractor.target_length, processor.feature_extractor.feature_size) == (64, 64)
+    assert (processor.num_frames, processor.feature_extractor.num_slices) == (6, 2)
+    assert (processor.training, processor.seed, processor.max_length) == (True, 4, 24)
+    assert processor.modalities == {}  # every modality of the tiny preset is built in
+    default = MiCoProcessor.from_config(config)
+    assert default.num_frames is None and default.feature_extractor.num_slices is None
+    default.check_matches(config)
+    thermal = MiCoProcessor.from_config(thermal_config)
+    assert thermal.modalities["thermal"]["input_name"] == "thermal_values"
+    assert thermal.modalities["thermal"]["layout"] == "image"
+
+
+def test_save_load_keeps_declared_modalities(tmp_path, declared_outputs, small_inputs):
+    original = declared_outputs["thermal_processor"]
+    original.save_pretrained(tmp_path)
+    loaded = MiCoProcessor.from_pretrained(tmp_path)
+    assert loaded.modalities == original.modalities and "thermal" in loaded.modalities
+    assert loaded.modality_specs == original.modality_specs
+    torch.testing.assert_close(loaded(thermal=small_inputs["images"])["thermal_values"], declared_outputs["thermal"])
+
+
+def test_check_matches_refuses_a_processor_that_would_feed_the_model_wrongly(thermal_config, declared_outputs):
+    from modeling_mico.configuration_mico import MiCoConfig
+
+    declared_outputs["thermal_processor"].check_matches(thermal_config)
+    with pytest.raises(
+        ValueError, match=r"the model takes the modality 'thermal' \(thermal_values\) but the processor"
+    ):
+        MiCoProcessor().check_matches(thermal_config)
+    with pytest.raises(ValueError, match=r"the model takes 64x64 inputs but the processor has .*image_size': 224"):
+        MiCoProcessor().check_matches(MiCoConfig.from_preset("tiny"))
+    as_depth = MiCoProcessor(modalities={"thermal": {"layout": "depth"}})
+    with pytest.raises(ValueError, match=r"modality 'thermal' differs .*'layout': \('depth', 'image'\)"):
+        as_depth.check_matches(thermal_config)
+
+
+def test_declared_modality_errors(declared_outputs, small_inputs):
+    thermal = declared_outputs["thermal_processor"]
+    image = small_inputs["images"][0]
+    with pytest.raises(TypeError, match=r"unexpected arguments \['thermol'\]; it takes text and the modalities"):
+        thermal(thermol=image)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['thermal'\]"):
+        MiCoProcessor()(thermal=image)
+    with pytest.raises(ValueError, match=r"same batch size.*'text': 1.*'thermal': 2"):
+        thermal(text="one", thermal=[image, image])
+    with pytest.raises(ValueError, match=r"give at least one of text, images, videos, audio, depth, normals, thermal"):
+        thermal()
+    with pytest.raises(FileNotFoundError, match=r"thermal\[1\] file not found: .*nope.png"):
+        thermal(thermal=[image, "nope.png"])
+    with pytest.raises(ValueError, match=r"modalities\['x'\].layout must be one of"):
+        MiCoProcessor(modalities={"x": {"layout": "cube"}})
+    with pytest.raises(ValueError, match=r"processor arguments \['seed'\] are settings of MiCoProcessor"):
+        MiCoProcessor(modalities={"seed": {}})
+    with pytest.raises(ValueError, match=r"modalities must map modality names to dicts"):
+        MiCoProcessor(modalities={"x": "image"})
+
+
+def test_builtin_override_and_clash(small_inputs):
+    frames = small_inputs["frames"]
+    two = MiCoProcessor(modalities={"video": {"num_frames": 2}})
+    assert two(videos=frames)["pixel_values_videos"].shape[1] == 2
+    # a declared modality taking a built-in's argument replaces that built-in
+    replaced = MiCoProcessor(modalities={"nmap": {"processor_argument": "normals", "layout": "depth"}})
+    assert "normal" not in replaced.modality_specs
+    assert replaced(normals=small_inputs["depth"])["nmap_values"].shape == (1, 1, 3, 224, 224)
+
+
+BACKEND_SCRIPT = """
+import sys
+sys.modules["soundfile"] = None  # as if not installed: the import below must not need it
+import numpy as np
+from modeling_mico.processing_mico import MiCoProcessor
+assert "decord" not in sys.modules, "importing the processor imported decord"
+sys.modules["decord"] = None
+
+processor = MiCoProcessor()
+assert processor(images=sys.argv[1])["pixel_values"].shape == (1, 3, 224, 224)
+assert processor(videos=np.zeros((3, 8, 8, 3), dtype=np.uint8))["pixel_values_videos"].shape == (1, 4, 3, 224, 224)
+assert processor(audio=np.zeros(16000, dtype=np.float32), sampling_rate=16000)["input_features"].shape[1] == 3
+for argument, path in (("videos", sys.argv[2]), ("audio", sys.argv[3])):
+    try:
+        processor(**{argument: path})
+    except ImportError as err:
+        print(argument, "|", err)
+    else:
+        raise SystemExit(f"{argument}: no ImportError")
+"""
+
+
+def test_missing_backends_fail_at_use_naming_the_package():
+    """Importing the processor needs neither decord nor soundfile; decoding a file needs its back-end."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
+    result = subprocess.run(
+        [sys.executable, "-c", BACKEND_SCRIPT, str(JPEG), str(MP4), str(FLAC)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" | ", 1) for line in result.stdout.strip().splitlines())
+    assert "decoding video files needs the `decord` package" in lines["videos"]
+    assert "pip install decord" in lines["videos"] and "mico-transformers" in lines["videos"]
+    assert "decoding audio files needs the `soundfile` package" in lines["audio"]
+    assert "pip install soundfile" in lines["audio"]
+
+
+def test_processing_docstring_example_runs():
+    import doctest
+
+    import modeling_mico.processing_mico
+
+    result = doctest.testmod(modeling_mico.processing_mico, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0

@@ -13,17 +13,12 @@ import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction
 
-from modeling_mico import MiCoModel
+from modeling_mico import MiCoConfig, MiCoModel, MiCoProcessor
 from modeling_mico.annotations import flatten_captions, load_annotations
-from modeling_mico.data import config_for_size, processor_for_config
-from modeling_mico.evaluation import (
-    evaluate_retrieval,
-    retrieval_compute_metrics,
-    retrieval_results,
-    score_retrieval,
-)
+from modeling_mico.evaluation import evaluate_retrieval, retrieval_results, score_retrieval
 from modeling_mico.retrieval import retrieval_metrics
 from modeling_mico.synthetic_data import make_synthetic_dataset
+from modeling_mico.trainer_mico import retrieval_compute_metrics
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,11 +33,9 @@ def load_example(name: str):
 
 
 def tiny_model() -> MiCoModel:
-    """The `tiny` preset with a wider initialisation, so that random embeddings are not all alike."""
+    """The `tiny` preset (whose wider initialisation keeps random embeddings apart)."""
     torch.manual_seed(0)
-    config = config_for_size("tiny", initializer_range=0.1)
-    config.vision_config.initializer_range = config.text_config.initializer_range = 0.1
-    return MiCoModel(config).eval()
+    return MiCoModel(MiCoConfig.from_preset("tiny")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ def model(workdir) -> MiCoModel:
 
 @pytest.fixture(scope="module")
 def processor(model):
-    return processor_for_config(model.config)
+    return MiCoProcessor.from_config(model.config)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +136,7 @@ def brute_force_embeddings(model, processor, rows, texts):
             ),
             "id": model.get_fused_features(pixel_values=inputs["pixel_values"], depth_values=inputs["depth_values"]),
         }
-    return {name: F.normalize(value, dim=-1) for name, value in features.items()}
+    return {name: F.normalize(value.pooler_output, dim=-1) for name, value in features.items()}
 
 
 def test_library_equals_brute_force(model, processor, rows):
@@ -187,6 +180,11 @@ def test_rerank_only_reorders_within_top_k(model, processor, rows):
     assert torch.equal(reranked[query, candidates].argsort(descending=True), matching.argsort(descending=True))
     results = retrieval_results(scores)
     assert {"itm/t2va/R@1", "itm/va2t/R@1", "t2va/R@1", "va2t/R@1"} <= set(results)
+
+
+def test_unknown_target_names_the_models_targets(model, processor, rows):
+    with pytest.raises(ValueError, match=r"unknown retrieval targets \['thermal'\]; this model's targets are \['image',"):
+        score_retrieval(model, processor, rows, ["video", "thermal"], progress=False)
 
 
 def test_missing_modality_is_named_or_skipped(model, processor, rows):

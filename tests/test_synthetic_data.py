@@ -221,3 +221,36 @@ def test_cli_reports_a_non_empty_output_dir(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(CLI), run_name="__main__")
     assert exit_info.value.code == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_optional_backends_are_imported_on_first_use(tmp_path):
+    """With av, soundfile and matplotlib unavailable, the generator and the metrics import; images are written and a
+    video or a heat-map fails naming the missing package."""
+    code = f"""
+import sys
+for name in ("av", "soundfile", "matplotlib"):
+    sys.modules[name] = None
+import modeling_mico.retrieval as retrieval
+from modeling_mico.synthetic_data import make_synthetic_dataset
+
+make_synthetic_dataset({str(tmp_path / "images")!r}, num_samples=2, modalities=("image",))
+for call in (
+    lambda: make_synthetic_dataset({str(tmp_path / "videos")!r}, num_samples=2, modalities=("video",)),
+    lambda: make_synthetic_dataset({str(tmp_path / "audio")!r}, num_samples=2, modalities=("audio",)),
+    lambda: retrieval.plot_similarity_heatmap([[1.0]], {str(tmp_path / "sim.png")!r}),
+):
+    try:
+        call()
+    except ImportError as error:
+        print(error)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert [line.split(" needs ")[0] for line in lines] == [
+        "Writing the synthetic videos",
+        "Writing the synthetic audio",
+        "plot_similarity_heatmap",
+    ]
+    assert "`pip install av`" in lines[0] and "`pip install soundfile`" in lines[1] and "matplotlib" in lines[2]

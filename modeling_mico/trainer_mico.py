@@ -1,0 +1,92 @@
+"""🤗 `Trainer` subclasses for MiCo pretraining and fine-tuning, and the retrieval metric they report.
+
+- `EvalCollatorTrainer` collates evaluation batches with their own collator (first caption, middle frames), so that
+  the evaluation loss does not depend on random choices (`examples/run_pretrain.py`).
+- `MiCoRetrievalTrainer` also returns the batch's text and target embeddings as predictions
+  (`evaluation.batch_retrieval_embeddings`), and `retrieval_compute_metrics(targets)` turns them into retrieval
+  metrics under the keys of `evaluation.target_prefix` (`eval_t2v/R@1`, ...) (`examples/run_finetune_peft.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from transformers import EvalPrediction, Trainer
+
+from .evaluation import batch_retrieval_embeddings, mico_base_model, resolve_targets, target_prefix
+from .retrieval import retrieval_metrics
+
+
+def retrieval_compute_metrics(
+    targets: Sequence[str], ks: Sequence[int] = (1, 5, 10)
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """A `Trainer(compute_metrics=...)` function for `MiCoRetrievalTrainer` predictions `(text, *targets)`: text i
+    describes item i; items without embeddings (NaN, absent from their batch) are left out with their text."""
+    targets = list(targets)
+
+    def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
+        text, *items = eval_pred.predictions
+        results: dict[str, float] = {}
+        for target, item in zip(targets, items, strict=True):
+            valid = ~np.isnan(item).any(axis=1)
+            if valid.sum() < 2:
+                continue
+            similarity = torch.from_numpy(text[valid] @ item[valid].T)
+            results.update(
+                retrieval_metrics(similarity, np.arange(int(valid.sum())), prefix=target_prefix(target), ks=ks)
+            )
+        return results
+
+    return compute_metrics
+
+
+class EvalCollatorTrainer(Trainer):
+    """A `Trainer` that collates evaluation batches with their own collator (first caption, middle frames).
+
+    Args:
+        eval_data_collator: collator of evaluation batches (default: `data_collator`).
+    """
+
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+
+class MiCoRetrievalTrainer(EvalCollatorTrainer):
+    """A `Trainer` whose evaluation returns text and item embeddings as predictions (for
+    `retrieval_compute_metrics`) beside the pretraining loss, and collates evaluation batches with their own collator
+    (first caption, middle frames).
+
+    Args:
+        retrieval_targets: targets whose embeddings evaluation returns (`evaluation.retrieval_targets(config)`
+            names: `video`, `va`, `thermal`, ...).
+        eval_data_collator: collator of evaluation batches (default: `data_collator`).
+    """
+
+    def __init__(self, *args, retrieval_targets: Sequence[str] = ("video",), **kwargs):
+        super().__init__(*args, **kwargs)
+        resolve_targets(mico_base_model(self.model).config, retrieval_targets)  # validates the names
+        self.retrieval_targets = list(retrieval_targets)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs).detach()
+            if prediction_loss_only:
+                return loss, None, None
+            embeds = batch_retrieval_embeddings(self.accelerator.unwrap_model(model), inputs, self.retrieval_targets)
+        # compute_metrics runs only when labels exist; text i of the evaluation set describes item i
+        labels = torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long, device=loss.device)
+        return loss, embeds, labels
+
+
+__all__ = ["EvalCollatorTrainer", "MiCoRetrievalTrainer", "retrieval_compute_metrics"]

@@ -803,6 +803,59 @@ class MiCoModel(MiCoPreTrainedModel):
 # The language-model head's decoder shares the word embeddings (Transformers 5 form: target -> source).
 TIED_LM_HEAD = {"lm_head.decoder.weight": "mico.text_model.embeddings.word_embeddings.weight"}
 
+# Public MiCoModel methods that the heads expose too (on `self.mico`), as Transformers' composed heads do.
+DELEGATED_METHODS = (
+    "get_text_features",
+    "get_subtitle_features",
+    "get_modality_features",
+    "get_image_features",
+    "get_video_features",
+    "get_audio_features",
+    "get_depth_features",
+    "get_fused_features",
+    "get_multimodal_context",
+    "get_matching_logits",
+    "get_matching_scores",
+)
+
+
+class MiCoModelWithHeadBase(MiCoPreTrainedModel):
+    """Shared plumbing of the heads: a [`MiCoModel`] as `self.mico` (`base_model_prefix`), the language-model head
+    tied to its word embeddings, and the public feature methods of `self.mico`. Subclasses call `post_init()` at the
+    end of their `__init__`."""
+
+    _tied_weights_keys = TIED_LM_HEAD
+
+    def __init__(self, config: MiCoConfig):
+        super().__init__(config)
+        self.mico = MiCoModel(config)
+        self.lm_head = MiCoLMHead(config.text_config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.mico.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.mico.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
+
+def _delegate_to_mico(name: str):
+    def method(self, *args, **kwargs):
+        return getattr(self.mico, name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"[`MiCoModel.{name}`] of `self.mico`."
+    return method
+
+
+for _name in DELEGATED_METHODS:
+    setattr(MiCoModelWithHeadBase, _name, _delegate_to_mico(_name))
+
 
 @dataclass
 class MiCoForPreTrainingOutput(ModelOutput):
@@ -850,7 +903,7 @@ class MiCoForPreTrainingOutput(ModelOutput):
     temperature: torch.FloatTensor | None = None
 
 
-class MiCoForPreTraining(MiCoPreTrainedModel):
+class MiCoForPreTraining(MiCoModelWithHeadBase):
     r"""
     MiCo with its three pretraining losses (omni-modal contrastive, matching with hard negatives, masked caption
     generation): a [`MiCoModel`] (`self.mico`) plus the language-model head tied to its word embeddings. A
@@ -873,13 +926,10 @@ class MiCoForPreTraining(MiCoPreTrainedModel):
     pass `num_items_in_batch` (`accepts_loss_kwargs = False`).
     """
 
-    _tied_weights_keys = TIED_LM_HEAD
     accepts_loss_kwargs = False
 
     def __init__(self, config: MiCoConfig):
         super().__init__(config)
-        self.mico = MiCoModel(config)
-        self.lm_head = MiCoLMHead(config.text_config)
         self.tasks = {
             kind: {task: config.parse_task(task) for task in getattr(config, f"{kind}_tasks")}
             for kind in ("contrastive", "matching", "caption")
@@ -888,18 +938,6 @@ class MiCoForPreTraining(MiCoPreTrainedModel):
             if len(parts) > 1:
                 self.mico.fused_head_for(parts)  # raises when no fused head combines them
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.mico.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.mico.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head.decoder = new_embeddings
 
     @can_return_tuple
     def forward(
@@ -1103,7 +1141,7 @@ class MiCoForPreTraining(MiCoPreTrainedModel):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class MiCoForConditionalGeneration(MiCoPreTrainedModel, MiCoGenerationMixin):
+class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
     r"""
     MiCo captioning and question answering: a [`MiCoModel`] (`self.mico`) plus the language-model head tied to its
     word embeddings, decoded with Transformers' `generate` (greedy, beam search, sampling, streamers, ...).
@@ -1139,28 +1177,12 @@ class MiCoForConditionalGeneration(MiCoPreTrainedModel, MiCoGenerationMixin):
     ```
     """
 
-    _tied_weights_keys = TIED_LM_HEAD
-
     def __init__(self, config: MiCoConfig):
         super().__init__(config)
-        self.mico = MiCoModel(config)
-        self.lm_head = MiCoLMHead(config.text_config)
         # labels are the token *at* each position (MiCo predicts where a [MASK] stands): no shift
         self.loss_type = "ForMaskedLM"
         self.post_init()
         self.generation_config = default_generation_config(config)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.mico.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.mico.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head.decoder = new_embeddings
 
     @can_return_tuple
     def forward(

@@ -45,6 +45,16 @@ logger = logging.get_logger(__name__)
 TOWER_KWARGS = frozenset(TransformersKwargs.__annotations__)
 
 
+def explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values) -> dict[str, torch.Tensor | None]:
+    """The modality inputs that forward methods name explicitly (the release's); extras come as `<name>_values`."""
+    return {
+        "pixel_values": pixel_values,
+        "pixel_values_videos": pixel_values_videos,
+        "input_features": input_features,
+        "depth_values": depth_values,
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Vision tower: EVA-CLIP ViT
 # --------------------------------------------------------------------------------------------------------------------
@@ -769,12 +779,7 @@ class MiCoModel(MiCoPreTrainedModel):
 
         ```
         """
-        named = {
-            "pixel_values": pixel_values,
-            "pixel_values_videos": pixel_values_videos,
-            "input_features": input_features,
-            "depth_values": depth_values,
-        }
+        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
         inputs = self.modality_inputs(named, kwargs)
         output = MiCoOutput()
         text_embeds = None
@@ -991,12 +996,7 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         mico = self.mico
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        named = {
-            "pixel_values": pixel_values,
-            "pixel_values_videos": pixel_values_videos,
-            "input_features": input_features,
-            "depth_values": depth_values,
-        }
+        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
         inputs = mico.modality_inputs(named, kwargs)
         kinds = ("contrastive",) if not return_loss else ("contrastive", "matching", "caption")
         given = {spec.encoder for spec, _ in inputs.values()} | (
@@ -1234,12 +1234,7 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
         Returns:
             [`CausalLMOutputWithCrossAttentions`]
         """
-        named = {
-            "pixel_values": pixel_values,
-            "pixel_values_videos": pixel_values_videos,
-            "input_features": input_features,
-            "depth_values": depth_values,
-        }
+        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
         context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, named, kwargs)
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config.text_config), DynamicCache())
@@ -1321,12 +1316,7 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             `torch.LongTensor`: the ids of the prefix, `[CLS]` and the generated tokens (`[PAD]` after `[SEP]`), or a
             [`~generation.GenerateOutput`] with `return_dict_in_generate=True`.
         """
-        named = {
-            "pixel_values": pixel_values,
-            "pixel_values_videos": pixel_values_videos,
-            "input_features": input_features,
-            "depth_values": depth_values,
-        }
+        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
         context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, named, generate_kwargs)
         batch_size = context.shape[0]
         generation_config = generate_kwargs.get("generation_config") or self.generation_config

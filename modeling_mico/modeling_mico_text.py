@@ -40,21 +40,26 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def attention_forward(module: nn.Module, query, key, value, attention_mask, scaling: float, dropout: float, **kwargs):
-    """Dispatch to the attention implementation chosen in the module's config (eager, sdpa, flash, flex)."""
+def attention_forward(
+    module: nn.Module, query, key, value, attention_mask, is_causal: bool, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatch to the attention implementation chosen in the module's config (eager, sdpa, flash, flex); returns the
+    heads merged back to `(batch, length, hidden_size)` and the attention weights (eager only)."""
     attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.config._attn_implementation, eager_attention_forward
     )
-    return attention_interface(
+    attn_output, attn_weights = attention_interface(
         module,
         query,
         key,
         value,
         attention_mask,
-        scaling=scaling,
-        dropout=dropout if module.training else 0.0,
+        scaling=module.scaling,
+        dropout=module.config.attention_probs_dropout_prob if module.training else 0.0,
+        is_causal=is_causal,
         **kwargs,
     )
+    return attn_output.reshape(*attn_output.shape[:2], -1).contiguous(), attn_weights
 
 
 class MiCoTextEmbeddings(nn.Module):
@@ -85,19 +90,26 @@ class MiCoTextEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
-class MiCoTextSelfAttention(nn.Module):
-    """Self-attention over the text; keys/values of processed tokens go to `cache` when one is given."""
+class MiCoTextAttentionBase(nn.Module):
+    """Query, key and value projections of a BERT attention block (keys and values read `key_value_size` inputs)."""
 
-    def __init__(self, config: MiCoTextConfig, layer_idx: int):
+    def __init__(self, config: MiCoTextConfig, layer_idx: int, key_value_size: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = False  # set per call: retrieval and matching are bidirectional, captions causal
+        self.is_causal = False  # passed per call: retrieval and matching are bidirectional, captions causal
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(key_value_size, config.hidden_size)
+        self.value = nn.Linear(key_value_size, config.hidden_size)
+
+
+class MiCoTextSelfAttention(MiCoTextAttentionBase):
+    """Self-attention over the text; keys/values of processed tokens go to `cache` when one is given."""
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int):
+        super().__init__(config, layer_idx, config.hidden_size)
 
     def forward(
         self,
@@ -115,33 +127,14 @@ class MiCoTextSelfAttention(nn.Module):
         if cache is not None:
             self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             key, value = self_cache.update(key, value, self.layer_idx)
-        attn_output, attn_weights = attention_forward(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            self.scaling,
-            self.config.attention_probs_dropout_prob,
-            is_causal=is_causal,
-            **kwargs,
-        )
-        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+        return attention_forward(self, query, key, value, attention_mask, is_causal, **kwargs)
 
 
-class MiCoTextCrossAttention(nn.Module):
+class MiCoTextCrossAttention(MiCoTextAttentionBase):
     """Attention from the text to the (never masked) multimodal context; context keys/values are cached once."""
 
     def __init__(self, config: MiCoTextConfig, layer_idx: int):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = False
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.encoder_hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.encoder_hidden_size, config.hidden_size)
+        super().__init__(config, layer_idx, config.encoder_hidden_size)
 
     def forward(
         self,
@@ -164,18 +157,7 @@ class MiCoTextCrossAttention(nn.Module):
                 key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
         # the context is never masked and never causal, whatever the text side does
-        attn_output, attn_weights = attention_forward(
-            self,
-            query,
-            key,
-            value,
-            None,
-            self.scaling,
-            self.config.attention_probs_dropout_prob,
-            is_causal=False,
-            **kwargs,
-        )
-        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+        return attention_forward(self, query, key, value, None, False, **kwargs)
 
 
 class MiCoTextResidualOutput(nn.Module):

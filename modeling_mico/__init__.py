@@ -45,7 +45,7 @@ def _register_auto_classes() -> None:
     AutoModelForImageTextToText.register(MiCoConfig, MiCoForConditionalGeneration, exist_ok=True)
     MiCoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     register_processing_auto_classes()
-    install_original_checkpoint_support()
+    install_original_checkpoint_support(AutoModel, AutoModelForPreTraining, AutoModelForImageTextToText)
 
 
 _register_auto_classes()

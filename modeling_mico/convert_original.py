@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig
-from transformers.utils import CONFIG_NAME, cached_file, logging
-from transformers.utils.hub import resolve_revision
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.utils import CONFIG_NAME, logging
 
 from . import modeling_mico as modeling
 from .configuration_mico import DEFAULT_FUSED_HEADS, MiCoConfig, resolve_modalities
-from .modeling_mico import ORIGINAL_MODEL_TYPES, check_local_path, config_model_type
+from .modeling_mico import ORIGINAL_MODEL_TYPES, check_local_path, config_model_type, find_checkpoint_file
 
 
 logger = logging.get_logger(__name__)
@@ -211,8 +210,11 @@ def find_original_checkpoint(source: str | os.PathLike, config_path: str | os.Pa
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
+        try:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+        except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a valid safetensors file: {error}") from error
     header.pop("__metadata__", None)
     return header, 8 + header_size
 
@@ -558,29 +560,24 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 ORIGINAL_LAYOUTS = f"config.json + {' or '.join(HUB_WEIGHT_NAMES)}, or ckpt/model_step_<N>.pt + log/hps.json"
 
 
-def locate_original_checkpoint(name_or_path: str | os.PathLike, **hub_kwargs) -> OriginalCheckpoint | None:
+def locate_original_checkpoint(
+    name_or_path: str | os.PathLike, hub_kwargs: dict | None = None
+) -> OriginalCheckpoint | None:
     """The original checkpoint at a local directory or a Hub repository (Hub layout only), `None` when it is not one.
+    `hub_kwargs` are `from_pretrained`'s hub options; their `revision` is resolved to a commit in place.
 
     For a Hub repository, the config.json is read first (from the cache once `from_pretrained` has fetched it) and the
     weights are fetched only when it holds original hyper-parameters (no `model_type`, or the original's `"vast"`).
     Errors (unreachable Hub, missing repository, unreadable files) propagate with their cause."""
-    subfolder = hub_kwargs.pop("subfolder", "") or ""
+    hub_kwargs = {} if hub_kwargs is None else hub_kwargs
     path = check_local_path(name_or_path)
     if os.path.isdir(path):
-        return find_original_checkpoint(os.path.join(path, subfolder))
-    hub_kwargs["revision"] = resolve_revision(
-        path,
-        hub_kwargs.get("revision"),
-        token=hub_kwargs.get("token"),
-        local_files_only=hub_kwargs.get("local_files_only", False),
-        cache_dir=hub_kwargs.get("cache_dir"),
-    )
-    lookup = {"subfolder": subfolder, "_raise_exceptions_for_missing_entries": False, **hub_kwargs}
-    config_file = cached_file(path, CONFIG_NAME, **lookup)
+        return find_original_checkpoint(os.path.join(path, hub_kwargs.get("subfolder") or ""))
+    config_file = find_checkpoint_file(path, CONFIG_NAME, hub_kwargs)
     if config_file is None or config_model_type(config_file) not in ORIGINAL_MODEL_TYPES:
         return None
     for name in HUB_WEIGHT_NAMES:
-        weights = cached_file(path, name, **lookup)
+        weights = find_checkpoint_file(path, name, hub_kwargs)
         if weights is not None:
             return OriginalCheckpoint(Path(weights), _read_json(Path(config_file)), "hub")
     return None
@@ -592,7 +589,7 @@ def load_original_model(model_class, name_or_path: str | os.PathLike, *model_arg
     `config` (a `MiCoConfig`, e.g. from `AutoConfig`) is used as given; by default it is derived from the checkpoint.
     Installed into the model classes by `install_original_checkpoint_support`."""
     checkpoint = locate_original_checkpoint(
-        name_or_path, **{key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        name_or_path, {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
     )
     if checkpoint is None:
         raise FileNotFoundError(
@@ -623,50 +620,48 @@ def load_original_model(model_class, name_or_path: str | os.PathLike, *model_arg
     return (model, info) if output_loading_info else model
 
 
-def original_config(checkpoint: OriginalCheckpoint, **kwargs):
-    """`AutoConfig.from_pretrained`'s answer for an original checkpoint: the derived `MiCoConfig`, with the keyword
-    arguments applied as `PreTrainedConfig.from_dict` applies them (including `return_unused_kwargs`)."""
-    for key in (*HUB_KWARGS, "trust_remote_code", "code_revision", "_from_auto", "_from_pipeline", "_commit_hash"):
-        kwargs.pop(key, None)
-    config = config_from_original(checkpoint.hyper_parameters, read_original_shapes(checkpoint.weights))
-    return MiCoConfig.from_dict(config.to_dict(), **kwargs)
-
-
-def install_original_checkpoint_support() -> None:
-    """Let every MiCo class and the Auto classes load original checkpoints (dependency inversion: the model code
-    exposes a loader slot and never imports this module).
-
-    `AutoConfig.from_pretrained` is extended for the two cases it cannot handle, so that `AutoModel` and the other
-    Auto classes work on them: a local original directory (recognised by its files, before anything is read) and a
-    Hub repository in the original layout (recognised only after Transformers refused its config.json, so no other
-    load pays for the check). Every other call, and every other error, is Transformers' own. A local-looking path that
-    does not exist fails at once with "no such directory"."""
-    modeling.original_checkpoint_loader = load_original_model
-    wrapped = AutoConfig.from_pretrained.__func__
-    if getattr(wrapped, "_mico_original_checkpoints", False):
-        return
+def _route_original_checkpoints(wrapped):
+    """Wrap an Auto model class's `from_pretrained` (see `install_original_checkpoint_support`)."""
 
     @functools.wraps(wrapped)
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
-            return wrapped(cls, pretrained_model_name_or_path, *args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        if isinstance(kwargs.get("config"), PreTrainedConfig) or not isinstance(
+            pretrained_model_name_or_path, (str, os.PathLike)
+        ):
+            return wrapped(cls, pretrained_model_name_or_path, *model_args, **kwargs)
         path = check_local_path(pretrained_model_name_or_path)
         if os.path.isdir(path):
-            checkpoint = find_original_checkpoint(os.path.join(path, kwargs.get("subfolder") or ""))
-            if checkpoint is None:
-                return wrapped(cls, pretrained_model_name_or_path, *args, **kwargs)
+            if find_original_checkpoint(os.path.join(path, kwargs.get("subfolder") or "")) is None:
+                return wrapped(cls, pretrained_model_name_or_path, *model_args, **kwargs)
         else:
             try:
-                return wrapped(cls, pretrained_model_name_or_path, *args, **kwargs)
+                return wrapped(cls, pretrained_model_name_or_path, *model_args, **kwargs)
             except ValueError:  # "Unrecognized model" / unknown model_type: maybe an original Hub repository
                 hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-                checkpoint = locate_original_checkpoint(path, **hub_kwargs)
-                if checkpoint is None:
+                if locate_original_checkpoint(path, hub_kwargs) is None:
                     raise
-        return original_config(checkpoint, **kwargs)
+                kwargs["revision"] = hub_kwargs["revision"]  # resolved once
+        return cls._model_mapping[MiCoConfig].from_pretrained(path, *model_args, **kwargs)
 
-    from_pretrained._mico_original_checkpoints = True
-    AutoConfig.from_pretrained = classmethod(from_pretrained)
+    from_pretrained.wraps_original_checkpoints = True
+    return from_pretrained
+
+
+def install_original_checkpoint_support(*auto_classes) -> None:
+    """Let every MiCo class, and the Auto model classes given (those mapping `MiCoConfig`), load original checkpoints.
+    Dependency inversion: the model code exposes a loader slot and never imports this module.
+
+    The Auto classes' `from_pretrained` is extended for what Transformers cannot read, a config.json of training
+    hyper-parameters or none at all: a local original directory is recognised by its files before anything is read; a
+    Hub repository in the original layout only after Transformers refused its config.json, so no other load pays for
+    the check. Both go to the MiCo class the Auto class maps to. A local-looking path that does not exist fails at
+    once with "no such directory" instead of being tried on the Hub (with retries) as a repository id. Every other
+    call, and every other error, is Transformers' own."""
+    modeling.original_checkpoint_loader = load_original_model
+    for auto_class in auto_classes:
+        wrapped = auto_class.from_pretrained.__func__
+        if not getattr(wrapped, "wraps_original_checkpoints", False):
+            auto_class.from_pretrained = classmethod(_route_original_checkpoints(wrapped))
 
 
 # --------------------------------------------------------------------------------------------------------------------

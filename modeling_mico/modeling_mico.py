@@ -462,6 +462,25 @@ def config_model_type(config_file: str) -> str | None:
     return config.get("model_type")
 
 
+def find_checkpoint_file(path: str, filename: str, kwargs: dict) -> str | None:
+    """`filename` in a local directory or Hub repository (`None` when it has none), found with the hub options of
+    `from_pretrained` `kwargs`. `kwargs["revision"]` is resolved to a commit once, in place, so that the other lookups
+    of the same load are answered from the cache without asking the Hub again."""
+    from transformers.utils import cached_file
+    from transformers.utils.hub import resolve_revision
+
+    kwargs["revision"] = resolve_revision(
+        path,
+        kwargs.get("revision"),
+        token=kwargs.get("token"),
+        local_files_only=kwargs.get("local_files_only", False),
+        cache_dir=kwargs.get("cache_dir"),
+    )
+    names = ("cache_dir", "proxies", "token", "local_files_only", "subfolder", "revision")
+    lookup = {name: kwargs[name] for name in names if name in kwargs}
+    return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **lookup)
+
+
 class MiCoPreTrainedModel(PreTrainedModel):
     config: MiCoConfig
     base_model_prefix = "mico"
@@ -494,24 +513,12 @@ class MiCoPreTrainedModel(PreTrainedModel):
         `FileNotFoundError` at once."""
         import os
 
-        from transformers.utils import CONFIG_NAME, cached_file
-        from transformers.utils.hub import resolve_revision
+        from transformers.utils import CONFIG_NAME
 
         if pretrained_model_name_or_path is None or os.path.isfile(pretrained_model_name_or_path):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         path = check_local_path(pretrained_model_name_or_path)
-        kwargs["revision"] = resolve_revision(
-            path,
-            kwargs.get("revision"),
-            token=kwargs.get("token"),
-            local_files_only=kwargs.get("local_files_only", False),
-            cache_dir=kwargs.get("cache_dir"),
-        )
-        names = ("cache_dir", "proxies", "token", "local_files_only", "subfolder")
-        lookup = {name: kwargs[name] for name in names if name in kwargs}
-        config_file = cached_file(
-            path, CONFIG_NAME, revision=kwargs["revision"], _raise_exceptions_for_missing_entries=False, **lookup
-        )
+        config_file = find_checkpoint_file(path, CONFIG_NAME, kwargs)
         is_mico = config_file is not None and config_model_type(config_file) not in ORIGINAL_MODEL_TYPES
         if is_mico or (config_file is None and not os.path.isdir(path)):  # or a Hub repo without config.json
             return super().from_pretrained(path, *model_args, **kwargs)

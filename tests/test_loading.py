@@ -35,9 +35,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "modeling_mico"
 PARITY = ROOT / "tests" / "fixtures" / "parity"
 OPTIONAL_BACKENDS = ("decord", "soundfile", "av", "matplotlib")
+# What `import modeling_mico` must not import where installed: soundfile is left out because Transformers' own
+# `processing_utils` (needed to register the processor classes) imports it whenever it is installed.
+NOT_IMPORTED = ("decord", "av", "matplotlib")
 # Modules a checkpoint must never ship, nor the modeling code import: conversion, preprocessing and consumers.
 NOT_MODEL_CODE = ("convert", "processing", "feature_extraction", "data", "evaluation", "retrieval", "captioning")
 MODEL_CODE = ("configuration_mico", "modeling_mico", "modeling_mico_text")
+
+# Start of a script that cannot import the package (as where it is not installed).
+BLOCK_PACKAGE = """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "modeling_mico" or name.startswith("modeling_mico."):
+                raise ImportError("the package must not be imported")
+    sys.meta_path.insert(0, Block())
+"""
 
 AUTO_CLASSES = {
     AutoModel: MiCoModel,
@@ -46,12 +59,12 @@ AUTO_CLASSES = {
 }
 
 
-def run_python(script: str, tmp_path: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh interpreter, offline, with its own Hugging Face cache."""
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin", **(extra_env or {})}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
+def run_python(*parts: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the script made of `parts` (each dedented) in a fresh interpreter, offline, with its own Hugging Face
+    cache."""
+    script = "".join(textwrap.dedent(part) for part in parts)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home"), "PATH": "/usr/bin:/bin", **(env or {})}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=cwd)
 
 
 def relative_imports(module: Path) -> set[str]:
@@ -62,6 +75,15 @@ def relative_imports(module: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             imports |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
     return imports - {"__init__"}
+
+
+def hub_cache_repo(cache: Path, repo_id: str, files: Path) -> None:
+    """Lay `files` out in `cache` as the Hub client stores a download of `repo_id` (branch `main`)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files, repo / "snapshots" / commit)
 
 
 def value_of(model: torch.nn.Module, suffix: str) -> torch.Tensor:
@@ -137,12 +159,6 @@ def test_remote_code_loads_without_the_package_or_optional_backends(saved):
     saved directory with `trust_remote_code=True` into every Auto class, and refuses an original checkpoint with the
     advice to install the package."""
     script = f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "modeling_mico" or name.startswith("modeling_mico."):
-                    raise ImportError("the package must not be imported")
-        sys.meta_path.insert(0, Block())
         for name in {OPTIONAL_BACKENDS!r}:
             sys.modules[name] = None  # `import name` raises ImportError
         import torch
@@ -165,7 +181,7 @@ def test_remote_code_loads_without_the_package_or_optional_backends(saved):
             raise AssertionError("an original checkpoint loaded without the package")
         print("remote ok")
     """
-    result = run_python(script, saved)
+    result = run_python(BLOCK_PACKAGE, script, cwd=saved)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["MiCoForPreTraining", "MiCoForConditionalGeneration", "remote", "ok"]
 
@@ -174,17 +190,11 @@ def test_processor_remote_code_still_loads(tmp_path):
     """The processor's own save ships the processing modules (its business) and loads without the package."""
     MiCoProcessor().save_pretrained(tmp_path / "processor")
     script = f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "modeling_mico" or name.startswith("modeling_mico."):
-                    raise ImportError("the package must not be imported")
-        sys.meta_path.insert(0, Block())
         from transformers import AutoProcessor
         processor = AutoProcessor.from_pretrained({str(tmp_path / "processor")!r}, trust_remote_code=True)
         print(type(processor).__name__, processor(text=["a dog"], return_tensors="pt")["input_ids"].shape[0])
     """
-    result = run_python(script, tmp_path)
+    result = run_python(BLOCK_PACKAGE, script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["MiCoProcessor", "1"]
 
@@ -237,11 +247,7 @@ def test_original_layouts_load_through_auto_and_head_classes(layout, converted_s
 def test_original_hub_repository_loads_from_the_hub_cache(tmp_path, converted_state):
     """A Hub repository id in the original layout (here served offline from a cache laid out as the Hub client
     writes it) loads through `AutoModel` and a head class."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "cache" / "models--someone--mico-original"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(PARITY / "hub", repo / "snapshots" / commit)
+    hub_cache_repo(tmp_path / "cache", "someone/mico-original", PARITY / "hub")
     options = {"cache_dir": tmp_path / "cache"}
     check_loaded(AutoModel.from_pretrained("someone/mico-original", **options), MiCoModel, converted_state)
     model = MiCoForConditionalGeneration.from_pretrained("someone/mico-original", **options)
@@ -251,11 +257,7 @@ def test_original_hub_repository_loads_from_the_hub_cache(tmp_path, converted_st
 def test_mico_hub_repository_loads_from_the_hub_cache(saved, tmp_path):
     """A converted (MiCo) repository id served offline from the cache: the config.json read that tells it from an
     original checkpoint is answered by the cache, like every other file of the load."""
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "cache" / "models--someone--mico"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(saved / "model", repo / "snapshots" / commit)
+    hub_cache_repo(tmp_path / "cache", "someone/mico", saved / "model")
     expected = torch.load(saved / "expected.pt")
     for loader in (AutoModel, MiCoModel):
         model = loader.from_pretrained("someone/mico", cache_dir=tmp_path / "cache").eval()
@@ -334,12 +336,13 @@ def test_original_checkpoint_errors_are_not_swallowed(tmp_path):
 
 def test_import_needs_no_optional_backend_and_loads_no_consumer_module(tmp_path):
     """`import modeling_mico` works with decord, soundfile, av and matplotlib unimportable, imports none of them when
-    they are installed, leaves the training and evaluation modules for first use, and builds a model."""
+    they are installed (but soundfile, see `NOT_IMPORTED`), leaves the training and evaluation modules for first use,
+    and builds a model."""
     check = f"""
         import sys
         import modeling_mico
         from modeling_mico import MiCoConfig, MiCoModel
-        loaded = [name for name in {OPTIONAL_BACKENDS!r} if sys.modules.get(name) is not None]
+        loaded = [name for name in {NOT_IMPORTED!r} if sys.modules.get(name) is not None]
         assert not loaded, loaded
         consumers = [name for name in ("data", "evaluation", "retrieval", "captioning", "annotations")
                      if "modeling_mico." + name in sys.modules]
@@ -349,8 +352,8 @@ def test_import_needs_no_optional_backend_and_loads_no_consumer_module(tmp_path)
     """
     blocked = f"import sys\nfor name in {OPTIONAL_BACKENDS!r}:\n    sys.modules[name] = None\n"
     environment = {"PYTHONPATH": str(ROOT)}
-    for script in (check, blocked + textwrap.dedent(check)):
-        result = run_python(script, tmp_path, environment)
+    for parts in ((check,), (blocked, check)):
+        result = run_python(*parts, cwd=tmp_path, env=environment)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.split() == ["MiCoModel", "module"]
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -1,12 +1,21 @@
 """MiCo (arXiv 2406.09412) for Hugging Face Transformers.
 
 Importing this package registers every MiCo class with the matching Auto class, so that
-`AutoConfig`, `AutoModel`, `AutoProcessor` and friends load MiCo directories.
+`AutoConfig`, `AutoModel`, `AutoProcessor` and friends load MiCo directories, and lets them load checkpoints of the
+original research code too (converted on the fly by `modeling_mico.convert_original`).
+
+Only the configuration, model, processor and conversion modules are imported here; the training and evaluation
+modules (`data`, `evaluation`, `retrieval`, ...) are imported on first attribute access (`modeling_mico.data`), and
+optional back-ends (`decord`, `soundfile`, `av`, `matplotlib`) only by the features that need them.
 """
+
+import importlib
+from types import ModuleType
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining
 
 from .configuration_mico import MiCoConfig, MiCoTextConfig, MiCoVisionConfig
+from .convert_original import install_original_checkpoint_support
 from .feature_extraction_mico import MiCoFeatureExtractor
 from .image_processing_mico import MiCoImageProcessor
 from .modeling_mico import (
@@ -36,9 +45,32 @@ def _register_auto_classes() -> None:
     AutoModelForImageTextToText.register(MiCoConfig, MiCoForConditionalGeneration, exist_ok=True)
     MiCoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     register_processing_auto_classes()
+    install_original_checkpoint_support(AutoModel, AutoModelForPreTraining, AutoModelForImageTextToText)
 
 
 _register_auto_classes()
+
+# Modules of the package that are not needed to load a model or a processor: imported on first access.
+_LAZY_SUBMODULES = (
+    "annotations",
+    "captioning",
+    "convert_original",
+    "data",
+    "distributed",
+    "evaluation",
+    "import_utils",
+    "peft_utils",
+    "retrieval",
+    "synthetic_data",
+    "trainer_mico",
+)
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MiCoConfig",

@@ -10,6 +10,7 @@ The key mapping is written once, as the table `KEY_MAPPING` of (original pattern
 directions, so that exporting a converted state dict back gives the source tensors bit for bit.
 """
 
+import functools
 import json
 import os
 import re
@@ -20,14 +21,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers.utils import logging
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.utils import CONFIG_NAME, logging
 
-from .configuration_mico import MiCoConfig
+from . import modeling_mico as modeling
+from .configuration_mico import DEFAULT_FUSED_HEADS, MiCoConfig, resolve_modalities
+from .modeling_mico import ORIGINAL_MODEL_TYPES, check_local_path, config_model_type, find_checkpoint_file
 
 
 logger = logging.get_logger(__name__)
 
 HUB_WEIGHT_NAMES = ("mico_pytorch_model.safetensors", "mico_pytorch_model.bin")
+
+# Keyword arguments of `from_pretrained` that say where files come from (consumed by the lookup of the checkpoint).
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+# Frame tables the original loader resamples to the configured number of frames (never depth's).
+RESAMPLED_FRAME_TABLES = ("vision", "audio")
 
 # (original name, our name); `{i}` is a layer index, `{m}` a knowledge modality, `{h}` a fused head.
 KEY_MAPPING: list[tuple[str, str]] = [
@@ -184,9 +194,11 @@ def find_original_checkpoint(source: str | os.PathLike, config_path: str | os.Pa
         return None
     for name in HUB_WEIGHT_NAMES:
         if (source / name).is_file():
-            config_file = Path(config_path) if config_path else source / "config.json"
+            config_file = Path(config_path) if config_path else source / CONFIG_NAME
             if not config_file.is_file():
                 raise FileNotFoundError(f"{source} has {name} but no config.json with the original hyper-parameters")
+            if config_model_type(str(config_file)) not in ORIGINAL_MODEL_TYPES:
+                return None  # a Transformers directory that happens to hold an original weight file too
             return OriginalCheckpoint(source / name, _read_json(config_file), "hub")
     if (source / "ckpt").is_dir() and (source / "log" / "hps.json").is_file():
         hps = _read_json(source / "log" / "hps.json")
@@ -198,8 +210,11 @@ def find_original_checkpoint(source: str | os.PathLike, config_path: str | os.Pa
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_size))
+        try:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+        except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a valid safetensors file: {error}") from error
     header.pop("__metadata__", None)
     return header, 8 + header_size
 
@@ -317,23 +332,16 @@ def config_from_original(
     for key, shape in shapes.items():
         match = re.fullmatch(r"([a-z]+)_frame_embedding", key)
         if match:
-            modality = match.group(1)
-            frames = hyper_parameters.get(f"max_{modality}_sample_num") if modality in ("vision", "audio") else None
-            modalities[modality] = frames or shape[1]
+            encoder = match.group(1)
+            resampled = encoder in RESAMPLED_FRAME_TABLES
+            modalities[encoder] = (resampled and hyper_parameters.get(f"max_{encoder}_sample_num")) or shape[1]
     if num_frames is not None:
         modalities["vision"] = num_frames
-    ordered = {name: modalities[name] for name in ("vision", "audio", "depth") if name in modalities}
-    ordered.update({name: frames for name, frames in modalities.items() if name not in ordered})
-
+    # knowledge modalities in the registry's context order; fused heads as the registry declares them
+    context_order = dict.fromkeys(spec.encoder for spec in resolve_modalities(modalities).values())
+    ordered = {encoder: modalities[encoder] for encoder in context_order}
     fused = {
-        name: parts
-        for name, parts in {
-            "va": ["vision", "audio"],
-            "id": ["vision", "depth"],
-            "vs": ["vision", "subtitle"],
-            "vas": ["vision", "audio", "subtitle"],
-        }.items()
-        if f"contra_head_{name}.weight" in shapes
+        name: list(parts) for name, parts in DEFAULT_FUSED_HEADS.items() if f"contra_head_{name}.weight" in shapes
     }
     vision_config = {
         "hidden_size": vision_width,
@@ -467,7 +475,7 @@ def _resize_to_config(
         frames = config.knowledge_modalities.get(modality)
         if frames is None:
             raise KeyError(f"{key!r} belongs to modality {modality!r}, which the configuration does not have")
-        if modality != "depth" and frames != tensor.shape[1]:
+        if modality in RESAMPLED_FRAME_TABLES and frames != tensor.shape[1]:
             report.resized.append(f"{key}: {tensor.shape[1]} -> {frames} frames")
             return _resize_frame_table(tensor, frames)
     elif new_key == "vision_model.embeddings.position_embedding" and round((tensor.shape[1] - 1) ** 0.5) != grid:
@@ -499,12 +507,13 @@ def open_original_checkpoint(
     num_frames: int | None = None,
 ) -> tuple[OriginalCheckpoint, MiCoConfig]:
     """Locate an original checkpoint (local path or Hub repo id) and derive its `MiCoConfig` from tensor shapes."""
-    local = Path(source) if Path(source).exists() else resolve_original_source(source)
-    checkpoint = find_original_checkpoint(local, config_path) if local is not None else None
+    if config_path is not None or Path(source).is_file():
+        checkpoint = find_original_checkpoint(source, config_path)
+    else:
+        checkpoint = locate_original_checkpoint(source)
     if checkpoint is None:
         raise FileNotFoundError(
-            f"{source} is not an original MiCo checkpoint (config.json + {' or '.join(HUB_WEIGHT_NAMES)}, "
-            "ckpt/model_step_<N>.pt + log/hps.json, or a weight file with --config)"
+            f"{source} is not an original MiCo checkpoint ({ORIGINAL_LAYOUTS}, or a weight file with --config)"
         )
     shapes = read_original_shapes(checkpoint.weights)
     return checkpoint, config_from_original(checkpoint.hyper_parameters, shapes, image_size, num_frames)
@@ -525,10 +534,13 @@ def load_original_checkpoint(
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse a state dict that misses a parameter of `model`, has an extra key, or has a wrong shape."""
+    """Refuse a state dict that misses a parameter of `model`, has an extra key, or has a wrong shape. A state dict
+    without any language-model head key (`lm_head.*`) is accepted without that head."""
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = sorted(set(expected) - set(state_dict) - tied)
+    if not any(key.startswith("lm_head.") for key in state_dict):
+        missing = [key for key in missing if not key.startswith("lm_head.")]
     unexpected = sorted(set(state_dict) - set(expected))
     if missing:
         raise KeyError(f"the converted checkpoint does not fill {missing}")
@@ -542,52 +554,114 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Resolving sources (local directories or Hub repositories)
+# Loading original checkpoints through `from_pretrained` and the Auto classes
 # --------------------------------------------------------------------------------------------------------------------
 
+ORIGINAL_LAYOUTS = f"config.json + {' or '.join(HUB_WEIGHT_NAMES)}, or ckpt/model_step_<N>.pt + log/hps.json"
 
-def resolve_original_source(name_or_path: str | os.PathLike, **hub_kwargs) -> Path | None:
-    """A local directory holding an original checkpoint for `name_or_path`, downloading a Hub repository in the
-    original layout when needed; `None` when it is not an original checkpoint (or cannot be reached)."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path if find_original_checkpoint(path) is not None else None
-    if str(name_or_path).count("/") != 1:
+
+def locate_original_checkpoint(
+    name_or_path: str | os.PathLike, hub_kwargs: dict | None = None
+) -> OriginalCheckpoint | None:
+    """The original checkpoint at a local directory or a Hub repository (Hub layout only), `None` when it is not one.
+    `hub_kwargs` are `from_pretrained`'s hub options; their `revision` is resolved to a commit in place.
+
+    For a Hub repository, the config.json is read first (from the cache once `from_pretrained` has fetched it) and the
+    weights are fetched only when it holds original hyper-parameters (no `model_type`, or the original's `"vast"`).
+    Errors (unreachable Hub, missing repository, unreadable files) propagate with their cause."""
+    hub_kwargs = {} if hub_kwargs is None else hub_kwargs
+    path = check_local_path(name_or_path)
+    if os.path.isdir(path):
+        return find_original_checkpoint(os.path.join(path, hub_kwargs.get("subfolder") or ""))
+    config_file = find_checkpoint_file(path, CONFIG_NAME, hub_kwargs)
+    if config_file is None or config_model_type(config_file) not in ORIGINAL_MODEL_TYPES:
         return None
-    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
-
-    download_kwargs = {key: hub_kwargs[key] for key in ("revision", "token", "cache_dir") if hub_kwargs.get(key)}
-    try:
-        config = _read_json(Path(hf_hub_download(str(name_or_path), "config.json", **download_kwargs)))
-        if config.get("model_type") == "mico":
-            return None
-        files = set(list_repo_files(str(name_or_path), revision=download_kwargs.get("revision")))
-    except Exception:  # offline, missing or private: let the regular loading path report it
-        return None
-    weights = next((name for name in HUB_WEIGHT_NAMES if name in files), None)
-    if weights is None:
-        return None
-    return Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", weights], **download_kwargs))
+    for name in HUB_WEIGHT_NAMES:
+        weights = find_checkpoint_file(path, name, hub_kwargs)
+        if weights is not None:
+            return OriginalCheckpoint(Path(weights), _read_json(Path(config_file)), "hub")
+    return None
 
 
-def model_from_original(model_class, source: str | os.PathLike, image_size=None, num_frames=None, **kwargs):
-    """Instantiate `model_class` (any MiCo head class) from an original checkpoint, converting in memory."""
-    config, state_dict, report = load_original_checkpoint(source, image_size=image_size, num_frames=num_frames)
-    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
-    model = model_class._from_config(config, attn_implementation=kwargs.pop("attn_implementation", None))
-    if not hasattr(model, "lm_head"):  # the base model: converted keys are in the head layout (`mico.*`)
-        prefix = f"{model.base_model_prefix}."
-        state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
-    check_state_dict(model, state_dict)
-    model.load_state_dict(state_dict, strict=False)
-    model.tie_weights()
-    if dtype not in (None, "auto"):
-        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    logger.warning(
-        f"Loaded the original MiCo checkpoint {source} by converting it on the fly ({len(report.dropped)} unused keys "
-        "dropped); convert it once with conversion/convert_mico_original_to_hf.py to skip this step."
+def load_original_model(model_class, name_or_path: str | os.PathLike, *model_args, **kwargs):
+    """`model_class.from_pretrained` for an original checkpoint: converts it in memory and loads the converted state
+    dict with Transformers' own loading (so `dtype`, `device_map`, `attn_implementation`, ... work as usual). A
+    `config` (a `MiCoConfig`, e.g. from `AutoConfig`) is used as given; by default it is derived from the checkpoint.
+    Installed into the model classes by `install_original_checkpoint_support`."""
+    checkpoint = locate_original_checkpoint(
+        name_or_path, {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
     )
-    return model.eval()
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"{name_or_path} is neither a MiCo checkpoint nor an original one ({ORIGINAL_LAYOUTS})"
+        )
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = config_from_original(checkpoint.hyper_parameters, read_original_shapes(checkpoint.weights))
+    elif not isinstance(config, MiCoConfig):
+        raise TypeError(f"config must be a MiCoConfig for an original MiCo checkpoint, got {type(config).__name__}")
+    report = ConversionReport()
+    state_dict = dict(convert_tensors(_renamed_tensors(checkpoint.weights), config, report))
+    if kwargs.get("dtype", kwargs.get("torch_dtype")) in (None, "auto"):
+        kwargs.pop("torch_dtype", None)
+        kwargs["dtype"] = torch.float32  # the original runs in float32 (legacy float16 tensors are cast)
+    output_loading_info = kwargs.pop("output_loading_info", False)
+    model, info = model_class.from_pretrained(
+        None, *model_args, config=config, state_dict=state_dict, output_loading_info=True, **kwargs
+    )
+    if info["missing_keys"]:
+        raise KeyError(f"the converted checkpoint does not fill {sorted(info['missing_keys'])}")
+    if info["mismatched_keys"]:
+        raise ValueError(f"the converted checkpoint has tensors of the wrong shape: {sorted(info['mismatched_keys'])}")
+    logger.warning(
+        f"Loaded the original MiCo checkpoint {name_or_path} by converting it on the fly ({len(report.dropped)} unused "
+        "keys dropped); convert it once with conversion/convert_mico_original_to_hf.py to skip this step."
+    )
+    return (model, info) if output_loading_info else model
+
+
+def _route_original_checkpoints(wrapped):
+    """Wrap an Auto model class's `from_pretrained` (see `install_original_checkpoint_support`)."""
+
+    @functools.wraps(wrapped)
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        if isinstance(kwargs.get("config"), PreTrainedConfig) or not isinstance(
+            pretrained_model_name_or_path, (str, os.PathLike)
+        ):
+            return wrapped(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        path = check_local_path(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            if find_original_checkpoint(os.path.join(path, kwargs.get("subfolder") or "")) is None:
+                return wrapped(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        else:
+            try:
+                return wrapped(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+            except ValueError:  # "Unrecognized model" / unknown model_type: maybe an original Hub repository
+                hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+                if locate_original_checkpoint(path, hub_kwargs) is None:
+                    raise
+                kwargs["revision"] = hub_kwargs["revision"]  # resolved once
+        return cls._model_mapping[MiCoConfig].from_pretrained(path, *model_args, **kwargs)
+
+    from_pretrained.wraps_original_checkpoints = True
+    return from_pretrained
+
+
+def install_original_checkpoint_support(*auto_classes) -> None:
+    """Let every MiCo class, and the Auto model classes given (those mapping `MiCoConfig`), load original checkpoints.
+    Dependency inversion: the model code exposes a loader slot and never imports this module.
+
+    The Auto classes' `from_pretrained` is extended for what Transformers cannot read, a config.json of training
+    hyper-parameters or none at all: a local original directory is recognised by its files before anything is read; a
+    Hub repository in the original layout only after Transformers refused its config.json, so no other load pays for
+    the check. Both go to the MiCo class the Auto class maps to. A local-looking path that does not exist fails at
+    once with "no such directory" instead of being tried on the Hub (with retries) as a repository id. Every other
+    call, and every other error, is Transformers' own."""
+    modeling.original_checkpoint_loader = load_original_model
+    for auto_class in auto_classes:
+        wrapped = auto_class.from_pretrained.__func__
+        if not getattr(wrapped, "wraps_original_checkpoints", False):
+            auto_class.from_pretrained = classmethod(_route_original_checkpoints(wrapped))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -621,26 +695,16 @@ def _plan_shards(names_and_sizes: list[tuple[str, int]], max_shard_size: int) ->
 
 
 def _dry_run(checkpoint: OriginalCheckpoint, config: MiCoConfig, dtype: torch.dtype) -> list[tuple[str, int]]:
-    """Names and byte sizes of the converted tensors, in stream order, checked against the model - before any
-    tensor data is read or written."""
-    from .modeling_mico import MiCoModel
+    """Names and byte sizes of the converted tensors, in stream order, checked against the model with every head
+    (whatever the weight layout) - before any tensor data is read or written."""
+    from .modeling_mico import MiCoForPreTraining
 
     shapes = read_original_shapes(checkpoint.weights)
     meta_tensors = ((key, torch.empty(shape, device="meta")) for key, shape in shapes.items())
     converted = dict(convert_tensors(meta_tensors, config))
     with torch.device("meta"):
-        model = MiCoModel(config)
-    prefix = f"{model.base_model_prefix}."
-    check_state_dict(model, {key.removeprefix(prefix): value for key, value in converted.items() if key.startswith(prefix)})
-    head_keys = {key for key in converted if key.startswith("lm_head.")}
-    if head_keys and head_keys != {
-        "lm_head.dense.weight",
-        "lm_head.dense.bias",
-        "lm_head.LayerNorm.weight",
-        "lm_head.LayerNorm.bias",
-        "lm_head.decoder.bias",
-    }:
-        raise KeyError(f"incomplete or unexpected language-model head keys: {sorted(head_keys)}")
+        model = MiCoForPreTraining(config)
+    check_state_dict(model, converted)
     return [(key, value.numel() * dtype.itemsize) for key, value in converted.items()]
 
 
@@ -717,7 +781,7 @@ def _save_processing(output_dir: Path, tokenizer_dir: str | os.PathLike | None, 
 
 
 def _save_generation_config(config: MiCoConfig, hyper_parameters: dict, output_dir: Path) -> None:
-    from .modeling_mico import default_generation_config
+    from .generation_mico import default_generation_config
 
     generation_config = default_generation_config(config)
     generation_config.num_beams = hyper_parameters.get("beam_size", generation_config.num_beams)

@@ -196,6 +196,64 @@ class MiCoMatchingHead(nn.Module):
 # Pretrained models
 # --------------------------------------------------------------------------------------------------------------------
 
+# `(model_class, path, *model_args, **kwargs) -> model` for checkpoints of the original research code. The package
+# installs it (`modeling_mico.convert_original`) so that the model never imports conversion code; under remote code it
+# stays unset and such checkpoints are refused with the advice to install the package.
+original_checkpoint_loader: Callable | None = None
+ORIGINAL_MODEL_TYPES = (None, "vast")  # `model_type` of an original config.json: none, or the original's "vast"
+
+
+def check_local_path(name_or_path) -> str:
+    """`name_or_path` with `~` expanded; raises `FileNotFoundError` at once when it can only be a local path (absolute,
+    `~`, `.`, several separators, or under an existing directory like `runs/tny`) but does not exist, rather than
+    letting it be tried as a Hub repository id."""
+    import os
+
+    path = os.path.expanduser(os.fspath(name_or_path))
+    parts = path.replace("\\", "/").split("/")
+    if not os.path.exists(path) and (
+        path != os.fspath(name_or_path)
+        or os.path.isabs(path)
+        or path.startswith(".")
+        or len(parts) > 2
+        or (len(parts) == 2 and os.path.isdir(parts[0]))
+    ):
+        raise FileNotFoundError(f"no such directory: {name_or_path}")
+    return path
+
+
+def config_model_type(config_file: str) -> str | None:
+    """The `model_type` of a config.json, refusing a file that is not a JSON object (the error names the file)."""
+    import json
+
+    with open(config_file, encoding="utf-8") as handle:
+        try:
+            config = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise OSError(f"{config_file} is not a valid JSON file: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
+    return config.get("model_type")
+
+
+def find_checkpoint_file(path: str, filename: str, kwargs: dict) -> str | None:
+    """`filename` in a local directory or Hub repository (`None` when it has none), found with the hub options of
+    `from_pretrained` `kwargs`. `kwargs["revision"]` is resolved to a commit once, in place, so that the other lookups
+    of the same load are answered from the cache without asking the Hub again."""
+    from transformers.utils import cached_file
+    from transformers.utils.hub import resolve_revision
+
+    kwargs["revision"] = resolve_revision(
+        path,
+        kwargs.get("revision"),
+        token=kwargs.get("token"),
+        local_files_only=kwargs.get("local_files_only", False),
+        cache_dir=kwargs.get("cache_dir"),
+    )
+    names = ("cache_dir", "proxies", "token", "local_files_only", "subfolder", "revision")
+    lookup = {name: kwargs[name] for name in names if name in kwargs}
+    return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **lookup)
+
 
 class MiCoPreTrainedModel(PreTrainedModel):
     config: MiCoConfig
@@ -219,32 +277,53 @@ class MiCoPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Load a MiCo directory or Hub repository; original-layout checkpoints (the research code's
-        `config.json` + `mico_pytorch_model.safetensors`, or `ckpt/` + `log/hps.json`) are converted on the fly."""
-        from .convert_original import model_from_original, resolve_original_source
+        """Load a MiCo directory or Hub repository (a config.json of `model_type` `"mico"`). A checkpoint of the
+        original research code - Hub layout `config.json` of training hyper-parameters + `mico_pytorch_model.safetensors`
+        (or `.bin`), or repository layout `ckpt/model_step_<N>.pt` + `log/hps.json` - is converted on the fly when the
+        `mico-transformers` package is installed.
 
-        original = resolve_original_source(pretrained_model_name_or_path, **kwargs)
-        if original is None:
+        Telling the two apart reads config.json once, the file every load reads anyway (the revision is resolved once
+        and passed on, so the Hub is asked nothing more). A local-looking path that does not exist raises
+        `FileNotFoundError` at once."""
+        import os
+
+        from transformers.utils import CONFIG_NAME
+
+        if pretrained_model_name_or_path is None or os.path.isfile(pretrained_model_name_or_path):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        options = {key: kwargs[key] for key in ("dtype", "torch_dtype", "attn_implementation") if key in kwargs}
-        return model_from_original(cls, original, **options)
+        path = check_local_path(pretrained_model_name_or_path)
+        config_file = find_checkpoint_file(path, CONFIG_NAME, kwargs)
+        is_mico = config_file is not None and config_model_type(config_file) not in ORIGINAL_MODEL_TYPES
+        if is_mico or (config_file is None and not os.path.isdir(path)):  # or a Hub repo without config.json
+            return super().from_pretrained(path, *model_args, **kwargs)
+        if original_checkpoint_loader is None:
+            raise OSError(
+                f"{pretrained_model_name_or_path} is not a Transformers MiCo checkpoint (config.json with model_type "
+                "'mico'): it looks like a checkpoint of the original MiCo code. Install the package to convert it "
+                "(`pip install mico-transformers`), on the fly or once with conversion/convert_mico_original_to_hf.py."
+            )
+        return original_checkpoint_loader(cls, path, *model_args, **kwargs)
 
     def auto_map_for_heads(self) -> dict[str, str]:
-        """`auto_map` entries for the config and every MiCo class registered for an Auto class, so that a saved
-        directory loads with `trust_remote_code=True` into any head without this package installed."""
-        entries = {"AutoConfig": "configuration_mico.MiCoConfig"}
+        """`auto_map` entries for the config and every MiCo class of this package registered for an Auto class, so
+        that a saved directory loads with `trust_remote_code=True` into any head without this package installed."""
+        package = MiCoPreTrainedModel.__module__.rpartition(".")[0]
+        entries = {"AutoConfig": f"{MiCoConfig.__module__.rpartition('.')[2]}.{MiCoConfig.__name__}"}
         pending, seen = [MiCoPreTrainedModel], []
         while pending:
             seen.append(pending.pop())
             pending.extend(seen[-1].__subclasses__())
         for candidate in seen:
             auto_class = vars(candidate).get("_auto_class")
-            if auto_class and candidate.config_class is MiCoConfig:
-                entries[auto_class] = f"modeling_mico.{candidate.__name__}"
+            package_of, _, module = candidate.__module__.rpartition(".")
+            if auto_class and candidate.config_class is MiCoConfig and package_of == package:
+                entries[auto_class] = f"{module}.{candidate.__name__}"
         return entries
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (safetensors), config with an `auto_map` for every head class, and the model code."""
+        """Save weights (safetensors), config with an `auto_map` for every head class, and the model code: the files
+        Transformers' `custom_object_save` collects by following the relative imports of the model's module, which are
+        only configuration and modeling modules (never conversion or processing code, see `tests/test_loading.py`)."""
         if isinstance(self.config, MiCoConfig):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.auto_map_for_heads()}
         return super().save_pretrained(save_directory, *args, **kwargs)

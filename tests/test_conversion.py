@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining, AutoProcessor
 
 from modeling_mico import MiCoForConditionalGeneration, MiCoForPreTraining, MiCoModel
+from modeling_mico.configuration_mico import DEFAULT_FUSED_HEADS
 from modeling_mico.convert_original import (
+    config_from_original,
     convert_original_checkpoint,
     export_to_original,
     hf_to_original_key,
@@ -92,6 +94,20 @@ def test_legacy_names_float16_and_unused_text_tower(tmp_path):
     expected_qkv = source["vision_encoder.visual.blocks.0.attn.qkv.weight"].half().float()
     assert torch.equal(model.vision_model.encoder.layers[0].self_attn.qkv.weight, expected_qkv)
     assert torch.equal(model.frame_embeddings["vision"], reference.frame_embeddings["vision"])
+
+
+def test_heads_and_modalities_come_from_the_registry():
+    """The fused heads are the registry's (`DEFAULT_FUSED_HEADS`) that the checkpoint has; the knowledge modalities
+    come in the registry's context order whatever the order of the stored tensors."""
+    shapes = {key: tuple(value.shape) for key, value in reversed(load_file(HUB_WEIGHTS).items())}
+    config = config_from_original(HYPER_PARAMETERS, shapes)
+    assert config.fused_heads == DEFAULT_FUSED_HEADS
+    assert list(config.knowledge_modalities) == list(config.context_order) == ["vision", "audio", "depth"]
+    without = {
+        key: shape for key, shape in shapes.items() if not key.startswith(("contra_head_vs.", "contra_head_id."))
+    }
+    config = config_from_original(HYPER_PARAMETERS, without)
+    assert config.fused_heads == {name: DEFAULT_FUSED_HEADS[name] for name in ("va", "vas")}
 
 
 def test_resolution_and_frame_changes_follow_the_original_loader(tmp_path):

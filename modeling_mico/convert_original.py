@@ -39,6 +39,9 @@ HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "rev
 # Frame tables the original loader resamples to the configured number of frames (never depth's).
 RESAMPLED_FRAME_TABLES = ("vision", "audio")
 
+# Converted keys are in the head layout: the base model's weights under this prefix, the language-model head beside it.
+BASE_MODEL_PREFIX = "mico."
+
 # (original name, our name); `{i}` is a layer index, `{m}` a knowledge modality, `{h}` a fused head.
 KEY_MAPPING: list[tuple[str, str]] = [
     ("vision_encoder.visual.patch_embed.proj.{p}", "mico.vision_model.embeddings.patch_embedding.{p}"),
@@ -470,6 +473,7 @@ def _resize_to_config(
     key: str, new_key: str, tensor: torch.Tensor, config: MiCoConfig, grid: int, report: ConversionReport
 ) -> torch.Tensor:
     """Resample frame tables (vision and audio, not depth) and the position embedding when the config differs."""
+    new_key = new_key.removeprefix(BASE_MODEL_PREFIX)
     if new_key.startswith("frame_embeddings."):
         modality = new_key.split(".", 1)[1]
         frames = config.knowledge_modalities.get(modality)

@@ -454,6 +454,8 @@ class MiCoModel(MiCoPreTrainedModel):
     config: MiCoConfig
     # checkpoints of the captioning / pretraining heads also carry the language-model head
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+    # PEFT renames adapter keys with this mapping on load: adapters trained on a head class load onto the base model
+    _checkpoint_conversion_mapping = {r"^mico\.": ""}
 
     def __init__(self, config: MiCoConfig):
         super().__init__(config)
@@ -909,6 +911,8 @@ class MiCoModelWithHeadBase(MiCoPreTrainedModel):
     end of their `__init__`."""
 
     _tied_weights_keys = TIED_LM_HEAD
+    # PEFT renames adapter keys with this mapping on load: adapters trained on `MiCoModel` load onto the heads
+    _checkpoint_conversion_mapping = {r"^(?!mico\.|lm_head\.)": "mico."}
 
     def __init__(self, config: MiCoConfig):
         super().__init__(config)

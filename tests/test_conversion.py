@@ -87,7 +87,7 @@ def test_legacy_names_float16_and_unused_text_tower(tmp_path):
     torch.save({key: value * 0 for key, value in legacy.items()}, tmp_path / "ckpt" / "model_step_3.pt")
     (tmp_path / "log" / "hps.json").write_text(json.dumps({"model_cfg": HYPER_PARAMETERS}))
     _, state, report = load_original_checkpoint(tmp_path)
-    assert state["vision_model.encoder.layers.0.self_attn.qkv.weight"].dtype == torch.float16
+    assert state["mico.vision_model.encoder.layers.0.self_attn.qkv.weight"].dtype == torch.float16
     assert any(entry.startswith("vision_encoder.text.") for entry in report.dropped)
     model = MiCoModel.from_pretrained(tmp_path)
     reference = MiCoModel.from_pretrained(PARITY / "hub")
@@ -119,13 +119,13 @@ def test_resolution_and_frame_changes_follow_the_original_loader(tmp_path):
     grid = source["vision_encoder.visual.pos_embed"][0, 1:].reshape(16, 16, -1).permute(2, 0, 1)[None]
     resized = F.interpolate(grid, (14, 14), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).reshape(196, -1)
     expected = torch.cat([source["vision_encoder.visual.pos_embed"][0, :1], resized])[None]
-    assert torch.equal(state["vision_model.embeddings.position_embedding"], expected)
+    assert torch.equal(state["mico.vision_model.embeddings.position_embedding"], expected)
     frames = F.interpolate(source["vision_frame_embedding"].permute(0, 2, 1), 6, mode="nearest").permute(0, 2, 1)
-    assert torch.equal(state["frame_embeddings.vision"], frames)
-    assert torch.equal(state["frame_embeddings.depth"], source["depth_frame_embedding"])
+    assert torch.equal(state["mico.frame_embeddings.vision"], frames)
+    assert torch.equal(state["mico.frame_embeddings.depth"], source["depth_frame_embedding"])
     assert len(report.resized) == 2
     model = MiCoModel.from_pretrained(tmp_path)
-    assert model.get_video_features(torch.randn(1, 6, 3, 196, 196)).shape == (1, 24)
+    assert model.get_video_features(torch.randn(1, 6, 3, 196, 196)).pooler_output.shape == (1, 24)
 
 
 def test_refuses_unknown_missing_and_mis_shaped_keys(tmp_path):
@@ -204,7 +204,7 @@ def test_cli_writes_a_complete_directory(tmp_path):
     assert type(AutoModelForPreTraining.from_pretrained(tmp_path / "out")) is MiCoForPreTraining
     captioner = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
     assert type(captioner) is MiCoForConditionalGeneration
-    assert captioner.lm_head.decoder.weight is captioner.text_model.embeddings.word_embeddings.weight
+    assert captioner.lm_head.decoder.weight is captioner.mico.text_model.embeddings.word_embeddings.weight
     assert captioner.generation_config.num_beams == 3 and captioner.generation_config.length_penalty == 0.6
     again = run_cli(*arguments)
     assert again.returncode != 0 and "--overwrite" in again.stderr

@@ -1,4 +1,4 @@
-"""The README's Python snippets run as written.
+"""The Python snippets of the README and of every page under docs/ run as written.
 
 Snippets that name Hub repositories or the outputs of earlier commands run against local stand-ins: a Hugging Face
 cache (offline) holding the parity fixture under the released repository's id and a converted tiny model under
@@ -14,7 +14,12 @@ import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+BLOCKS = [
+    (f"{page.relative_to(ROOT)} block {index}", block)
+    for page in PAGES
+    for index, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S))
+]
 RELEASE_REPO = "Yiyuan/MiCo-ViT-g-14-omnimodal-300k-b64K"
 CONVERTED_REPO = "user/mico-vit-g-14"
 PARITY_HUB = ROOT / "tests" / "fixtures" / "parity" / "hub"
@@ -55,13 +60,12 @@ def stand_ins(tmp_path_factory):
     return work, cache
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_snippet_runs(index, stand_ins, monkeypatch, tmp_path):
+@pytest.mark.parametrize(("name", "block"), BLOCKS, ids=[name for name, _ in BLOCKS])
+def test_documentation_snippet_runs(name, block, stand_ins, monkeypatch, tmp_path):
     work, cache = stand_ins
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.chdir(work)
-    block = BLOCKS[index].replace("/tmp/", f"{tmp_path}/")
-    exec(compile(block, f"README.md block {index}", "exec"), {})
+    exec(compile(block.replace("/tmp/", f"{tmp_path}/"), name, "exec"), {})

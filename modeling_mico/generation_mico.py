@@ -7,6 +7,8 @@ their names and signatures for the supported Transformers range (`transformers>=
 changes them fails loudly instead of silently scoring beams differently.
 """
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,18 @@ class _ReleaseBeamScoring:
         if self.eos_token_ids is None:
             return torch.zeros_like(tokens, dtype=torch.bool)
         return torch.isin(tokens, self.eos_token_ids.to(tokens.device))
+
+
+def _or_current_scoring(method: Callable) -> Callable:
+    """Run the release's scoring `method` inside a release-scored beam search, `GenerationMixin`'s own otherwise."""
+
+    @functools.wraps(method)
+    def dispatch(self, *args, **kwargs):
+        if self._release_beam_scoring is None:
+            return getattr(super(MiCoGenerationMixin, self), method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return dispatch
 
 
 class MiCoGenerationMixin(GenerationMixin):
@@ -86,6 +100,7 @@ class MiCoGenerationMixin(GenerationMixin):
             output.sequences_scores = output.sequences_scores.float()
         return output
 
+    @_or_current_scoring
     def _update_finished_beams(
         self,
         sequences: torch.Tensor,
@@ -108,24 +123,6 @@ class MiCoGenerationMixin(GenerationMixin):
         `len` counting the prompt and not the `[SEP]`; at the length limit the `num_beams` best running beams are
         finished over their full length. Scores are compared in float64, as 4.31 did in Python."""
         scoring = self._release_beam_scoring
-        if scoring is None:
-            return super()._update_finished_beams(
-                sequences=sequences,
-                topk_running_sequences=topk_running_sequences,
-                beam_scores=beam_scores,
-                topk_log_probs=topk_log_probs,
-                beam_indices=beam_indices,
-                topk_running_beam_indices=topk_running_beam_indices,
-                is_early_stop_heuristic_unsatisfied=is_early_stop_heuristic_unsatisfied,
-                is_sent_finished=is_sent_finished,
-                next_token_hits_stopping_criteria=next_token_hits_stopping_criteria,
-                top_num_beam_mask=top_num_beam_mask,
-                num_beams=num_beams,
-                cur_len=cur_len,
-                decoder_prompt_len=decoder_prompt_len,
-                length_penalty=length_penalty,
-                early_stopping=early_stopping,
-            )
         is_eos = scoring.is_eos(topk_running_sequences[:, :, cur_len])
         if cur_len + 1 >= sequences.shape[-1]:
             running = ~is_eos & (torch.cumsum(~is_eos, dim=-1) <= num_beams)
@@ -148,6 +145,7 @@ class MiCoGenerationMixin(GenerationMixin):
             self._gather_beams(torch.cat((is_sent_finished, finished), dim=1), keep),
         )
 
+    @_or_current_scoring
     def _check_early_stop_heuristic(
         self,
         is_early_stop_heuristic_unsatisfied: torch.Tensor,
@@ -163,18 +161,6 @@ class MiCoGenerationMixin(GenerationMixin):
         """Transformers 4.31's `BeamHypotheses.is_done`: with `num_beams` finished hypotheses, stop when the worst of
         them beats the step's best candidate over the current length (prompt included)."""
         scoring = self._release_beam_scoring
-        if scoring is None:
-            return super()._check_early_stop_heuristic(
-                is_early_stop_heuristic_unsatisfied=is_early_stop_heuristic_unsatisfied,
-                running_beam_scores=running_beam_scores,
-                beam_scores=beam_scores,
-                is_sent_finished=is_sent_finished,
-                cur_len=cur_len,
-                max_length=max_length,
-                decoder_prompt_len=decoder_prompt_len,
-                early_stopping=early_stopping,
-                length_penalty=length_penalty,
-            )
         length = max_length if early_stopping == "never" and length_penalty > 0.0 else cur_len
         best_possible = scoring.best_candidate_scores / float(length) ** length_penalty
         worst_finished = beam_scores.min(dim=-1, keepdim=True)[0]

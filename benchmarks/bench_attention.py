@@ -28,7 +28,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 
 from benchmarks.common import markdown_table, paired_times, peak_tensor_memory, run_cli  # noqa: E402
 from modeling_mico.configuration_mico import MiCoTextConfig, MiCoVisionConfig  # noqa: E402
-from modeling_mico.modeling_mico import MiCoTextModel, MiCoVisionModel, eager_attention_forward  # noqa: E402
+from modeling_mico.modeling_mico import MiCoTextModel, MiCoVisionModel  # noqa: E402
+from modeling_mico.modeling_mico_text import eager_attention_forward  # noqa: E402
 
 
 # Per-block shapes of the EVA/ViT towers (patch 14 everywhere, so every width sees 257 tokens at 224 px).

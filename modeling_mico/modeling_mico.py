@@ -353,11 +353,10 @@ class MiCoVisionModel(MiCoPreTrainedModel):
 
     ```python
     >>> import torch
-    >>> from modeling_mico import MiCoVisionConfig, MiCoVisionModel
+    >>> from modeling_mico import MiCoConfig, MiCoVisionModel
 
-    >>> model = MiCoVisionModel(MiCoVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    ...                                          num_attention_heads=4, image_size=56))
-    >>> model(torch.randn(1, 3, 56, 56)).last_hidden_state.shape
+    >>> model = MiCoVisionModel(MiCoConfig.from_preset("tiny").vision_config)  # 64 px images, 16 px patches
+    >>> model(torch.randn(1, 3, 64, 64)).last_hidden_state.shape
     torch.Size([1, 17, 64])
 
     ```
@@ -847,14 +846,9 @@ class MiCoModel(MiCoPreTrainedModel):
         ```python
         >>> import torch
         >>> from modeling_mico import MiCoConfig, MiCoModel
-        >>> config = MiCoConfig(
-        ...     vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        ...                        image_size=56, patch_size=14),
-        ...     text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        ...                      vocab_size=1000, max_position_embeddings=64),
-        ...     projection_dim=32)
+        >>> config = MiCoConfig.from_preset("tiny")
         >>> model = MiCoModel(config).eval()
-        >>> out = model(input_ids=torch.randint(0, 1000, (2, 8)), pixel_values_videos=torch.randn(2, 4, 3, 56, 56))
+        >>> out = model(input_ids=torch.randint(0, 1000, (2, 8)), pixel_values_videos=torch.randn(2, 4, 3, 64, 64))
         >>> out.logits_per_text_video.shape
         torch.Size([2, 2])
 
@@ -1062,15 +1056,10 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         ```python
         >>> import torch
         >>> from modeling_mico import MiCoConfig, MiCoForPreTraining
-        >>> config = MiCoConfig(
-        ...     vision_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
-        ...                        image_size=56, patch_size=14),
-        ...     text_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
-        ...                      max_position_embeddings=64),
-        ...     projection_dim=32)
+        >>> config = MiCoConfig.from_preset("tiny")
         >>> model = MiCoForPreTraining(config)
         >>> ids = torch.randint(1000, 2000, (4, 12))
-        >>> out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(4, 3, 56, 56))
+        >>> out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(4, 3, 64, 64))
         >>> sorted(out.task_losses)
         ['caption_tv', 'contrastive_tv', 'matching_tv']
 
@@ -1246,14 +1235,9 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
     ```python
     >>> import torch
     >>> from modeling_mico import MiCoConfig, MiCoForConditionalGeneration
-    >>> config = MiCoConfig(
-    ...     vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    ...                        image_size=56, patch_size=14),
-    ...     text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-    ...                      max_position_embeddings=64),
-    ...     projection_dim=32)
+    >>> config = MiCoConfig.from_preset("tiny")
     >>> model = MiCoForConditionalGeneration(config).eval()
-    >>> ids = model.generate(pixel_values_videos=torch.randn(2, 4, 3, 56, 56), max_new_tokens=5)
+    >>> ids = model.generate(pixel_values_videos=torch.randn(2, 4, 3, 64, 64), max_new_tokens=5)
     >>> ids[:, 0].tolist()  # every caption starts at [CLS]
     [101, 101]
 

@@ -43,8 +43,9 @@ def eager_attention_forward(
 def attention_forward(
     module: nn.Module, query, key, value, attention_mask, is_causal: bool, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dispatch to the attention implementation chosen in the module's config (eager, sdpa, flash, flex); returns the
-    heads merged back to `(batch, length, hidden_size)` and the attention weights (eager only)."""
+    """Dispatch to the attention implementation chosen in the module's config (eager, sdpa, flash, flex), with the
+    module's `scaling` and `attention_dropout` (in training); returns the heads merged back to
+    `(batch, length, hidden_size)` and the attention weights (eager only)."""
     attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.config._attn_implementation, eager_attention_forward
     )
@@ -55,7 +56,7 @@ def attention_forward(
         value,
         attention_mask,
         scaling=module.scaling,
-        dropout=module.config.attention_probs_dropout_prob if module.training else 0.0,
+        dropout=module.attention_dropout if module.training else 0.0,
         is_causal=is_causal,
         **kwargs,
     )
@@ -91,25 +92,31 @@ class MiCoTextEmbeddings(nn.Module):
 
 
 class MiCoTextAttentionBase(nn.Module):
-    """Query, key and value projections of a BERT attention block (keys and values read `key_value_size` inputs)."""
+    """Query, key and value projections of a BERT attention block; keys and values read inputs of the width named by
+    the config attribute `key_value_size_attribute`."""
 
-    def __init__(self, config: MiCoTextConfig, layer_idx: int, key_value_size: int):
+    key_value_size_attribute = "hidden_size"
+
+    def __init__(self, config: MiCoTextConfig, layer_idx: int):
         super().__init__()
+        key_value_size = getattr(config, self.key_value_size_attribute)
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
         self.is_causal = False  # passed per call: retrieval and matching are bidirectional, captions causal
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(key_value_size, config.hidden_size)
         self.value = nn.Linear(key_value_size, config.hidden_size)
 
+    def split_heads(self, projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
+        """`projection(states)` split into heads: `(batch, heads, length, head_dim)`."""
+        return projection(states).view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+
 
 class MiCoTextSelfAttention(MiCoTextAttentionBase):
     """Self-attention over the text; keys/values of processed tokens go to `cache` when one is given."""
-
-    def __init__(self, config: MiCoTextConfig, layer_idx: int):
-        super().__init__(config, layer_idx, config.hidden_size)
 
     def forward(
         self,
@@ -119,11 +126,9 @@ class MiCoTextSelfAttention(MiCoTextAttentionBase):
         is_causal: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = self.split_heads(self.query, hidden_states)
+        key = self.split_heads(self.key, hidden_states)
+        value = self.split_heads(self.value, hidden_states)
         if cache is not None:
             self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             key, value = self_cache.update(key, value, self.layer_idx)
@@ -133,8 +138,7 @@ class MiCoTextSelfAttention(MiCoTextAttentionBase):
 class MiCoTextCrossAttention(MiCoTextAttentionBase):
     """Attention from the text to the (never masked) multimodal context; context keys/values are cached once."""
 
-    def __init__(self, config: MiCoTextConfig, layer_idx: int):
-        super().__init__(config, layer_idx, config.encoder_hidden_size)
+    key_value_size_attribute = "encoder_hidden_size"
 
     def forward(
         self,
@@ -144,15 +148,13 @@ class MiCoTextCrossAttention(MiCoTextAttentionBase):
         is_causal: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        query = self.query(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        query = self.split_heads(self.query, hidden_states)
         if cache is not None and cache.is_updated.get(self.layer_idx):
             layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
             key, value = layer_cache.keys, layer_cache.values
         else:
-            kv_shape = (*encoder_hidden_states.shape[:-1], -1, self.head_dim)
-            key = self.key(encoder_hidden_states).view(kv_shape).transpose(1, 2)
-            value = self.value(encoder_hidden_states).view(kv_shape).transpose(1, 2)
+            key = self.split_heads(self.key, encoder_hidden_states)
+            value = self.split_heads(self.value, encoder_hidden_states)
             if cache is not None:
                 key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
@@ -294,10 +296,9 @@ class MiCoTextModel(MiCoTextPreTrainedModel):
 
     ```python
     >>> import torch
-    >>> from modeling_mico import MiCoTextConfig, MiCoTextModel
+    >>> from modeling_mico import MiCoConfig, MiCoTextModel
 
-    >>> model = MiCoTextModel(MiCoTextConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-    ...                                      intermediate_size=128, vocab_size=1000))
+    >>> model = MiCoTextModel(MiCoConfig.from_preset("tiny").text_config)  # 64 wide, 2 layers
     >>> context = torch.randn(2, 5, 64)
     >>> out = model(input_ids=torch.randint(1000, (2, 7)), encoder_hidden_states=context, is_causal=True)
     >>> out.last_hidden_state.shape

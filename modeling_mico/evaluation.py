@@ -400,20 +400,11 @@ def retrieval_results(scores: RetrievalScores, ks: Sequence[int] = (1, 5, 10)) -
     return results
 
 
-def evaluate_retrieval(
-    model: torch.nn.Module,
-    processor: MiCoProcessor,
-    rows: Sequence[dict[str, Any]],
-    targets: Sequence[str],
-    batch_size: int = 16,
-    rerank_top_k: int | None = None,
-    skip_missing: bool = False,
-    source: str | None = None,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Text<->item retrieval metrics of `model` on `rows` (see `score_retrieval` for the arguments)."""
-    scores = score_retrieval(model, processor, rows, targets, batch_size, rerank_top_k, skip_missing, source, progress)
-    return retrieval_results(scores)
+def evaluate_retrieval(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """Text<->item retrieval metrics of `model` on `rows`: `retrieval_results` of `score_retrieval`, which takes the
+    same arguments (`model, processor, rows, targets`, then `batch_size`, `rerank_top_k`, `skip_missing`, `source`,
+    `progress`)."""
+    return retrieval_results(score_retrieval(*args, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------------------------------

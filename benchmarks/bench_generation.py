@@ -10,7 +10,6 @@ JSON.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import machine_info, markdown_table, paired_times, write_json  # noqa: E402
+from benchmarks.common import machine_info, markdown_table, paired_times, run_cli  # noqa: E402
 from modeling_mico import MiCoConfig, MiCoForConditionalGeneration  # noqa: E402
 
 
@@ -99,21 +98,20 @@ def to_markdown(results: dict) -> str:
         for row in results["rows"]
     ]
     header = [
-        "decoding", "recompute s/caption", "cached s/caption", "recompute captions/s", "cached captions/s",
-        "speedup", "same tokens",
+        "decoding",
+        "recompute s/caption",
+        "cached s/caption",
+        "recompute captions/s",
+        "cached captions/s",
+        "speedup",
+        "same tokens",
     ]
     return markdown_table(header, rows)
 
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one caption, one timed repeat")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where to write the JSON results")
-    args = parser.parse_args()
-    results = run(quick=args.quick)
-    print(to_markdown(results))
-    write_json(Path(args.output), results)
+    run_cli(__doc__, run, to_markdown, quick="one caption, one timed repeat", output=DEFAULT_OUTPUT)
 
 
 if __name__ == "__main__":

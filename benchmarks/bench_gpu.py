@@ -824,6 +824,20 @@ def memory_columns() -> dict[str, Callable[[dict], str]]:
     return {"peak GiB": col("peak_gib", 2), "resident GiB": col("resident_gib", 2)}
 
 
+def vision_tower_columns(kind: str, step: str, tflops_header: str, tflops_key: str) -> dict[str, Callable]:
+    """The columns the vision tower tables share: the `kind` of run, batch, images/s, ms per `step`, TFLOP/s, MFU
+    and memory."""
+    return {
+        kind: lambda r: r["name"],
+        "batch": lambda r: r["batch"],
+        "images/s": col("images_per_s"),
+        f"ms/{step}": col(f"ms_per_{step}"),
+        tflops_header: col(tflops_key),
+        "MFU": col("mfu", 3),
+        **memory_columns(),
+    }
+
+
 def sci(value) -> str:
     return "-" if value is None else f"{value:.1e}"
 
@@ -831,6 +845,11 @@ def sci(value) -> str:
 def records_table(records: list[dict], columns: dict[str, Callable[[dict], object]]) -> str:
     """A table with one row per record; `columns` maps each header to the cell of a record."""
     return table(list(columns), [[cell(record) for cell in columns.values()] for record in records])
+
+
+def table_section(title: str, intro: str, records: list[dict], columns: dict[str, Callable[[dict], object]]) -> list:
+    """Lines of a `### title` section: the `intro` paragraph (when there is one) and the records' table."""
+    return ["", f"### {title}", "", *([intro, ""] if intro else []), records_table(records, columns)]
 
 
 def to_markdown(results: dict) -> str:
@@ -874,10 +893,8 @@ def to_markdown(results: dict) -> str:
     if vit.get("rows"):
         model = vit.get("model", {})
         cfg = model.get("config", {})
-        lines += [
-            "",
-            "### Vision tower inference (bf16)",
-            "",
+        lines += table_section(
+            "Vision tower inference (bf16)",
             f"{cfg.get('hidden_size')} wide, {cfg.get('num_hidden_layers')} blocks, {cfg.get('num_attention_heads')} "
             f"heads, MLP {cfg.get('intermediate_size')}, {model.get('tokens')} tokens; "
             f"{model.get('parameters', 0) / 1e6:,.0f} M parameters; {fmt(model.get('gflop_per_image'))} GFLOP per "
@@ -885,44 +902,24 @@ def to_markdown(results: dict) -> str:
             "ceiling. Error: relative L2 distance to an fp32 forward (IEEE matmuls, math attention) of the same "
             "batch. Peak: `torch.cuda.max_memory_allocated`; resident: allocated before the run (weights of the fp32 "
             "reference and bf16 models, inputs).",
-            "",
-            records_table(
-                vit["rows"],
-                {
-                    "attention": lambda r: r["name"],
-                    "batch": lambda r: r["batch"],
-                    "images/s": col("images_per_s"),
-                    "ms/batch": col("ms_per_batch"),
-                    "TFLOP/s": col("tflops"),
-                    "MFU": col("mfu", 3),
-                    **memory_columns(),
-                    "error vs fp32": lambda r: sci(r.get("rel_error_vs_fp32")),
-                    "status": status_cell,
-                },
-            ),
-        ]
+            vit["rows"],
+            {
+                **vision_tower_columns("attention", "batch", "TFLOP/s", "tflops"),
+                "error vs fp32": lambda r: sci(r.get("rel_error_vs_fp32")),
+                "status": status_cell,
+            },
+        )
     train = results.get("vit_training") or {}
     if train.get("rows"):
-        lines += [
-            "",
-            "### Vision tower training step",
-            "",
+        lines += table_section(
+            "Vision tower training step",
             train.get("precision", ""),
-            "",
-            records_table(
-                train["rows"],
-                {
-                    "configuration": lambda r: r["name"],
-                    "batch": lambda r: r["batch"],
-                    "images/s": col("images_per_s"),
-                    "ms/step": col("ms_per_step"),
-                    "model TFLOP/s (3x forward)": col("model_tflops"),
-                    "MFU": col("mfu", 3),
-                    **memory_columns(),
-                    "status": status_cell,
-                },
-            ),
-        ]
+            train["rows"],
+            {
+                **vision_tower_columns("configuration", "step", "model TFLOP/s (3x forward)", "model_tflops"),
+                "status": status_cell,
+            },
+        )
         opt = train.get("optimizer") or {}
         if opt.get("status") == "ok":
             lines += [
@@ -934,52 +931,44 @@ def to_markdown(results: dict) -> str:
             lines += ["", f"{opt.get('name')}: {status_cell(opt)}"]
     comp = results.get("compile") or {}
     if comp.get("status"):
-        lines += [
+        lines += table_section(
+            "torch.compile of the vision tower (bf16, SDPA)",
             "",
-            "### torch.compile of the vision tower (bf16, SDPA)",
-            "",
-            records_table(
-                [comp],
-                {
-                    "backend": lambda r: r.get("backend"),
-                    "batch": lambda r: r.get("batch"),
-                    "compile s (first call)": col("compile_s"),
-                    "eager images/s": col("eager_images_per_s"),
-                    "compiled images/s": col("compiled_images_per_s"),
-                    "speed-up": col("speedup", 2, "x"),
-                    "error vs eager": lambda r: sci(r.get("rel_error_vs_eager")),
-                    "status": status_cell,
-                },
-            ),
-        ]
+            [comp],
+            {
+                "backend": lambda r: r.get("backend"),
+                "batch": lambda r: r.get("batch"),
+                "compile s (first call)": col("compile_s"),
+                "eager images/s": col("eager_images_per_s"),
+                "compiled images/s": col("compiled_images_per_s"),
+                "speed-up": col("speedup", 2, "x"),
+                "error vs eager": lambda r: sci(r.get("rel_error_vs_eager")),
+                "status": status_cell,
+            },
+        )
     dec = results.get("decoding") or {}
     if dec.get("rows"):
         settings = dec.get("settings", {})
         text = settings.get("text", {})
-        lines += [
-            "",
-            "### Caption decoding",
-            "",
+        lines += table_section(
+            "Caption decoding",
             f"Text tower {text.get('num_hidden_layers')} x {text.get('hidden_size')} (vocab {text.get('vocab_size')}) "
             f"with cross-attention to a {settings.get('context_tokens')}-token context, exactly "
             f"{settings.get('new_tokens')} new tokens. Bound: {settings.get('bound')}.",
-            "",
-            records_table(
-                dec["rows"],
-                {
-                    "dtype": lambda r: r["dtype"],
-                    "decoding": lambda r: "greedy" if r["num_beams"] == 1 else f"{r['num_beams']} beams",
-                    "batch": lambda r: r["batch"],
-                    "ms/step": col("ms_per_step", 2),
-                    "tokens/s": col("tokens_per_s"),
-                    "bound ms/step": col("bound_ms_per_step", 3),
-                    "bound/measured": col("fraction_of_bound", 3),
-                    **memory_columns(),
-                    "tokens = fp32": col("token_agreement_with_fp32", 2),
-                    "status": status_cell,
-                },
-            ),
-        ]
+            dec["rows"],
+            {
+                "dtype": lambda r: r["dtype"],
+                "decoding": lambda r: "greedy" if r["num_beams"] == 1 else f"{r['num_beams']} beams",
+                "batch": lambda r: r["batch"],
+                "ms/step": col("ms_per_step", 2),
+                "tokens/s": col("tokens_per_s"),
+                "bound ms/step": col("bound_ms_per_step", 3),
+                "bound/measured": col("fraction_of_bound", 3),
+                **memory_columns(),
+                "tokens = fp32": col("token_agreement_with_fp32", 2),
+                "status": status_cell,
+            },
+        )
     errors = results.get("section_errors") or {}
     if errors:
         lines += ["", "### Section errors", ""] + [f"- {name}: {text}" for name, text in errors.items()]

@@ -9,9 +9,6 @@ of the mp4 against decoding all of its frames. Prints a Markdown table and write
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import decord  # noqa: E402
 
+from benchmarks.common import run_cli  # noqa: E402
 from modeling_mico.processing_mico import MiCoProcessor  # noqa: E402
 from modeling_mico.video_processing_mico import sample_segments  # noqa: E402
 
@@ -88,7 +86,9 @@ def to_markdown(results: dict) -> str:
     """Results as a Markdown table."""
     lines = ["| input | batch | s / batch | clips / s |", "| --- | ---: | ---: | ---: |"]
     for row in results["rows"]:
-        lines.append(f"| {row['input']} | {row['batch']} | {row['seconds_per_batch']:.3f} | {row['clips_per_s']:.1f} |")
+        lines.append(
+            f"| {row['input']} | {row['batch']} | {row['seconds_per_batch']:.3f} | {row['clips_per_s']:.1f} |"
+        )
     decode = results["decode"]
     lines += [
         "",
@@ -103,15 +103,7 @@ def to_markdown(results: dict) -> str:
 
 def main() -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller batch")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where to write the JSON results")
-    args = parser.parse_args()
-    results = run(quick=args.quick)
-    print(to_markdown(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
+    run_cli(__doc__, run, to_markdown, quick="fewer repeats and a smaller batch", output=DEFAULT_OUTPUT)
 
 
 if __name__ == "__main__":

@@ -143,15 +143,28 @@ def markdown_table(header: list[str], rows: list[list[object]], align: str | Non
     return "\n".join(lines)
 
 
-def run_cli(doc: str, run: Callable[..., dict], to_markdown: Callable[[dict], str], quick: str, smoke: str) -> None:
-    """Command-line entry point shared by the benchmarks: `--quick` / `--smoke`, then the table and the JSON."""
+def run_cli(
+    doc: str,
+    run: Callable[..., dict],
+    to_markdown: Callable[[dict], str],
+    quick: str,
+    smoke: str | None = None,
+    output: Path | None = None,
+) -> None:
+    """Command-line entry point shared by the benchmarks: `--quick` (and `--smoke` when `smoke` describes it), then
+    the table, and the JSON results printed or, with an `output` default, written to `--output`."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--smoke", action="store_true", help=smoke)
+    if smoke:
+        parser.add_argument("--smoke", action="store_true", help=smoke)
+    if output:
+        parser.add_argument("--output", default=str(output), help="where to write the JSON results")
     args = parser.parse_args()
-    results = run(quick=args.quick, smoke=args.smoke)
+    results = run(quick=args.quick, **({"smoke": args.smoke} if smoke else {}))
     print(to_markdown(results))
-    print(json.dumps(results, indent=2))
-
+    if output:
+        write_json(Path(args.output), results)
+    else:
+        print(json.dumps(results, indent=2))

@@ -19,7 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="original checkpoint: directory, Hub repo id or file")
     parser.add_argument("--output_dir", required=True, help="where to write the Transformers directory")
-    parser.add_argument("--config", default=None, help="original hyper-parameters (JSON) for a single weight file")
+    parser.add_argument(
+        "--config", dest="config_path", default=None, help="original hyper-parameters (JSON) for a single weight file"
+    )
     parser.add_argument("--tokenizer_dir", default=None, help="BERT tokenizer directory (default: bundled vocabulary)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--image_size", type=int, default=None, help="resize the position embedding to this size")
@@ -33,23 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.set_verbosity_info()
-    report = convert_original_checkpoint(
-        args.checkpoint,
-        args.output_dir,
-        config_path=args.config,
-        tokenizer_dir=args.tokenizer_dir,
-        dtype=args.dtype,
-        image_size=args.image_size,
-        num_frames=args.num_frames,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-    )
+    options = dict(vars(args))  # named as the arguments of `convert_original_checkpoint`
+    push_to = options.pop("push_to_hub")
+    report = convert_original_checkpoint(options.pop("checkpoint"), **options)
     print(f"Wrote {args.output_dir}")
     print(f"Dropped {len(report.dropped)} unused keys: {', '.join(report.dropped)}")
     for line in report.resized:
         print(f"Resized {line}")
-    if args.push_to_hub:
-        print(f"Pushed to {push_converted_to_hub(args.output_dir, args.push_to_hub, args.checkpoint)}")
+    if push_to:
+        print(f"Pushed to {push_converted_to_hub(args.output_dir, push_to, args.checkpoint)}")
     return 0
 
 

@@ -30,17 +30,7 @@ def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
     try:
-        result = make_synthetic_dataset(
-            args.output_dir,
-            num_samples=args.num_samples,
-            test_fraction=args.test_fraction,
-            num_test=args.num_test,
-            seed=args.seed,
-            image_size=args.image_size,
-            num_video_frames=args.num_video_frames,
-            modalities=args.modalities,
-            overwrite=args.overwrite,
-        )
+        result = make_synthetic_dataset(**vars(args))  # the options are named as its arguments
     except (ValueError, FileExistsError, NotADirectoryError) as error:
         parser.error(str(error))
     print(

@@ -14,11 +14,9 @@ file) selects another PEFT method. `--push_to_hub` uploads the merged model when
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-import transformers
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from modeling_mico import MiCoForPreTraining
 from modeling_mico.annotations import load_annotation_dataset
@@ -33,7 +31,13 @@ from modeling_mico.peft_utils import (
     set_pretraining_losses,
     write_model_card,
 )
-from modeling_mico.trainer_mico import MiCoRetrievalTrainer, retrieval_compute_metrics
+from modeling_mico.trainer_mico import (
+    AnnotationArguments,
+    MiCoRetrievalTrainer,
+    parse_script_arguments,
+    retrieval_compute_metrics,
+    train_and_evaluate,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -46,16 +50,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
-    validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
-    modalities: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "annotation columns to load: media columns of the model's modalities (image or video, not both) "
-            "and subtitle (default: one column per encoder, videos rather than images, and subtitle)"
-        },
-    )
+class DataArguments(AnnotationArguments):
     retrieval_targets: list[str] | None = field(
         default=None,
         metadata={
@@ -63,7 +58,6 @@ class DataArguments:
             "(default: every target whose columns are loaded)"
         },
     )
-    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir"})
 
 
@@ -87,17 +81,12 @@ class AdapterArguments:
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, AdapterArguments, TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, adapter_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, adapter_args, training_args = parser.parse_args_into_dataclasses()
+    model_args, data_args, adapter_args, training_args = parse_script_arguments(
+        (ModelArguments, DataArguments, AdapterArguments, TrainingArguments)
+    )
     training_args.remove_unused_columns = False  # the collator reads the raw annotation columns
     # the Hub upload happens here, after the model card is written (not through Trainer's own push)
     push, training_args.push_to_hub = training_args.push_to_hub, False
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     output_dir = training_args.output_dir
     if training_args.do_train and os.path.isdir(output_dir) and os.listdir(output_dir):
         if not data_args.overwrite_output_dir:
@@ -122,38 +111,26 @@ def main() -> None:
     config = model.config
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
     processor.check_matches(config)
-    train_collator, eval_collator = (
+    collators = tuple(
         MiCoDataCollator(processor, data_args.modalities, training=training, config=config)
         for training in (True, False)
     )
-    targets = data_args.retrieval_targets or targets_for_columns(config, train_collator.modalities)
+    targets = data_args.retrieval_targets or targets_for_columns(config, collators[0].modalities)
     train_dataset = load_annotation_dataset(data_args.train_file, config=config)
     eval_dataset = (
         load_annotation_dataset(data_args.validation_file, config=config) if data_args.validation_file else None
     )
 
-    trainer = MiCoRetrievalTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=train_collator,
-        eval_data_collator=eval_collator,
-        processing_class=processor,
+    _, metrics = train_and_evaluate(  # saves the adapter and the processor
+        MiCoRetrievalTrainer,
+        model,
+        training_args,
+        processor,
+        collators,
+        (train_dataset, eval_dataset),
         compute_metrics=retrieval_compute_metrics(targets) if targets else None,
         retrieval_targets=targets,
     )
-    metrics: dict[str, float] = {}
-    if training_args.do_train:
-        result = trainer.train()
-        trainer.save_model()  # the adapter and the processor
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval and eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
 
     card = dict(
         base_model=model_args.model_name_or_path,

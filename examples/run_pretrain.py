@@ -14,17 +14,20 @@ examples/configs/README.md for DeepSpeed ZeRO-2/3 and FSDP).
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-import transformers
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
 from modeling_mico.annotations import load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
-from modeling_mico.trainer_mico import EvalCollatorTrainer
+from modeling_mico.trainer_mico import (
+    AnnotationArguments,
+    EvalCollatorTrainer,
+    parse_script_arguments,
+    train_and_evaluate,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -45,19 +48,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
-    validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
+class DataArguments(AnnotationArguments):
     streaming: bool = field(default=False, metadata={"help": "stream the annotations (needs --max_steps)"})
-    modalities: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "annotation columns to load: media columns of the model's modalities (image or video, not both) "
-            "and subtitle (default: one column per encoder, videos rather than images, and subtitle)"
-        },
-    )
     image_size: int | None = field(default=None, metadata={"help": "input resolution of a fresh model"})
-    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
     num_slices: int | None = field(default=None, metadata={"help": "audio spectrogram slices per clip"})
     skip_broken: bool = field(default=False, metadata={"help": "skip (and count) rows with broken media files"})
     overwrite_output_dir: bool = field(
@@ -115,18 +108,11 @@ def resolve_checkpoint(training_args: TrainingArguments, overwrite_output_dir: b
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    model_args, data_args, training_args = parse_script_arguments((ModelArguments, DataArguments, TrainingArguments))
     training_args.remove_unused_columns = False  # the collator reads the raw annotation columns
     training_args.prediction_loss_only = True  # evaluation reports the pretraining loss
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = True  # tasks absent from a batch leave their heads unused
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
     set_seed(training_args.seed)
 
@@ -143,34 +129,24 @@ def main() -> None:
     )
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a streamed data set has no length)")
-    train_collator, eval_collator = (
+    collators = tuple(
         MiCoDataCollator(
             processor, data_args.modalities, training=training, skip_broken=data_args.skip_broken, config=model.config
         )
         for training in (True, False)
     )
 
-    trainer = EvalCollatorTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=train_collator,
-        eval_data_collator=eval_collator,
-        processing_class=processor,
+    trainer, _ = train_and_evaluate(
+        EvalCollatorTrainer,
+        model,
+        training_args,
+        processor,
+        collators,
+        (train_dataset, eval_dataset),
+        resume_from_checkpoint=checkpoint,
     )
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        if data_args.skip_broken:
-            logger.info(f"rows skipped for broken media: {train_collator.num_skipped}")
-    if training_args.do_eval and eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    if training_args.do_train and data_args.skip_broken:
+        logger.info(f"rows skipped for broken media: {collators[0].num_skipped}")
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tags=["mico", "pretraining"])
 

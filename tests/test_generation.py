@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config_kwargs
 from transformers import AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
 
@@ -22,17 +23,15 @@ MEDIA = Path(__file__).parent / "fixtures" / "media"
 def tiny_config(image_size: int = 28) -> MiCoConfig:
     """A tiny model whose random weights give peaked, context-dependent next-token distributions (no near-ties)."""
     return MiCoConfig(
-        vision_config=dict(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-            image_size=image_size, patch_size=14,
-        ),
-        text_config=dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=160,
-            max_position_embeddings=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        ),
-        projection_dim=16,
-        knowledge_modalities={"vision": 4, "audio": 3, "depth": 2},
-        initializer_range=0.3,
+        **tiny_config_kwargs(
+            width=32,
+            heads=2,
+            vision=dict(num_hidden_layers=1, image_size=image_size),
+            text=dict(
+                vocab_size=160, max_position_embeddings=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+            ),
+            initializer_range=0.3,
+        )
     )
 
 
@@ -431,7 +430,6 @@ def test_overridden_generation_internals_match_the_supported_transformers():
 
 
 def test_run_captioning_cli(tmp_path):
-    pytest.importorskip("decord")
     from examples.run_captioning import main
     from modeling_mico import MiCoProcessor
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import thermal_config
 from transformers import EvalPrediction
 
 from modeling_mico import MiCoConfig
@@ -15,17 +16,6 @@ from modeling_mico.captioning import caption_files, collect_media_files, media_m
 from modeling_mico.data import MiCoDataCollator, default_columns, media_columns
 from modeling_mico.evaluation import resolve_targets, retrieval_targets, target_prefix
 from modeling_mico.trainer_mico import retrieval_compute_metrics
-
-
-def thermal_config(**overrides) -> MiCoConfig:
-    return MiCoConfig.from_preset(
-        "tiny",
-        knowledge_modalities={"vision": 8, "audio": 4, "thermal": 1},
-        contrastive_tasks=["tv", "ta", "th"],
-        matching_tasks=["tv", "th"],
-        caption_tasks=["tv", "th"],
-        **overrides,
-    )
 
 
 class RecordingProcessor:

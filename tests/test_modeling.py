@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config_kwargs
+from conftest import thermal_config, tiny_config_kwargs
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoModel
 from transformers.testing_utils import CaptureLogger
@@ -102,7 +102,7 @@ def test_flex_attention_agrees_with_eager_in_inference():
 
     torch.manual_seed(0)
     config = MiCoTextConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=200
+        **tiny_config_kwargs(width=32, layers=1, heads=2, text=dict(intermediate_size=32, vocab_size=200))["text_config"]
     )
     text_model = MiCoTextModel(config).eval()
     ids = torch.randint(200, (2, 5))
@@ -165,18 +165,10 @@ def test_frame_embedding_is_resampled_by_nearest_neighbour(model):
     torch.testing.assert_close(context - bridged, table[[0, 2]].view(1, 2, 1, 64).expand(1, 2, 17, 64))
 
 
-THERMAL = dict(
-    knowledge_modalities={"vision": 8, "audio": 4, "thermal": 1},
-    contrastive_tasks=["tv", "ta", "th"],
-    matching_tasks=["tv", "th"],
-    caption_tasks=["tv", "th"],
-)
-
-
 def test_added_image_like_modality_is_configuration_only():
     """A `thermal` modality declared only in the configuration gets its input, outputs, glue, context and task."""
     torch.manual_seed(0)
-    config = MiCoConfig.from_preset("tiny", **THERMAL)
+    config = thermal_config()
     model = MiCoModel(config).eval()
     assert {"thermal"} <= set(model.modality_bridges) & set(model.frame_embeddings) & set(model.type_embeddings)
     assert "thermal" in model.contrastive_heads

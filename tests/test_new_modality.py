@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import thermal_config
 from PIL import Image
 
-from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoForPreTraining, MiCoProcessor
+from modeling_mico import MiCoForConditionalGeneration, MiCoForPreTraining, MiCoProcessor
 from modeling_mico.annotations import load_annotations
 from modeling_mico.captioning import caption_files
 from modeling_mico.data import MiCoDataCollator
@@ -20,17 +21,6 @@ from modeling_mico.evaluation import evaluate_retrieval
 pytestmark = pytest.mark.slow
 
 NUM_ROWS = 4
-
-
-def thermal_config() -> MiCoConfig:
-    return MiCoConfig.from_preset(
-        "tiny",
-        knowledge_modalities={"vision": 8, "audio": 4, "thermal": 1},
-        contrastive_tasks=["tv", "ta", "th"],
-        matching_tasks=["tv", "th"],
-        caption_tasks=["tv", "th"],
-        modalities={"thermal": {"extensions": [".tir"]}},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +45,7 @@ def setup(tmp_path_factory) -> dict:
     annotations = root / "train.jsonl"
     annotations.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
-    config = thermal_config()
+    config = thermal_config(modalities={"thermal": {"extensions": [".tir"]}})
     processor = MiCoProcessor.from_config(config)
     torch.manual_seed(0)
     model = MiCoForPreTraining(config)

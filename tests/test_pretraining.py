@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import tiny_config_kwargs
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoModel
@@ -19,19 +20,18 @@ VOCAB = 30522
 
 
 def tiny_config(**overrides) -> MiCoConfig:
-    config = MiCoConfig(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-        ),
-        text_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        ),
-        projection_dim=16,
-        max_caption_length=32,
-        **overrides,
+    """One-layer towers 32 wide, 28 px images, BERT's vocabulary, the release's modalities, no dropout."""
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return MiCoConfig(
+        **tiny_config_kwargs(
+            width=32,
+            layers=1,
+            heads=2,
+            vision=dict(image_size=28),
+            text=dict(vocab_size=VOCAB, max_position_embeddings=32, **no_dropout),
+            **{"max_caption_length": 32, "knowledge_modalities": None, **overrides},
+        )
     )
-    return config
 
 
 def only(config: MiCoConfig, contrastive=(), matching=(), caption=()) -> MiCoConfig:
@@ -368,6 +368,7 @@ def test_run_pretrain_script_on_synthetic_data(tmp_path, processes):
     subprocess.run(launcher + args, check=True, capture_output=True, timeout=300)
     assert type(AutoModel.from_pretrained(output)).__name__ == "MiCoModel"
     assert AutoProcessor.from_pretrained(output).image_processor.image_size == 64
-    with pytest.raises(subprocess.CalledProcessError):  # a finished run is resumed; a foreign directory refused
-        (output / "checkpoint-3").rename(tmp_path / "moved")
+    (output / "checkpoint-3").rename(tmp_path / "moved")  # no checkpoint left to resume from: a foreign directory
+    with pytest.raises(subprocess.CalledProcessError, match="returned non-zero exit status") as failure:
         subprocess.run([sys.executable] + args, check=True, capture_output=True, timeout=300)
+    assert b"is not empty; pass --overwrite_output_dir to use it anyway" in failure.value.stderr

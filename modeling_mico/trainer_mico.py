@@ -138,18 +138,19 @@ def train_and_evaluate(
     **trainer_kwargs: Any,
 ) -> tuple[EvalCollatorTrainer, dict[str, float]]:
     """Build the scripts' trainer (`collators` and `datasets` for training and evaluation, the evaluation data set may
-    be `None`; `processor` is saved with the model), then with
-    `--do_train` train, save the model, the train metrics and the state, and with `--do_eval` and an evaluation set
-    evaluate and save the metrics. Returns the trainer and the evaluation metrics (empty when none ran)."""
+    be `None`; `processor` is saved with the model), then with `--do_train` train, save the model, the train metrics
+    and the state, and with `--do_eval` and an evaluation set evaluate and save the metrics. Returns the trainer and
+    the evaluation metrics (empty when none ran)."""
     (train_collator, eval_collator), (train_dataset, eval_dataset) = collators, datasets
+    # Trainer's leading arguments: model, args, data_collator, train_dataset, eval_dataset, processing_class
     trainer = trainer_class(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=train_collator,
+        model,
+        training_args,
+        train_collator,
+        train_dataset,
+        eval_dataset,
+        processor,
         eval_data_collator=eval_collator,
-        processing_class=processor,
         **trainer_kwargs,
     )
     if training_args.do_train:

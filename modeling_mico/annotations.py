@@ -26,7 +26,9 @@ Supported formats (``format=`` name, see `load_annotations`):
 - ``"clotho"``: CSV ``file_name,caption_1..caption_5``; media ``<root>/<file_name>``.
 
 `load_annotation_dataset` reads MiCo annotation files (JSON lines, JSON, CSV or parquet) with 🤗 `datasets`
-(``streaming=True`` for data sets too large to index) for `data.MiCoDataCollator`: rows have ``caption`` (a string)
+(``streaming=True`` for data sets too large to index), or opens a data set folder (`open_media_dataset`:
+``save_to_disk`` output or a folder ``load_dataset`` reads, with ``Image`` / ``Audio`` / ``Video`` columns), for
+`data.MiCoDataCollator`: rows have ``caption`` (a string)
 or ``captions`` (a list; training picks one at random), any of the media columns and ``subtitle`` (the subtitle text,
 or the path of a ``.txt`` file holding it). Rows may lack modalities (missing, null or empty).
 """
@@ -78,7 +80,7 @@ def describe_media(value: Any) -> str:
         return repr(os.fspath(value))
     if isinstance(value, dict) and value.get("path"):
         return repr(value["path"])
-    return f"a {type(value).__name__} value" + (" (bytes)" if isinstance(value, dict) else "")
+    return f"a value of type {type(value).__name__}" + (" (bytes)" if isinstance(value, dict) else "")
 
 
 class _Source:

@@ -251,9 +251,12 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
     Audio feature extractor of MiCo: each clip becomes `num_slices` normalised log-mel spectrogram slices of
     `target_length` frames x `feature_size` (224) mel bins -> `input_features` (B, num_slices, target_length, 224).
 
-    Multi-channel audio: only channel 0 is used (no downmix), exactly as the original
-    (`torchaudio.compliance.kaldi.fbank` reads the first channel). Clips are resampled to 16 kHz with
-    torchaudio's default windowed-sinc resampler.
+    Clips: audio files (soundfile), video files (their first sound track, PyAV), arrays (float samples, or int16 /
+    int32 PCM scaled as soundfile reads it; `(samples,)`, `(channels, samples)` or `(samples, channels)`, the shorter
+    axis being the channels) with `sampling_rate`, and 🤗 Datasets values (`{"array", "sampling_rate"}` and
+    `{"path", "bytes"}` dicts, torchcodec `AudioDecoder`s). Multi-channel audio: only channel 0 is used (no downmix),
+    exactly as the original (`torchaudio.compliance.kaldi.fbank` reads the first channel). Clips are resampled to
+    16 kHz with torchaudio's default windowed-sinc resampler.
 
     Args:
         num_mel_bins (`int`, *optional*, defaults to 64): Kaldi mel bins before the resize to `feature_size`.
@@ -317,7 +320,7 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
     ) -> BatchFeature:
         """Clips (paths, arrays with `sampling_rate`, dicts, or a list of them) -> `input_features`.
 
-        An array is one clip, (samples,) or channel-first (channels, samples); pass a list for a batch. `settings`
+        An array is one clip, (samples,), (channels, samples) or (samples, channels); pass a list for a batch. `settings`
         (`num_mel_bins`, `num_slices`, `target_length`, `training`, `seed`, `generator`) override the saved ones
         for this call, see [`~MiCoFeatureExtractor.slices`].
         """

@@ -232,9 +232,11 @@ class MiCoImageProcessor(BaseImageProcessor):
 
     Every input ends as a float32 tensor normalised with CLIP's mean/std at `image_size` x `image_size`:
 
-    * images (path, PIL image, (H, W[, 3|4]) uint8 or [0, 1] float array): decoded with PIL, converted to RGB
-      (grey and CMYK included), scaled to [0, 1], resized by bilinear interpolation *without antialiasing*
-      (the aspect ratio is not kept), normalised -> `pixel_values` (B, 3, H, W).
+    * images (path, PIL image, 🤗 Datasets `{"path", "bytes"}` dict, (H, W[, 1|3|4]) array): decoded with PIL,
+      converted to RGB (grey and CMYK included), scaled to [0, 1] (integers divided by their dtype's maximum: 16-bit
+      PNG/TIFF by 65535, 32-bit by 2**31 - 1; floats, float TIFFs included, must already lie in [0, 1]), resized by
+      bilinear interpolation *without antialiasing* (the aspect ratio is not kept), normalised -> `pixel_values`
+      (B, 3, H, W).
     * depth maps (16-bit or 8-bit PNG, `.npy`, PIL image or 2-D array): per-map min-max scaled to [0, 1]
       (`depth_scaling="min_max"`, a constant map gives zeros) or used as is (`depth_scaling="none"`, values
       must already be in [0, 1]), replicated to 3 channels, then resized and normalised as images

@@ -136,7 +136,11 @@ class MiCoProcessor(ProcessorMixin):
     * `"video"`: `num_frames` frames sampled per clip -> `(B, T, 3, H, W)` (`pixel_values_videos`).
     * `"spectrogram"`: `num_slices` log-mel slices per clip -> `(B, S, target_length, 224)` (`input_features`).
 
-    Media given together must have the same batch size; `text` may hold another number of items (candidate labels).
+    Media may be paths, arrays, PIL images or what 🤗 `datasets` gives (`{"path", "bytes"}` and `{"array",
+    "sampling_rate"}` dicts, torchcodec decoders); `audio=` also takes a video file (its sound track). Media given
+    together must have the same batch size; `text` may hold another number of items (candidate labels). Settings of 0
+    or less are refused by name; texts longer than `max_length` are truncated with a warning (refused with
+    `truncation=False`). See `docs/processing.md`.
 
     Args:
         image_processor ([`MiCoImageProcessor`], *optional*): image-, depth- and video-frame transform.

@@ -208,9 +208,10 @@ class MiCoVideoProcessor:
     r"""
     Video processor of MiCo: samples `num_frames` frames per video and applies the image transform to each.
 
-    Accepted videos: a video file (decoded with decord; only the sampled frames are decoded), a folder of
-    frame images (sorted by file name, converted to RGB), a (T, H, W, 3) uint8 array or tensor, or a list of
-    PIL images. A batch is a list of those (or a (B, T, H, W, 3) array).
+    Accepted videos: a video file or its bytes in a 🤗 Datasets `{"path", "bytes"}` dict (decoded with decord; only the
+    sampled frames are decoded), a torchcodec `VideoDecoder` (likewise), a folder of frame images (sorted by file name
+    with numbers compared as numbers, converted to RGB), a (T, H, W, 3) array or tensor (uint8, wider integers or [0, 1]
+    floats, scaled as images), or a list of PIL images. A batch is a list of those (or a (B, T, H, W, 3) array).
 
     Args:
         num_frames (`int`, *optional*, defaults to 4): frames sampled per video (one per segment).

@@ -149,3 +149,22 @@ def test_retrieval_cli_on_a_saved_dataset_equals_the_annotation_file(synthetic, 
     )
     assert from_folder == pytest.approx(from_file, abs=1e-6) and from_folder["num_items"] == 6
     shutil.rmtree(synthetic / "a"), shutil.rmtree(synthetic / "b")
+
+
+@pytest.mark.slow
+def test_run_pretrain_on_a_saved_dataset(synthetic, saved, monkeypatch):
+    """The command of docs/processing.md: train and evaluate on two splits of a saved dataset."""
+    from transformers import AutoModel
+
+    output = synthetic / "run"
+    argv = [
+        "run_pretrain.py", "--config_name", "tiny", "--train_file", str(saved), "--train_split", "train",
+        "--validation_file", str(saved), "--validation_split", "test", "--output_dir", str(output),
+        "--modalities", "image", "audio", "--max_steps", "1", "--per_device_train_batch_size", "2", "--do_train",
+        "--do_eval", "--per_device_eval_batch_size", "6", "--report_to", "none", "--use_cpu",
+    ]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    load_example("run_pretrain").main()
+    assert type(AutoModel.from_pretrained(output)).__name__ == "MiCoModel"
+    metrics = json.loads((output / "eval_results.json").read_text())
+    assert np.isfinite(metrics["eval_loss"]) and metrics["epoch"] > 0

@@ -75,6 +75,23 @@ def test_sound_track_of_an_mp4_equals_the_same_sound_in_a_wav(processor, tone):
     torch.testing.assert_close(from_mp4, from_wav, rtol=0, atol=0)
 
 
+def test_packed_stereo_sound_track_uses_channel_zero(processor, tmp_path):
+    """Interleaved (packed) PCM in a .mov: channel 0, as soundfile gives for the same samples in a wav."""
+    pcm = (np.random.default_rng(2).uniform(-0.5, 0.5, (RATE, 2)) * 32767).astype(np.int16)
+    soundfile.write(tmp_path / "stereo.wav", pcm, RATE, subtype="PCM_16")
+    with av.open(str(tmp_path / "stereo.mov"), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=RATE)
+        stream.layout = "stereo"
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = RATE
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    from_wav = processor(audio=str(tmp_path / "stereo.wav"))["input_features"]
+    torch.testing.assert_close(
+        processor(audio=str(tmp_path / "stereo.mov"))["input_features"], from_wav, rtol=0, atol=0
+    )
+
+
 def test_one_mp4_feeds_both_video_and_audio(processor, tone):
     out = processor(text="a tone", videos=str(tone["mp4"]), audio=str(tone["mp4"]))
     assert out["pixel_values_videos"].shape == (1, 4, 3, 224, 224) and out["input_features"].shape == (1, 3, 224, 224)

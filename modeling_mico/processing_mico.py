@@ -317,7 +317,9 @@ class MiCoProcessor(ProcessorMixin):
         if text is None and not media:
             raise ValueError(f"give at least one of {', '.join(['text', *specs])}")
         check_batch_sizes({"text": text, **media}, {argument: spec.layout for argument, spec in specs.items()})
-        for name, value in (("num_frames", num_frames), ("num_slices", num_slices), ("image_size", image_size)):
+        settings = {"sampling_rate": sampling_rate, "num_frames": num_frames, "num_mel_bins": num_mel_bins}
+        settings.update(num_slices=num_slices, target_length=target_length, image_size=image_size)
+        for name, value in settings.items():  # refused even when no input of this call uses them
             check_positive(name, value)
         training = self.training if training is None else bool(training)
         generator = make_generator(first_set(seed, self.seed))

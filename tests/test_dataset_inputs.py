@@ -124,6 +124,9 @@ def test_dataset_folder_errors_name_the_folder_and_choices(tmp_path, saved):
     datasets.Dataset.from_dict({"image": ["a.png"]}).save_to_disk(str(no_caption))
     with pytest.raises(ValueError, match=r"no_caption: rows need a `caption` or `captions` column, found \['image'\]"):
         load_annotation_dataset(no_caption)
+    with_column = tmp_path / "with_split_column"
+    datasets.Dataset.from_dict({"caption": ["a", "b"], "split": ["train", "test"]}).save_to_disk(str(with_column))
+    assert load_annotation_dataset(with_column, split="test")["caption"] == ["b"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: not a data set that datasets can load"):
         load_annotation_dataset(tmp_path / "empty")

@@ -297,6 +297,7 @@ def test_unsupported_audio_dtypes_are_refused(processor):
         (lambda p: p(audio=str(FLAC), num_mel_bins=0), "num_mel_bins must be a positive integer, got 0"),
         (lambda p: p(audio=str(FLAC), target_length=0), "target_length must be a positive integer, got 0"),
         (lambda p: p(text="a", max_length=0), "max_length must be a positive integer, got 0"),
+        (lambda p: p(images=str(JPEG), sampling_rate=0), "sampling_rate must be a positive integer, got 0"),
         (lambda p: MiCoProcessor(num_frames=0), "num_frames must be a positive integer, got 0"),
         (lambda p: MiCoProcessor(max_length=-1), "max_length must be a positive integer, got -1"),
         (lambda p: MiCoImageProcessor(image_size=0), "image_size must be a positive integer, got 0"),

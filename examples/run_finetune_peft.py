@@ -116,9 +116,11 @@ def main() -> None:
         for training in (True, False)
     )
     targets = data_args.retrieval_targets or targets_for_columns(config, collators[0].modalities)
-    train_dataset = load_annotation_dataset(data_args.train_file, config=config)
+    train_dataset = load_annotation_dataset(data_args.train_file, config=config, split=data_args.train_split)
     eval_dataset = (
-        load_annotation_dataset(data_args.validation_file, config=config) if data_args.validation_file else None
+        load_annotation_dataset(data_args.validation_file, config=config, split=data_args.validation_split)
+        if data_args.validation_file
+        else None
     )
 
     _, metrics = train_and_evaluate(  # saves the adapter and the processor

@@ -121,9 +121,16 @@ def main() -> None:
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
 
-    train_dataset = load_annotation_dataset(data_args.train_file, streaming=data_args.streaming, config=model.config)
+    train_dataset = load_annotation_dataset(
+        data_args.train_file, streaming=data_args.streaming, config=model.config, split=data_args.train_split
+    )
     eval_dataset = (
-        load_annotation_dataset(data_args.validation_file, streaming=data_args.streaming, config=model.config)
+        load_annotation_dataset(
+            data_args.validation_file,
+            streaming=data_args.streaming,
+            config=model.config,
+            split=data_args.validation_split,
+        )
         if data_args.validation_file
         else None
     )

@@ -102,8 +102,17 @@ class AnnotationArguments:
     """Annotation options of the example training scripts (`examples/run_pretrain.py`, `run_finetune_peft.py`),
     which extend it with their own."""
 
-    train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
-    validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
+    train_file: str = field(
+        metadata={
+            "help": "annotation file (.jsonl, .json, .csv, .parquet) or a 🤗 datasets folder (save_to_disk output or a "
+            "folder load_dataset reads) with Image / Audio / Video or path columns"
+        }
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "annotation file or datasets folder"})
+    train_split: str | None = field(default=None, metadata={"help": "split of a datasets folder (--train_file)"})
+    validation_split: str | None = field(
+        default=None, metadata={"help": "split of a datasets folder (--validation_file)"}
+    )
     modalities: list[str] | None = field(
         default=None,
         metadata={

@@ -370,5 +370,5 @@ def test_run_pretrain_script_on_synthetic_data(tmp_path, processes):
     assert AutoProcessor.from_pretrained(output).image_processor.image_size == 64
     (output / "checkpoint-3").rename(tmp_path / "moved")  # no checkpoint left to resume from: a foreign directory
     with pytest.raises(subprocess.CalledProcessError, match="returned non-zero exit status") as failure:
-        subprocess.run([sys.executable] + args, check=True, capture_output=True, timeout=300)
+        subprocess.run(launcher + args, check=True, capture_output=True, timeout=300)
     assert b"is not empty; pass --overwrite_output_dir to use it anyway" in failure.value.stderr

@@ -14,7 +14,6 @@ table.
 
 import argparse
 import logging
-import os
 
 import torch
 import transformers
@@ -30,6 +29,7 @@ from modeling_mico.evaluation import (
     score_retrieval,
     write_results,
 )
+from modeling_mico.output_utils import atomic_output_dir, check_output_path
 from modeling_mico.retrieval import format_results_table, plot_similarity_heatmap
 
 
@@ -58,22 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attn_implementation", default=None, help="eager, sdpa or flash_attention_2")
     parser.add_argument("--heatmap_items", type=int, default=16, help="items shown in the similarity heat-maps")
     parser.add_argument("--skip_missing", action="store_true", help="skip targets some rows lack instead of failing")
-    parser.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty --output_dir")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="replace a non-empty --output_dir (its files are removed)"
+    )
     return parser.parse_args(argv)
-
-
-def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Create `output_dir`, refusing a non-empty one unless `overwrite`."""
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir to use it")
-    os.makedirs(output_dir, exist_ok=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
-    prepare_output_dir(args.output_dir, args.overwrite_output_dir)
+    inputs = (args.model_name_or_path, args.test_file, args.media_root)
+    check_output_path(args.output_dir, inputs, args.overwrite_output_dir, "--overwrite_output_dir")
 
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     options = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
@@ -94,15 +90,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         source=args.test_file,
     )
     results = retrieval_results(scores)
-    write_results(results, os.path.join(args.output_dir, "retrieval_results.json"))
     first_captions = scores.first_caption_rows()
-    for target, similarity in scores.similarity.items():
-        plot_similarity_heatmap(
-            similarity[first_captions].to(torch.float32),
-            os.path.join(args.output_dir, f"similarity_{target}.png"),
-            max_items=args.heatmap_items,
-            title=f"text-{target} cosine similarity (first caption of each item)",
-        )
+    with atomic_output_dir(args.output_dir, inputs, args.overwrite_output_dir, "--overwrite_output_dir") as partial:
+        write_results(results, partial / "retrieval_results.json")
+        for target, similarity in scores.similarity.items():
+            plot_similarity_heatmap(
+                similarity[first_captions].to(torch.float32),
+                partial / f"similarity_{target}.png",
+                max_items=args.heatmap_items,
+                title=f"text-{target} cosine similarity (first caption of each item)",
+            )
     print(format_results_table(results))
     print(f"{results['num_items']} items, {results['num_texts']} captions; chance R@1 = {results['chance/R@1']:.2f}")
     return results

@@ -16,9 +16,13 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .annotations import modality_specs
 from .configuration_mico import MiCoConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 def media_extensions(config: MiCoConfig | None = None) -> dict[str, list[str]]:
@@ -93,6 +97,7 @@ def caption_files(
     num_frames: int | None = None,
     progress: bool = True,
     modality: str | None = None,
+    skip_broken: bool = False,
     **generate_kwargs: Any,
 ) -> list[dict[str, str]]:
     """Caption media files; returns `{"path", "modality", "caption"}` records in the order of `paths`.
@@ -106,8 +111,12 @@ def caption_files(
         num_frames (`int`, *optional*): frames sampled per clip of video-like modalities (default: the processor's).
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar.
         modality (`str`, *optional*): the modality of every file, for extensions that name none or several.
+        skip_broken (`bool`, *optional*, defaults to `False`): leave out (with a warning) files that cannot be
+            decoded; otherwise the first one raises `BrokenMediaError` naming it.
         generate_kwargs: passed to `model.generate` (`num_beams`, `max_new_tokens`, ...).
     """
+    from .data import BrokenMediaError
+
     config = model.config
     specs = config.modality_specs
     paths = [Path(path) for path in paths]
@@ -126,15 +135,29 @@ def caption_files(
             spec = specs[name]
             options = {"num_frames": num_frames} if spec.layout == "video" and num_frames else {}
             for start in range(0, len(indices), batch_size):
-                batch = indices[start : start + batch_size]
-                files = [str(paths[i]) for i in batch]
-                features = processor(**{spec.processor_argument: files}, **options, return_tensors="pt")
-                values = features[spec.input_name].to(model.device, model.dtype)
-                ids = model.generate(**{spec.input_name: values}, **generate_kwargs)
-                for i, caption in zip(batch, processor.batch_decode(ids, skip_special_tokens=True)):
-                    captions[i] = caption.strip()
-                bar.update(len(batch))
+                batch, values = [], []
+                for i in indices[start : start + batch_size]:
+                    try:
+                        features = processor(
+                            **{spec.processor_argument: [str(paths[i])]}, **options, return_tensors="pt"
+                        )
+                    except Exception as error:
+                        if not skip_broken:
+                            raise BrokenMediaError(
+                                f"cannot decode {paths[i]}: {error} (pass --skip_broken to caption the other files)"
+                            ) from error
+                        logger.warning(f"skipping {paths[i]}: cannot decode it: {error}")
+                        continue
+                    batch.append(i)
+                    values.append(features[spec.input_name])
+                if batch:
+                    inputs = torch.cat(values).to(model.device, model.dtype)
+                    ids = model.generate(**{spec.input_name: inputs}, **generate_kwargs)
+                    for i, caption in zip(batch, processor.batch_decode(ids, skip_special_tokens=True)):
+                        captions[i] = caption.strip()
+                bar.update(len(indices[start : start + batch_size]))
     return [
         {"path": str(path), "modality": name, "caption": caption}
         for path, name, caption in zip(paths, modalities, captions)
+        if caption is not None
     ]

@@ -55,6 +55,14 @@ def explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_val
     }
 
 
+def check_batch_sizes(inputs: Mapping[str, torch.Tensor | None]) -> None:
+    """Refuse inputs of one call (keyed by argument name) whose batch sizes differ, naming each."""
+    sizes = {name: value.shape[0] for name, value in inputs.items() if value is not None and value.dim() > 0}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ValueError(f"the inputs have different batch sizes ({listed}); give every input one row per sample")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Vision tower: EVA-CLIP ViT
 # --------------------------------------------------------------------------------------------------------------------
@@ -532,6 +540,7 @@ class MiCoModel(MiCoPreTrainedModel):
                 )
             encoders[spec.encoder] = spec.name
             found[spec.name] = (spec, values)
+        check_batch_sizes({spec.input_name: values for spec, values in found.values()})
         return {name: found[name] for name in specs if name in found}
 
     # ---- projection API ----------------------------------------------------------------------------------------------
@@ -777,6 +786,7 @@ class MiCoModel(MiCoPreTrainedModel):
             for spec, values in self.modality_inputs({}, inputs).values()
         ]
         if subtitle_input_ids is not None:
+            check_batch_sizes({**inputs, "subtitle_input_ids": subtitle_input_ids})
             parts.append(self.subtitle_context(subtitle_input_ids, subtitle_attention_mask))
         if not parts:
             names = [spec.input_name for spec in self.config.modality_specs.values()]
@@ -1081,6 +1091,8 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
             attention_mask = torch.ones_like(input_ids)
         named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
         inputs = mico.modality_inputs(named, kwargs)
+        batch = {spec.input_name: values for spec, values in inputs.values()}
+        check_batch_sizes({"input_ids": input_ids, **batch, "subtitle_input_ids": subtitle_input_ids})
         kinds = ("contrastive",) if not return_loss else ("contrastive", "matching", "caption")
         given = {spec.encoder for spec, _ in inputs.values()} | (
             {SUBTITLE} if subtitle_input_ids is not None else set()
@@ -1166,6 +1178,9 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         )
         selected = labels != -100
         output.caption_input_ids, output.caption_labels, output.caption_logits = masked_ids, labels, {}
+        if not selected.any():  # captions of one token ([CLS]) only: nothing to predict, no loss (not a NaN)
+            logger.warning_once("caption loss skipped: the captions of this batch have no token after [CLS]")
+            return
         terms = []
         for task, parts in tasks.items():
             hidden_states = self.mico.text_model(

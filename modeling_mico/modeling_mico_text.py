@@ -277,6 +277,20 @@ def prefix_overlay(prefix_length: int) -> Callable:
     return inner_mask
 
 
+def check_text_inputs(config, batch_size: int, length: int, attention_mask: torch.Tensor | None) -> None:
+    """Refuse text longer than the position table and an attention mask whose rows do not match the text's."""
+    if length > config.max_position_embeddings:
+        raise ValueError(
+            f"the text is {length} tokens long but the model has {config.max_position_embeddings} positions "
+            "(text_config.max_position_embeddings); truncate it (the processor's max_length / truncation=True)"
+        )
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape != (batch_size, length):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the text is {(batch_size, length)} "
+            "(batch, past + sequence length): give one mask row per text row, as long as the text"
+        )
+
+
 class MiCoTextModel(MiCoTextPreTrainedModel):
     r"""
     MiCo's text branch: BERT with a cross-attention block in every layer. Without `encoder_hidden_states` it is the
@@ -368,6 +382,7 @@ class MiCoTextModel(MiCoTextPreTrainedModel):
         batch_size, seq_length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         past_length = cache.get_seq_length() if cache is not None else 0
+        check_text_inputs(self.config, batch_size, past_length + seq_length, attention_mask)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + seq_length, device=device)
             position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)

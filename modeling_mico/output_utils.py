@@ -178,49 +178,69 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def require_work(training_args, validation_file: str | None) -> None:
+    """Refuse a training script run that was given nothing to do, or evaluation without data to evaluate on."""
+    if not training_args.do_train and not training_args.do_eval:
+        raise ValueError("nothing to do: pass --do_train and/or --do_eval")
+    if training_args.do_eval and not validation_file:
+        raise ValueError("--do_eval (or an --eval_strategy) needs --validation_file")
+
+
 def prepare_training_output_dir(
-    output_dir: str | os.PathLike,
-    do_train: bool,
-    resume_from_checkpoint: str | bool | None = None,
+    training_args,
     overwrite_output_dir: bool = False,
     inputs: Iterable[str | os.PathLike | None] = (),
-) -> str | bool | None:
-    """Check a training run's `--output_dir` and return the checkpoint to resume from.
+) -> str | None:
+    """Check a training run's `--output_dir` (`training_args.output_dir`) and return the checkpoint to resume from.
 
     - an output that is, contains or lies inside an input (model, data or config files) is refused;
     - `overwrite_output_dir` removes everything a previous run left there (checkpoints included): the run starts over;
-    - an explicit `resume_from_checkpoint` must be a complete checkpoint;
+    - an explicit `--resume_from_checkpoint` must be a complete checkpoint;
     - otherwise training resumes from the last complete `checkpoint-<N>` (incomplete ones are removed with a message);
     - a non-empty `output_dir` without a checkpoint is refused unless `overwrite_output_dir`.
-    Call it once the model and data have loaded, so that a bad argument never costs the previous run's outputs.
+    Call it once the model and data have loaded, so that a bad argument never costs the previous run's outputs. The
+    main process acts first; the others then find the directory prepared.
     """
-    target = Path(output_dir).expanduser().resolve()
+    with training_args.main_process_first(desc="preparing the output directory"):
+        return _prepare_training_output_dir(
+            Path(training_args.output_dir).expanduser().resolve(),
+            training_args.do_train,
+            training_args.resume_from_checkpoint,
+            overwrite_output_dir,
+            inputs,
+        )
+
+
+def _prepare_training_output_dir(
+    target: Path, do_train: bool, resume_from_checkpoint: str | None, overwrite_output_dir: bool, inputs
+) -> str | None:
     check_output_path(target, inputs, overwrite=True)
-    if overwrite_output_dir and do_train and target.is_dir():
-        logger.warning(f"--overwrite_output_dir: removing the previous run in {target}")
-        for path in target.iterdir():
-            _remove(path)
     if not do_train:
         return None
-    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() not in ("true", "false"):
+    if resume_from_checkpoint:
+        if overwrite_output_dir:
+            raise ValueError("--resume_from_checkpoint and --overwrite_output_dir contradict each other; pick one")
         if not is_complete_checkpoint(resume_from_checkpoint):
             raise ValueError(
                 f"--resume_from_checkpoint {resume_from_checkpoint} is not a complete checkpoint (no readable "
                 f"{TRAINER_STATE})"
             )
-        return resume_from_checkpoint
+        return str(resume_from_checkpoint)
     if not target.is_dir():
+        return None
+    if overwrite_output_dir:
+        logger.warning(f"--overwrite_output_dir: removing the previous run in {target}")
+        for path in target.iterdir():
+            _remove(path)
         return None
     last = last_complete_checkpoint(target)
     if last is not None:
         logger.warning(f"resuming from {last} (pass --overwrite_output_dir to start over)")
         return last
-    if resume_from_checkpoint in (True, "true", "True"):
-        raise ValueError(f"--resume_from_checkpoint: {target} holds no complete checkpoint")
     if any(target.iterdir()):
         raise FileExistsError(
-            f"output directory {target} is not empty and holds no complete checkpoint; pass --overwrite_output_dir "
-            "to replace it"
+            f"output directory {target} is not empty and holds no complete checkpoint to resume from; pass "
+            "--overwrite_output_dir to replace it"
         )
     return None
 
@@ -234,5 +254,6 @@ __all__ = [
     "prepare_training_output_dir",
     "remove_stale_partials",
     "replace_path",
+    "require_work",
     "write_text_atomic",
 ]

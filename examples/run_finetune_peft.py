@@ -23,7 +23,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_mico import MiCoForPreTraining
-from modeling_mico.annotations import load_annotation_dataset
+from modeling_mico.annotations import check_columns, load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
 from modeling_mico.evaluation import load_processor, targets_for_columns
 from modeling_mico.output_utils import prepare_training_output_dir, require_work
@@ -136,6 +136,7 @@ def main() -> None:
         load_annotation_dataset(data_args.validation_file, config=config) if data_args.validation_file else None
     )
     inputs = (model_args.model_name_or_path, data_args.train_file, data_args.validation_file)
+    check_columns(train_dataset, data_args.modalities, data_args.train_file)  # requested columns: never dropped
     checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
 
     trainer = MiCoRetrievalTrainer(

@@ -21,7 +21,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
-from modeling_mico.annotations import load_annotation_dataset
+from modeling_mico.annotations import check_columns, load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
 from modeling_mico.output_utils import prepare_training_output_dir, require_work
 from modeling_mico.trainer_mico import EvalCollatorTrainer
@@ -127,14 +127,15 @@ def main() -> None:
     )
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a streamed data set has no length)")
-    inputs = (model_args.model_name_or_path, model_args.config_name, data_args.train_file, data_args.validation_file)
-    checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
     train_collator, eval_collator = (
         MiCoDataCollator(
             processor, data_args.modalities, training=training, skip_broken=data_args.skip_broken, config=model.config
         )
         for training in (True, False)
     )
+    inputs = (model_args.model_name_or_path, model_args.config_name, data_args.train_file, data_args.validation_file)
+    check_columns(train_dataset, data_args.modalities, data_args.train_file)  # requested columns: never dropped
+    checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
 
     trainer = EvalCollatorTrainer(
         model=model,

@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heatmap_items", type=int, default=16, help="items shown in the similarity heat-maps")
     parser.add_argument("--skip_missing", action="store_true", help="skip targets some rows lack instead of failing")
     parser.add_argument(
+        "--skip_broken", action="store_true", help="leave out (and report) items with undecodable files"
+    )
+    parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="replace a non-empty --output_dir (its files are removed)"
     )
     return parser.parse_args(argv)
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args.itm_rerank_top_k,
         args.skip_missing,
         source=args.test_file,
+        skip_broken=args.skip_broken,
     )
     results = retrieval_results(scores)
     first_captions = scores.first_caption_rows()

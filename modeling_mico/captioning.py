@@ -10,7 +10,7 @@ PNG: `modality="depth"`). The files are grouped by modality (each becomes one ki
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .annotations import modality_specs
-from .configuration_mico import MiCoConfig
+from .configuration_mico import MiCoConfig, ModalitySpec
 
 
 logger = logging.get_logger(__name__)
@@ -89,6 +89,29 @@ def resolve_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> to
     return getattr(torch, dtype)
 
 
+def decode_media(
+    processor: Any, spec: ModalitySpec, paths: Sequence[str | os.PathLike], skip_broken: bool = False, **options: Any
+) -> tuple[list[int], torch.Tensor | None]:
+    """Preprocess media files of one modality one by one: `(indices of the decoded files, their stacked model input)`.
+
+    A file that cannot be decoded raises `BrokenMediaError` naming it, or with `skip_broken` is left out with a
+    warning (the returned indices say which files the rows of the tensor are; `None` when none decoded)."""
+    from .data import BrokenMediaError
+
+    kept, values = [], []
+    for index, path in enumerate(paths):
+        try:
+            features = processor(**{spec.processor_argument: [os.fspath(path)]}, **options, return_tensors="pt")
+        except Exception as error:
+            if not skip_broken:
+                raise BrokenMediaError(f"cannot decode {path}: {error} (--skip_broken skips such files)") from error
+            logger.warning(f"skipping {path}: cannot decode it: {error}")
+            continue
+        kept.append(index)
+        values.append(features[spec.input_name])
+    return kept, torch.cat(values) if values else None
+
+
 def caption_files(
     model: Any,
     processor: Any,
@@ -115,8 +138,6 @@ def caption_files(
             decoded; otherwise the first one raises `BrokenMediaError` naming it.
         generate_kwargs: passed to `model.generate` (`num_beams`, `max_new_tokens`, ...).
     """
-    from .data import BrokenMediaError
-
     config = model.config
     specs = config.modality_specs
     paths = [Path(path) for path in paths]
@@ -135,27 +156,13 @@ def caption_files(
             spec = specs[name]
             options = {"num_frames": num_frames} if spec.layout == "video" and num_frames else {}
             for start in range(0, len(indices), batch_size):
-                batch, values = [], []
-                for i in indices[start : start + batch_size]:
-                    try:
-                        features = processor(
-                            **{spec.processor_argument: [str(paths[i])]}, **options, return_tensors="pt"
-                        )
-                    except Exception as error:
-                        if not skip_broken:
-                            raise BrokenMediaError(
-                                f"cannot decode {paths[i]}: {error} (pass --skip_broken to caption the other files)"
-                            ) from error
-                        logger.warning(f"skipping {paths[i]}: cannot decode it: {error}")
-                        continue
-                    batch.append(i)
-                    values.append(features[spec.input_name])
-                if batch:
-                    inputs = torch.cat(values).to(model.device, model.dtype)
-                    ids = model.generate(**{spec.input_name: inputs}, **generate_kwargs)
-                    for i, caption in zip(batch, processor.batch_decode(ids, skip_special_tokens=True)):
-                        captions[i] = caption.strip()
-                bar.update(len(indices[start : start + batch_size]))
+                batch = indices[start : start + batch_size]
+                kept, values = decode_media(processor, spec, [paths[i] for i in batch], skip_broken, **options)
+                if kept:
+                    ids = model.generate(**{spec.input_name: values.to(model.device, model.dtype)}, **generate_kwargs)
+                    for k, caption in zip(kept, processor.batch_decode(ids, skip_special_tokens=True)):
+                        captions[batch[k]] = caption.strip()
+                bar.update(len(batch))
     return [
         {"path": str(path), "modality": name, "caption": caption}
         for path, name, caption in zip(paths, modalities, captions)

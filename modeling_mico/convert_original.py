@@ -546,7 +546,7 @@ def open_original_checkpoint(
     try:
         return checkpoint, config_from_original(checkpoint.hyper_parameters, shapes, image_size, num_frames)
     except (KeyError, TypeError, AttributeError, ValueError, StrictDataclassError) as error:
-        detail = f"missing entry {error}" if isinstance(error, KeyError) else str(error).strip()
+        detail = f"missing entry {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
         raise ValueError(
             f"{checkpoint.config_file} does not describe {checkpoint.weights} (malformed hyper-parameters): {detail}"
         ) from error

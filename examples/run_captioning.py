@@ -18,7 +18,7 @@ import json
 from modeling_mico import MiCoForConditionalGeneration
 from modeling_mico.captioning import caption_files, collect_media_files, resolve_device, resolve_dtype
 from modeling_mico.evaluation import load_processor
-from modeling_mico.output_utils import atomic_output_file, check_output_path
+from modeling_mico.output_utils import atomic_output, check_output_path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens,
         skip_broken=args.skip_broken,
     )
-    with atomic_output_file(args.output_file, inputs, args.overwrite) as partial:
+    with atomic_output(args.output_file, inputs, args.overwrite, directory=False) as partial:
         partial.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     skipped = f" (skipped {len(files) - len(records)} undecodable files)" if len(records) < len(files) else ""
     print(f"wrote {len(records)} captions to {args.output_file}{skipped}")

@@ -29,7 +29,7 @@ from modeling_mico.evaluation import (
     score_retrieval,
     write_results,
 )
-from modeling_mico.output_utils import atomic_output_dir, check_output_path
+from modeling_mico.output_utils import atomic_output, check_output_path
 from modeling_mico.retrieval import format_results_table, plot_similarity_heatmap
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     results = retrieval_results(scores)
     first_captions = scores.first_caption_rows()
-    with atomic_output_dir(args.output_dir, inputs, args.overwrite_output_dir, "--overwrite_output_dir") as partial:
+    with atomic_output(args.output_dir, inputs, args.overwrite_output_dir, "--overwrite_output_dir") as partial:
         write_results(results, partial / "retrieval_results.json")
         for target, similarity in scores.similarity.items():
             plot_similarity_heatmap(

@@ -28,7 +28,7 @@ from transformers.utils import CONFIG_NAME, logging
 from . import modeling_mico as modeling
 from .configuration_mico import DEFAULT_FUSED_HEADS, MiCoConfig, resolve_modalities
 from .modeling_mico import ORIGINAL_MODEL_TYPES, check_local_path, config_model_type, find_checkpoint_file
-from .output_utils import atomic_output_dir, check_output_path
+from .output_utils import atomic_output, check_output_path
 
 
 logger = logging.get_logger(__name__)
@@ -828,7 +828,7 @@ def convert_original_checkpoint(
     `config_path`) into a Transformers directory: config, sharded safetensors, tokenizer and processor files,
     generation config and the model code (`auto_map`).
 
-    The directory is written atomically (see `output_utils.atomic_output_dir`): `overwrite` replaces a previous
+    The directory is written atomically (see `output_utils.atomic_output`): `overwrite` replaces a previous
     output entirely, and an output inside, over or around the source checkpoint is refused."""
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -838,7 +838,7 @@ def convert_original_checkpoint(
     config.dtype = dtype
     plan = _plan_shards(_dry_run(checkpoint, config, _DTYPES[dtype]), parse_size(max_shard_size))
     report = ConversionReport()
-    with atomic_output_dir(output_dir, (*inputs, checkpoint.weights), overwrite) as partial:
+    with atomic_output(output_dir, (*inputs, checkpoint.weights), overwrite) as partial:
         _write_shards(checkpoint, config, partial, _DTYPES[dtype], plan, report)
         _save_code_and_config(config, partial)
         _save_generation_config(config, checkpoint.hyper_parameters, partial)

@@ -101,7 +101,19 @@ def replace_path(source: Path, target: Path) -> None:
 
 
 @contextmanager
-def _atomic(target, inputs, overwrite: bool, flag: str, directory: bool) -> Iterator[Path]:
+def atomic_output(
+    target: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    flag: str = "--overwrite",
+    directory: bool = True,
+) -> Iterator[Path]:
+    """Yield a temporary sibling of `target` to write - an empty directory, or with `directory=False` a file path -
+    that replaces `target` entirely when the block completes.
+
+    `target` is checked first with `check_output_path` (inputs, existing target, `flag`); on an error (or a kill) the
+    previous `target` is untouched, and the leftovers of killed runs are removed by the next run.
+    """
     target = check_output_path(target, inputs, overwrite, flag)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target)
@@ -115,33 +127,6 @@ def _atomic(target, inputs, overwrite: bool, flag: str, directory: bool) -> Iter
         _remove(partial)
         raise
     replace_path(partial, target)
-
-
-@contextmanager
-def atomic_output_dir(
-    target: str | os.PathLike,
-    inputs: Iterable[str | os.PathLike | None] = (),
-    overwrite: bool = False,
-    flag: str = "--overwrite",
-) -> Iterator[Path]:
-    """Yield an empty temporary directory to write into; when the block completes it replaces `target` entirely.
-
-    Checks `target` first with `check_output_path`; on an error (or a kill) the previous `target` is untouched.
-    """
-    with _atomic(target, inputs, overwrite, flag, directory=True) as partial:
-        yield partial
-
-
-@contextmanager
-def atomic_output_file(
-    target: str | os.PathLike,
-    inputs: Iterable[str | os.PathLike | None] = (),
-    overwrite: bool = False,
-    flag: str = "--overwrite",
-) -> Iterator[Path]:
-    """Yield a temporary file path to write; when the block completes it replaces `target` (see `atomic_output_dir`)."""
-    with _atomic(target, inputs, overwrite, flag, directory=False) as partial:
-        yield partial
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -246,8 +231,7 @@ def _prepare_training_output_dir(
 
 
 __all__ = [
-    "atomic_output_dir",
-    "atomic_output_file",
+    "atomic_output",
     "check_output_path",
     "is_complete_checkpoint",
     "last_complete_checkpoint",

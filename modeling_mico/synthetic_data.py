@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .configuration_mico import BUILTIN_MODALITIES
 from .import_utils import require
-from .output_utils import atomic_output_dir, remove_stale_partials
+from .output_utils import atomic_output, remove_stale_partials
 
 
 SAMPLE_RATE = 16_000
@@ -444,7 +444,7 @@ def make_synthetic_dataset(
     num_train = num_samples - num_test
     settings = (seed, image_size, num_video_frames, modalities)
     if not previous and not (output_dir.is_dir() and any(output_dir.iterdir())):
-        with atomic_output_dir(output_dir) as partial:
+        with atomic_output(output_dir) as partial:
             _write_dataset(partial, num_train, num_test, *settings)
     else:  # stage beside it, then swap only the previous run's files
         staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")

@@ -169,6 +169,7 @@ def test_conversion_refuses_a_corrupt_source_by_name_before_writing(tmp_path, co
 
 @pytest.fixture(scope="module")
 def captioner(tmp_path_factory) -> Path:
+    """A tiny model saved with the head layout: captioning loads it as a captioner, evaluation as `MiCoModel`."""
     path = tmp_path_factory.mktemp("captioner") / "model"
     torch.manual_seed(0)
     MiCoForConditionalGeneration(MiCoConfig.from_preset("tiny")).save_pretrained(path)
@@ -216,14 +217,6 @@ def test_captioning_stops_at_a_broken_file_or_skips_it(tmp_path, captioner, caps
 # ---- retrieval evaluation: shared media, broken files ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def retrieval_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("retrieval") / "model"
-    torch.manual_seed(0)
-    MiCoModel(MiCoConfig.from_preset("tiny")).save_pretrained(path)
-    return path
-
-
 def write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -234,16 +227,16 @@ def evaluate(model: Path, test_file: Path, output_dir: Path, *args: str) -> dict
     return load_example("examples/run_retrieval_eval.py").main([*argv, "--modalities", "image", *args])
 
 
-def test_retrieval_refuses_items_sharing_a_media_file(tmp_path, retrieval_model):
+def test_retrieval_refuses_items_sharing_a_media_file(tmp_path, captioner):
     shutil.copy(MEDIA / "test.jpeg", tmp_path / "cat.jpeg")
     rows = [{"caption": "a cat", "image": "cat.jpeg"}, {"caption": "the same cat", "image": "./cat.jpeg"}]
     test_file = write_rows(tmp_path / "test.jsonl", rows)
     with pytest.raises(ValueError, match=r"test.jsonl: rows 0 and 1 share the image file .*cat.jpeg; retrieval needs"):
-        evaluate(retrieval_model, test_file, tmp_path / "eval")
+        evaluate(captioner, test_file, tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
 
 
-def test_retrieval_stops_at_a_broken_file_or_skips_its_item(tmp_path, retrieval_model):
+def test_retrieval_stops_at_a_broken_file_or_skips_its_item(tmp_path, captioner):
     for name in ("a", "b", "c"):
         shutil.copy(MEDIA / "test.jpeg", tmp_path / f"{name}.jpeg")
     (tmp_path / "broken.jpeg").write_bytes(b"")
@@ -251,14 +244,14 @@ def test_retrieval_stops_at_a_broken_file_or_skips_its_item(tmp_path, retrieval_
     rows += [{"caption": "broken", "image": "broken.jpeg"}, {"caption": "photo c", "image": "c.jpeg"}]
     test_file = write_rows(tmp_path / "test.jsonl", rows)
     with pytest.raises(BrokenMediaError, match=r"cannot decode .*broken.jpeg"):
-        evaluate(retrieval_model, test_file, tmp_path / "eval")
+        evaluate(captioner, test_file, tmp_path / "eval")
     assert not (tmp_path / "eval").exists() and partials(tmp_path) == []
-    results = evaluate(retrieval_model, test_file, tmp_path / "eval", "--skip_broken")
+    results = evaluate(captioner, test_file, tmp_path / "eval", "--skip_broken")
     assert results["num_items"] == 3 and results["num_texts"] == 5
     assert json.loads((tmp_path / "eval" / "retrieval_results.json").read_text())["num_items"] == 3
 
 
-def test_retrieval_overwrite_replaces_the_previous_results_entirely(tmp_path, retrieval_model):
+def test_retrieval_overwrite_replaces_the_previous_results_entirely(tmp_path, captioner):
     shutil.copy(MEDIA / "test.jpeg", tmp_path / "a.jpeg")
     shutil.copy(MEDIA / "test.jpeg", tmp_path / "b.jpeg")
     test_file = write_rows(tmp_path / "test.jsonl", [{"caption": f"{n}", "image": f"{n}.jpeg"} for n in "ab"])
@@ -266,11 +259,11 @@ def test_retrieval_overwrite_replaces_the_previous_results_entirely(tmp_path, re
     output.mkdir()
     (output / "similarity_video.png").write_bytes(b"stale")
     with pytest.raises(FileExistsError, match="pass --overwrite_output_dir to replace it"):
-        evaluate(retrieval_model, test_file, output)
-    evaluate(retrieval_model, test_file, output, "--overwrite_output_dir")
+        evaluate(captioner, test_file, output)
+    evaluate(captioner, test_file, output, "--overwrite_output_dir")
     assert files(output) == {"retrieval_results.json", "similarity_image.png"}
     with pytest.raises(ValueError, match=r"refusing to write .*: it contains the input .*test.jsonl"):
-        evaluate(retrieval_model, test_file, tmp_path, "--overwrite_output_dir")
+        evaluate(captioner, test_file, tmp_path, "--overwrite_output_dir")
 
 
 # ---- annotations ----------------------------------------------------------------------------------------------------

@@ -3,13 +3,14 @@
 On the synthetic data set (see examples/make_synthetic_dataset.py) with a model saved by examples/run_pretrain.py:
 
     python examples/run_retrieval_eval.py --model_name_or_path runs/tiny --test_file data/synthetic/test.jsonl \
-        --output_dir runs/tiny/retrieval --modalities video audio depth normal va --itm_rerank_top_k 10
+        --output_dir runs/tiny-retrieval --modalities video audio depth normal va --itm_rerank_top_k 10
 
 Targets are the model's modalities (video, audio, image, depth, normal, declared ones such as thermal) and the fused
 combinations of its fused heads (va = video + audio, id = image + depth, ...): see `modeling_mico.evaluation`.
 Writes `retrieval_results.json` (keys such as `t2v/R@1`, `v2t/R@1`, `t2va/R@1`, `t2thermal/R@1`; percentages;
 matching-head re-ranked results under `itm/`), one `similarity_<target>.png` heat-map per target, and prints a Markdown
-table.
+table. The output directory is written atomically, never inside the model directory or over the annotations;
+`--skip_broken` leaves out (and reports) items whose media cannot be decoded.
 """
 
 import argparse

@@ -183,23 +183,31 @@ def prepare_training_output_dir(
     - an explicit `--resume_from_checkpoint` must be a complete checkpoint;
     - otherwise training resumes from the last complete `checkpoint-<N>` (incomplete ones are removed with a message);
     - a non-empty `output_dir` without a checkpoint is refused unless `overwrite_output_dir`.
-    Call it once the model and data have loaded, so that a bad argument never costs the previous run's outputs. The
-    main process acts first; the others then find the directory prepared.
+    Call it once the model and data have loaded, so that a bad argument never costs the previous run's outputs. Only
+    the process that saves (`should_save`) removes anything, first; the others then find the directory prepared.
     """
     with training_args.main_process_first(desc="preparing the output directory"):
         return _prepare_training_output_dir(
             Path(training_args.output_dir).expanduser().resolve(),
             training_args.do_train,
             training_args.resume_from_checkpoint,
-            overwrite_output_dir,
+            overwrite_output_dir and training_args.should_save,
             inputs,
+            started_over=overwrite_output_dir and not training_args.should_save,
         )
 
 
 def _prepare_training_output_dir(
-    target: Path, do_train: bool, resume_from_checkpoint: str | None, overwrite_output_dir: bool, inputs
+    target: Path,
+    do_train: bool,
+    resume_from_checkpoint: str | None,
+    overwrite_output_dir: bool,
+    inputs,
+    started_over: bool = False,
 ) -> str | None:
     check_output_path(target, inputs, overwrite=True)
+    if started_over and do_train:  # another process replaced the previous run: start from scratch too
+        return None
     if not do_train:
         return None
     if resume_from_checkpoint:

@@ -89,23 +89,34 @@ def resolve_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> to
     return getattr(torch, dtype)
 
 
+def media_name(media: Any, default: str) -> str:
+    """How errors name a media value: its path (a string, or the `path` of a 🤗 Datasets `{"path", "bytes"}` value),
+    else `default`."""
+    if isinstance(media, dict):
+        media = media.get("path")
+    return media if isinstance(media, str) and media else default
+
+
 def decode_media(
-    processor: Any, spec: ModalitySpec, paths: Sequence[str | os.PathLike], skip_broken: bool = False, **options: Any
+    processor: Any, spec: ModalitySpec, paths: Sequence[Any], skip_broken: bool = False, **options: Any
 ) -> tuple[list[int], torch.Tensor | None]:
-    """Preprocess media files of one modality one by one: `(indices of the decoded files, their stacked model input)`.
+    """Preprocess media of one modality one by one (paths, or any value the processor takes, such as 🤗 Datasets
+    media): `(indices of the decoded items, their stacked model input)`.
 
     A file that cannot be decoded raises `BrokenMediaError` naming it, or with `skip_broken` is left out with a
     warning (the returned indices say which files the rows of the tensor are; `None` when none decoded)."""
     from .data import BrokenMediaError
 
     kept, values = [], []
-    for index, path in enumerate(paths):
+    for index, media in enumerate(paths):
+        media = os.fspath(media) if isinstance(media, os.PathLike) else media
         try:
-            features = processor(**{spec.processor_argument: [os.fspath(path)]}, **options, return_tensors="pt")
+            features = processor(**{spec.processor_argument: [media]}, **options, return_tensors="pt")
         except Exception as error:
+            name = media_name(media, f"{spec.name} item {index}")
             if not skip_broken:
-                raise BrokenMediaError(f"cannot decode {path}: {error} (--skip_broken skips such files)") from error
-            logger.warning(f"skipping {path}: cannot decode it: {error}")
+                raise BrokenMediaError(f"cannot decode {name}: {error} (--skip_broken skips such files)") from error
+            logger.warning(f"skipping {name}: cannot decode it: {error}")
             continue
         kept.append(index)
         values.append(features[spec.input_name])

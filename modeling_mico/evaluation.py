@@ -39,7 +39,7 @@ from transformers import AutoProcessor
 from transformers.utils import logging
 
 from .annotations import flatten_captions
-from .captioning import decode_media, resolve_device, resolve_dtype
+from .captioning import decode_media, media_name, resolve_device, resolve_dtype
 from .configuration_mico import BUILTIN_MODALITIES, SUBTITLE, MiCoConfig
 from .data import BrokenMediaError
 from .processing_mico import MiCoProcessor
@@ -361,12 +361,15 @@ def check_distinct_items(
         column = config.modality_specs[name].column
         first: dict[str, int] = {}
         for index, row in enumerate(rows):
-            path = os.path.normpath(os.fspath(row[column]))
+            name = media_name(row[column], "")
+            if not name:
+                continue  # decoded media (arrays, images) have no file to share
+            path = os.path.normpath(name)
             if path in first:
                 where = f"{source}: " if source else ""
                 raise ValueError(
-                    f"{where}rows {first[path]} and {index} share the {column} file {row[column]}; retrieval needs one "
-                    "item per file: put all its captions in one row's `captions`"
+                    f"{where}rows {first[path]} and {index} share the {column} file {name}; retrieval needs one item "
+                    "per file: put all its captions in one row's `captions`"
                 )
             first[path] = index
 

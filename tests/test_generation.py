@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
-from transformers.generation import GenerationMixin
 from transformers.generation.streamers import BaseStreamer
 
+from benchmarks.bench_generation import context_per_row
 from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel
 
 
@@ -256,22 +256,6 @@ def test_num_return_sequences(model):
     assert samples.shape[0] == 4
 
 
-def per_row_context_generate(model, **kwargs) -> torch.Tensor:
-    """`generate` as Transformers runs it for a generic model: the context copied for every beam / returned sequence
-    and the whole cache (cross-attention keys/values included) reordered between beams."""
-
-    def reorder_everything(cache, beam_idx):
-        cache.reorder_cache(beam_idx)
-        return cache
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            MiCoForConditionalGeneration, "_expand_inputs_for_generation", GenerationMixin._expand_inputs_for_generation
-        )
-        patch.setattr(MiCoForConditionalGeneration, "_reorder_cache", staticmethod(reorder_everything))
-        return model.generate(**kwargs)
-
-
 @pytest.mark.parametrize(
     "settings",
     [
@@ -285,15 +269,16 @@ def per_row_context_generate(model, **kwargs) -> torch.Tensor:
 )
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_shared_context_equals_a_context_per_row(model, settings, use_cache):
-    """One context per item, read by all its rows, gives the tokens of a context copied per row (and reordered with
-    the beams), cached or recomputed."""
+    """One context per item, read by all its rows, gives the tokens of Transformers' generic path (the context copied
+    per row, the whole cache reordered with the beams), cached or recomputed."""
     settings = dict(settings, max_new_tokens=8, use_cache=use_cache, **knowledge_inputs("combined", seed=4))
     if settings.pop("question", False):
         settings["input_ids"] = torch.tensor([[CLS, 7, 8, SEP, PAD], [CLS, 20, 21, 22, SEP]])
     torch.manual_seed(0)
     shared = model.generate(**settings)
     torch.manual_seed(0)
-    per_row = per_row_context_generate(model, **settings)
+    with context_per_row():
+        per_row = model.generate(**settings)
     assert torch.equal(shared, per_row)
 
 
@@ -308,6 +293,9 @@ def test_context_keys_and_values_are_kept_once_per_item(model):
         assert cross.keys.shape[0] == cross.values.shape[0] == 2
         assert cross.keys.shape[2] == context_length
         assert output.cache.self_attention_cache.layers[layer].keys.shape[0] == 6
+    with context_per_row():  # Transformers' generic path copies them per beam
+        output = model.generate(**inputs, num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
+    assert output.cache.cross_attention_cache.layers[0].keys.shape[0] == 6
 
 
 def test_context_batch_must_divide_the_text_batch(model):

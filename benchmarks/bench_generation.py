@@ -199,6 +199,45 @@ def bf16_rows(model, machine: dict, repeats: int) -> list[dict]:
     return rows
 
 
+PARITY = ROOT / "tests" / "fixtures" / "parity"
+PARITY_INPUTS = {"video": "pixel_values_videos", "audio": "input_features"}
+
+
+def bf16_agreement() -> dict:
+    """bf16 against fp32 on the parity fixture (the converted release-layout checkpoint and its inputs): relative
+    L2 distance of the video and audio features (`pooler_output` and the multimodal context) and the share of caption
+    tokens, greedy and 3 beams, equal to fp32's (each precision decoding from its own context)."""
+    import numpy as np
+
+    reference = np.load(PARITY / "reference_outputs.npz")
+    inputs = {
+        "video": torch.from_numpy(reference["in_pixel_values_video"]),
+        "audio": torch.from_numpy(reference["in_input_features_audio"]),
+    }
+    full = MiCoForConditionalGeneration.from_pretrained(PARITY / "hub").eval()
+    half = copy.deepcopy(full).to(torch.bfloat16)
+    result = {}
+    with torch.no_grad():
+        for name, values in inputs.items():
+            features = [
+                model.mico.get_modality_features(name, values.to(model.dtype)).pooler_output for model in (full, half)
+            ]
+            contexts = [
+                model.mico.get_multimodal_context(**{PARITY_INPUTS[name]: values.to(model.dtype)})
+                for model in (full, half)
+            ]
+            result[f"{name}_features_rel_l2"] = float((features[1].float() - features[0]).norm() / features[0].norm())
+            result[f"{name}_context_rel_l2"] = float((contexts[1].float() - contexts[0]).norm() / contexts[0].norm())
+            for beams in (1, 3):
+                ids = [
+                    model.generate(context=context, num_beams=beams, max_new_tokens=40)
+                    for model, context in zip((full, half), contexts)
+                ]
+                result[f"{name}_beam{beams}_tokens_equal"] = int((ids[0] == ids[1]).sum())
+                result[f"{name}_beam{beams}_tokens"] = ids[0].numel()
+    return result
+
+
 def caption_rows(model, quick: bool) -> list[dict]:
     """Whole captions: recompute the prefix every step (the original scheme) vs the key/value cache."""
     batch_size, repeats = (1, 1) if quick else (2, 3)
@@ -243,6 +282,7 @@ def run(quick: bool = False, machine: dict | None = None) -> dict:
     return {
         "steps": step_rows(model, bounds, repeats),
         "bf16": bf16_rows(model, bounds, repeats),
+        "bf16_agreement": bf16_agreement(),
         "rows": caption_rows(model, quick),
         "bounds": bounds,
         "settings": {

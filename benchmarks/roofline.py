@@ -139,7 +139,8 @@ def attention_rows_costs(attention_results: dict) -> list[tuple[dict, Cost]]:
             raise ValueError(f"unrecognised tower shape {row['shape']!r} in the attention results")
         width, _, intermediate = map(int, match.groups())
         context = settings["context_length"] if row["tower"].startswith("text") else 0
-        cost = encoder_cost(width, intermediate, row["layers"], row["tokens"], row["batch"], context)
+        tokens = settings["text_tokens"] if context else row["tokens"]  # the text row's tokens cell is a label
+        cost = encoder_cost(width, intermediate, row["layers"], tokens, row["batch"], context)
         costs.append((row, cost))
     return costs
 

@@ -121,10 +121,10 @@ def test_roofline_of_the_attention_rows():
     from benchmarks import roofline
 
     results = {
-        "settings": {"context_length": 2056},
+        "settings": {"context_length": 2056, "text_tokens": 40},
         "rows": [
             {"tower": "vision ViT-B", "shape": "768w/12h/3072mlp", "layers": 2, "batch": 4, "tokens": 257},
-            {"tower": "text + cross-attention", "shape": "768w/12h/3072ffn", "layers": 4, "batch": 8, "tokens": 40},
+            {"tower": "text + cross-attention", "shape": "768w/12h/3072ffn", "layers": 4, "batch": 8, "tokens": "40 (context 2056)"},
         ],
     }
     (vit_row, vit), (_, text) = roofline.attention_rows_costs(results)

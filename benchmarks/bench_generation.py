@@ -124,29 +124,35 @@ def alternate(first, second, repeats: int) -> tuple[float, float, float]:
     )
 
 
+def step_case(model, items: int, beams: int, value_bytes: int = 4) -> tuple[torch.Tensor, object, str]:
+    """A random context of `items` items, the cost of one of its decoding steps and the step's label."""
+    text = model.config.text_config
+    context = torch.randn(items, NUM_FRAMES * 257, text.hidden_size, generator=torch.Generator().manual_seed(items))
+    cost = decoding_step_cost(
+        text.hidden_size,
+        text.intermediate_size,
+        text.num_hidden_layers,
+        text.vocab_size,
+        context.shape[1],
+        items=items,
+        rows=items * beams,
+        cached_tokens=STEP_TOKENS // 2,
+        value_bytes=value_bytes,
+    )
+    return context, cost, f"decoding step, batch {items}, " + ("greedy" if beams == 1 else f"{beams} beams")
+
+
 def step_rows(model, machine: dict, repeats: int) -> list[dict]:
     """Before / after ms per step of every (items, beams) case, with the step's roofline."""
-    text = model.config.text_config
     rows = []
     for items, beams in STEP_CASES:
-        context = torch.randn(items, NUM_FRAMES * 257, text.hidden_size, generator=torch.Generator().manual_seed(1))
+        context, cost, label = step_case(model, items, beams)
         step_seconds(model, context, beams), step_seconds(model, context, beams, per_row=True)  # warm-up
         before, after, speedup = alternate(
             partial(step_seconds, model, context, beams, per_row=True),
             partial(step_seconds, model, context, beams),
             repeats,
         )
-        cost = decoding_step_cost(
-            text.hidden_size,
-            text.intermediate_size,
-            text.num_hidden_layers,
-            text.vocab_size,
-            context.shape[1],
-            items=items,
-            rows=items * beams,
-            cached_tokens=STEP_TOKENS // 2,
-        )
-        label = f"decoding step, batch {items}, " + ("greedy" if beams == 1 else f"{beams} beams")
         rows.append(
             {
                 "items": items,
@@ -162,29 +168,16 @@ def step_rows(model, machine: dict, repeats: int) -> list[dict]:
 
 def bf16_rows(model, machine: dict, repeats: int) -> list[dict]:
     """fp32 vs bf16 ms per step (weights and activations in bf16), the bf16 roofline and token agreement."""
-    text = model.config.text_config
     half = copy.deepcopy(model).to(torch.bfloat16)
     rows = []
     for items, beams in BF16_CASES:
-        context = torch.randn(items, NUM_FRAMES * 257, text.hidden_size, generator=torch.Generator().manual_seed(2))
+        context, cost, label = step_case(model, items, beams, value_bytes=2)
         step_seconds(half, context, beams)  # warm-up
         fp32, bf16, speedup = alternate(
             partial(step_seconds, model, context, beams), partial(step_seconds, half, context, beams), repeats
         )
         settings = dict(num_beams=beams, max_new_tokens=STEP_TOKENS)
         tokens = model.generate(context=context, **settings), half.generate(context=context, **settings)
-        cost = decoding_step_cost(
-            text.hidden_size,
-            text.intermediate_size,
-            text.num_hidden_layers,
-            text.vocab_size,
-            context.shape[1],
-            items=items,
-            rows=items * beams,
-            cached_tokens=STEP_TOKENS // 2,
-            value_bytes=2,
-        )
-        label = f"decoding step, batch {items}, " + ("greedy" if beams == 1 else f"{beams} beams")
         rows.append(
             {
                 "items": items,

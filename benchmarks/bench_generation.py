@@ -289,6 +289,22 @@ def run(quick: bool = False, machine: dict | None = None) -> dict:
     }
 
 
+def agreement_line(agreement: dict) -> str:
+    """bf16 against fp32 on the parity fixture, in one sentence."""
+    parts = []
+    for name in PARITY_INPUTS:
+        tokens = ", ".join(
+            f"{agreement[f'{name}_beam{beams}_tokens_equal']}/{agreement[f'{name}_beam{beams}_tokens']} caption tokens "
+            f"equal ({'greedy' if beams == 1 else f'{beams} beams'})"
+            for beams in (1, 3)
+        )
+        parts.append(
+            f"{name}: features {agreement[f'{name}_features_rel_l2']:.1e} and context "
+            f"{agreement[f'{name}_context_rel_l2']:.1e} relative L2 from fp32, {tokens}"
+        )
+    return "bfloat16 vs float32 on the parity fixture (release-layout checkpoint): " + "; ".join(parts) + "."
+
+
 def to_markdown(results: dict) -> str:
     """Results as Markdown tables."""
     captions = [
@@ -369,6 +385,7 @@ def to_markdown(results: dict) -> str:
                 bf16,
             ),
             markdown_table(ROOFLINE_HEADER, roofline_table_rows([row["roofline"] for row in results["steps"]])),
+            agreement_line(results["bf16_agreement"]),
         ]
     return "\n\n".join(parts)
 

@@ -289,6 +289,12 @@ def run(quick: bool = False, machine: dict | None = None) -> dict:
     }
 
 
+def case_cells(row: dict, *milliseconds: float) -> list:
+    """The batch and decoding cells of a step row, then `milliseconds` formatted."""
+    decoding = "greedy" if row["num_beams"] == 1 else f"{row['num_beams']} beams"
+    return [row["items"], decoding, *(f"{value:.1f}" for value in milliseconds)]
+
+
 def agreement_line(agreement: dict) -> str:
     """bf16 against fp32 on the parity fixture, in one sentence."""
     parts = []
@@ -331,27 +337,13 @@ def to_markdown(results: dict) -> str:
     parts = [markdown_table(header, captions)]
     if "steps" in results:
         steps = [
-            [
-                row["items"],
-                "greedy" if row["num_beams"] == 1 else f"{row['num_beams']} beams",
-                f"{row['before_ms']:.1f}",
-                f"{row['after_ms']:.1f}",
-                f"{row['speedup']:.2f}x",
-                f"{row['roofline']['bound_ms']:.1f}",
-                f"{row['roofline']['fraction_of_bound']:.2f}",
-            ]
+            case_cells(row, row["before_ms"], row["after_ms"], row["roofline"]["bound_ms"])
+            + [f"{row['speedup']:.2f}x", f"{row['roofline']['fraction_of_bound']:.2f}"]
             for row in results["steps"]
         ]
         bf16 = [
-            [
-                row["items"],
-                "greedy" if row["num_beams"] == 1 else f"{row['num_beams']} beams",
-                f"{row['fp32_ms']:.1f}",
-                f"{row['bf16_ms']:.1f}",
-                f"{row['speedup']:.2f}x",
-                f"{row['roofline']['fraction_of_bound']:.2f}",
-                f"{row['same_tokens']:.0%}",
-            ]
+            case_cells(row, row["fp32_ms"], row["bf16_ms"])
+            + [f"{row['speedup']:.2f}x", f"{row['roofline']['fraction_of_bound']:.2f}", f"{row['same_tokens']:.0%}"]
             for row in results["bf16"]
         ]
         parts += [
@@ -364,8 +356,8 @@ def to_markdown(results: dict) -> str:
                     "decoding",
                     "before ms/step",
                     "after ms/step",
-                    "speed-up (median of pairs)",
                     "bound ms",
+                    "speed-up (median of pairs)",
                     "fraction of bound",
                 ],
                 steps,

@@ -24,6 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
 from modeling_mico.annotations import load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
+from modeling_mico.engines import check_fsdp_request, prepare_deepspeed
 from modeling_mico.trainer_mico import EvalCollatorTrainer
 
 
@@ -80,7 +81,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> MiCoFor
         config.vision_config.image_size = data_args.image_size
     if model_args.attn_implementation:
         config._attn_implementation = model_args.attn_implementation
-    return MiCoForPreTraining(config)
+    return MiCoForPreTraining._from_config(config)  # as AutoModel.from_config: ZeRO-3 partitions it while built
 
 
 def build_processor(model_args: ModelArguments, data_args: DataArguments, config: MiCoConfig) -> MiCoProcessor:
@@ -128,6 +129,9 @@ def main() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
+    check_fsdp_request(training_args)
+    if training_args.deepspeed:
+        prepare_deepspeed(training_args)
     set_seed(training_args.seed)
 
     model = build_model(model_args, data_args)

@@ -100,7 +100,9 @@ def zero_checkpoint_to_model_directory(checkpoint: str | os.PathLike, output_dir
 
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     if not (checkpoint / "latest").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a DeepSpeed checkpoint (no 'latest' file naming its global_step)")
+        raise FileNotFoundError(
+            f"{checkpoint} is not a DeepSpeed checkpoint (no 'latest' file naming its global_step)"
+        )
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"output directory {output_dir} is not empty")
     model = MiCoForPreTraining(MiCoConfig.from_pretrained(checkpoint))
@@ -184,7 +186,9 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     state = {"model": model_state} | ({"optimizer": optimizer_state} if optimizer is not None else {})
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(
-        model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+        model,
+        optimizer if optimizer is not None else [],
+        model_state_dict=state["model"],
         optim_state_dict=state.get("optimizer", {}),
     )
 

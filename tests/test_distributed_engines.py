@@ -7,8 +7,7 @@ import torch
 import torch.multiprocessing as mp
 from test_pretraining import _free_port, make_batch, model_for, only, tiny_config
 
-from modeling_mico import MiCoForPreTraining
-from modeling_mico import engines
+from modeling_mico import MiCoForPreTraining, engines
 
 
 def _flat_grads(parameters) -> torch.Tensor:
@@ -56,9 +55,7 @@ def test_fsdp2_two_processes_equal_one_process_and_the_sharded_checkpoint_reload
 
     results = mp.Manager().dict()
     state = model.state_dict()
-    mp.spawn(
-        _fsdp_worker, args=(2, _free_port(), batch, state, str(tmp_path / "dcp"), results), nprocs=2, join=True
-    )
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), batch, state, str(tmp_path / "dcp"), results), nprocs=2, join=True)
     torch.testing.assert_close(torch.stack([results[rank][0] for rank in range(2)]).mean(), out.loss.detach())
     for rank in range(2):
         _, grads, tied, _ = results[rank]

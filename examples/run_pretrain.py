@@ -25,6 +25,7 @@ from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
 from modeling_mico.annotations import load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
 from modeling_mico.engines import check_fsdp_request, prepare_deepspeed
+from modeling_mico.sharded_data import ShardCollator, load_shards
 from modeling_mico.trainer_mico import EvalCollatorTrainer
 
 
@@ -47,7 +48,17 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
+    train_file: str | None = field(
+        default=None, metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet); or give --train_shards"}
+    )
+    train_shards: str | None = field(
+        default=None,
+        metadata={
+            "help": "tar shards written by examples/write_shards.py, e.g. 'dir/shard-{000000..000099}.tar', streamed "
+            "(split over processes and DataLoader workers by shard; needs --max_steps)"
+        },
+    )
+    shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the --train_shards shuffle buffer"})
     validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
     streaming: bool = field(default=False, metadata={"help": "stream the annotations (needs --max_steps)"})
     modalities: list[str] | None = field(
@@ -139,7 +150,17 @@ def main() -> None:
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
 
-    train_dataset = load_annotation_dataset(data_args.train_file, streaming=data_args.streaming, config=model.config)
+    if (data_args.train_file is None) == (data_args.train_shards is None):
+        raise ValueError("give exactly one of --train_file and --train_shards")
+    if data_args.train_shards:
+        if training_args.max_steps <= 0:
+            raise ValueError("--train_shards needs --max_steps (a stream has no length)")
+        train_dataset = load_shards(data_args.train_shards, data_args.shuffle_buffer, seed=training_args.seed)
+        training_args.accelerator_config.dispatch_batches = False  # every process reads its own shards
+    else:
+        train_dataset = load_annotation_dataset(
+            data_args.train_file, streaming=data_args.streaming, config=model.config
+        )
     eval_dataset = (
         load_annotation_dataset(data_args.validation_file, streaming=data_args.streaming, config=model.config)
         if data_args.validation_file
@@ -153,6 +174,8 @@ def main() -> None:
         )
         for training in (True, False)
     )
+    if data_args.train_shards:
+        train_collator = ShardCollator(train_collator)
 
     trainer = EvalCollatorTrainer(
         model=model,

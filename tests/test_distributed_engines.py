@@ -65,3 +65,68 @@ def test_fsdp2_two_processes_equal_one_process_and_the_sharded_checkpoint_reload
     assert reloaded.keys() == state.keys() and nothing == {}
     for key, value in state.items():
         torch.testing.assert_close(reloaded[key], value, msg=key)
+
+
+# ---- DeepSpeed through run_pretrain.py ------------------------------------------------------------------------------
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "run_pretrain.py")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
+
+
+def _launch(output_dir, data: dict, init: str, *extra: str) -> list[float]:
+    """Run run_pretrain.py on 2 CPU processes (3 steps of 2 x 4 rows) and return the logged losses."""
+    import json
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT, "--model_name_or_path", init,
+        "--train_file", data["train_file"], "--output_dir", str(output_dir), "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--do_train", "--report_to", "none", "--use_cpu", "--ddp_backend", "gloo",
+        "--dataloader_num_workers", "0", "--logging_steps", "1", "--save_steps", "2", "--seed", "3", *extra,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """The data, initial weights and DDP losses every DeepSpeed run is compared with."""
+    from modeling_mico import MiCoConfig, MiCoProcessor
+    from modeling_mico.synthetic_data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("ddp")
+    data = make_synthetic_dataset(root / "data", num_samples=24, seed=0, image_size=64)
+    config = MiCoConfig.from_preset("tiny")
+    config.vision_config.image_size = 64
+    torch.manual_seed(0)
+    MiCoForPreTraining(config).save_pretrained(root / "init")
+    MiCoProcessor.from_config(config).save_pretrained(root / "init")
+    return data, str(root / "init"), _launch(root / "run", data, str(root / "init"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_ddp_resumes_and_converts_to_a_model_directory(tmp_path, ddp_run, stage):
+    """ZeRO-2/3 on 2 CPU processes: the losses equal DDP's from the same weights and data (fp32: rel 1e-5), a run
+    resumed from checkpoint-2 logs the same third step, and checkpoint-2 becomes a model directory that loads with
+    the weights the Trainer saved and the LM head tied."""
+    from modeling_mico.engines import zero_checkpoint_to_model_directory
+
+    data, init, ddp_losses = ddp_run
+    engine = ["--deepspeed", os.path.join(CONFIGS, f"deepspeed_zero{stage}.json")]
+    losses = _launch(tmp_path / "run", data, init, *engine)
+    assert losses == pytest.approx(ddp_losses, rel=1e-5)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    resumed = _launch(tmp_path / "resumed", data, init, *engine, "--resume_from_checkpoint", str(checkpoint))
+    assert resumed == pytest.approx(losses, rel=1e-5)  # steps 1-2 from the checkpoint's history, step 3 run again
+
+    converted = MiCoForPreTraining.from_pretrained(zero_checkpoint_to_model_directory(checkpoint, tmp_path / "model"))
+    assert converted.lm_head.decoder.weight is converted.mico.text_model.embeddings.word_embeddings.weight
+    saved = MiCoForPreTraining.from_pretrained(checkpoint)  # the weights the Trainer gathered at save time
+    for (name, value), expected in zip(converted.state_dict().items(), saved.state_dict().values()):
+        torch.testing.assert_close(value, expected, msg=name)
+    with pytest.raises(FileExistsError, match="is not empty"):
+        zero_checkpoint_to_model_directory(checkpoint, tmp_path / "model")

@@ -93,7 +93,8 @@ def _launch(output_dir, data: dict, init: str, *extra: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    """The data, initial weights and DDP losses every DeepSpeed run is compared with."""
+    """The data, initial weights, and DDP's losses in one run and resumed from its checkpoint-2, which every
+    DeepSpeed run is compared with."""
     from modeling_mico import MiCoConfig, MiCoProcessor
     from modeling_mico.synthetic_data import make_synthetic_dataset
 
@@ -104,24 +105,31 @@ def ddp_run(tmp_path_factory):
     torch.manual_seed(0)
     MiCoForPreTraining(config).save_pretrained(root / "init")
     MiCoProcessor.from_config(config).save_pretrained(root / "init")
-    return data, str(root / "init"), _launch(root / "run", data, str(root / "init"))
+    init = str(root / "init")
+    losses = _launch(root / "run", data, init)
+    return (
+        data,
+        init,
+        losses,
+        _launch(root / "resumed", data, init, "--resume_from_checkpoint", str(root / "run" / "checkpoint-2")),
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_matches_ddp_resumes_and_converts_to_a_model_directory(tmp_path, ddp_run, stage):
     """ZeRO-2/3 on 2 CPU processes: the losses equal DDP's from the same weights and data (fp32: rel 1e-5), a run
-    resumed from checkpoint-2 logs the same third step, and checkpoint-2 becomes a model directory that loads with
+    resumed from checkpoint-2 logs the third step of DDP resumed likewise, and checkpoint-2 becomes a model directory that loads with
     the weights the Trainer saved and the LM head tied."""
     from modeling_mico.engines import zero_checkpoint_to_model_directory
 
-    data, init, ddp_losses = ddp_run
+    data, init, ddp_losses, ddp_resumed = ddp_run
     engine = ["--deepspeed", os.path.join(CONFIGS, f"deepspeed_zero{stage}.json")]
     losses = _launch(tmp_path / "run", data, init, *engine)
     assert losses == pytest.approx(ddp_losses, rel=1e-5)
     checkpoint = tmp_path / "run" / "checkpoint-2"
     resumed = _launch(tmp_path / "resumed", data, init, *engine, "--resume_from_checkpoint", str(checkpoint))
-    assert resumed == pytest.approx(losses, rel=1e-5)  # steps 1-2 from the checkpoint's history, step 3 run again
+    assert resumed == pytest.approx(ddp_resumed, rel=1e-5)  # steps 1-2 from the checkpoint's history, step 3 rerun
 
     converted = MiCoForPreTraining.from_pretrained(zero_checkpoint_to_model_directory(checkpoint, tmp_path / "model"))
     assert converted.lm_head.decoder.weight is converted.mico.text_model.embeddings.word_embeddings.weight

@@ -52,6 +52,19 @@ def test_written_shards_hold_each_row_once_with_its_media_bytes(data):
         expand_shards(str(root / "shards" / "shard-{000000..000004}.tar"))
 
 
+def test_write_shards_command_prints_the_pattern_to_train_on(data, tmp_path):
+    root, rows, _ = data
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "write_shards.py")
+    command = [
+        sys.executable, script, "--train_file", str(root / "data" / "train.jsonl"), "--output_dir",
+        str(tmp_path / "shards"), "--samples_per_shard", "3",
+    ]  # fmt: skip
+    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    pattern = str(tmp_path / "shards" / "shard-{000000..000003}.tar")
+    assert done.stdout.strip() == f"4 shards: {pattern}"
+    assert [sample["key"] for sample in load_shards(pattern)] == [row["id"] for row in rows]
+
+
 def test_processes_and_workers_read_disjoint_shards_covering_everything(data):
     """What accelerate does for each process (`shard`), then two DataLoader workers splitting its shards."""
     _, rows, shards = data

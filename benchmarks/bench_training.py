@@ -95,7 +95,7 @@ def _worker(rank: int, world_size: int, port: int, engine: str, size: str, batch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+    torch.set_num_threads(1)  # one thread per process: 2 processes use the 2 cores, with no oversubscription
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         if engine.startswith("zero"):
@@ -148,7 +148,9 @@ def measure_data_pipeline(num_samples: int, batch: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         info = make_synthetic_dataset(Path(directory) / "data", num_samples=num_samples, num_test=1, seed=0)
         rows = [json.loads(line) for line in open(info["train_file"])]
-        shards = write_shards(rows, Path(directory) / "shards", samples_per_shard=max(1, len(rows) // 4))
+        shards = write_shards(
+            rows, Path(directory) / "shards", samples_per_shard=max(1, len(rows) // 4), base_dir=info["output_dir"]
+        )
         collator = ShardCollator(MiCoDataCollator(MiCoProcessor.from_config(config), config=config))
         loader = torch.utils.data.DataLoader(
             load_shards(shards, shuffle_buffer=8), batch_size=batch, num_workers=workers, collate_fn=collator
@@ -221,7 +223,7 @@ def to_markdown(results: dict) -> str:
             f"({fastest['engine']}, {fastest['processes']} process(es))"
         )
     return (
-        "Plain training loop on fixed random images + audio + captions (all three losses), AdamW, float32, gloo; "
+        "Plain training loop on fixed random images + audio + captions (all three losses), AdamW, float32, gloo, one torch thread per process; "
         f"{results['settings']['steps']} timed steps after one warm-up. The machine's "
         f"{results['settings']['cores']} cores are shared by the processes (and by other jobs), so 2 processes split "
         "the same cores: these numbers show the engines' overhead here, not multi-machine scaling.\n\n"

@@ -121,6 +121,8 @@ def write_shards(
         for column in columns:
             if is_present(row.get(column)):
                 path = base / row[column]
+                if not path.is_file():
+                    raise FileNotFoundError(f"row {index} ({key}): the {column} file {path} does not exist")
                 extension = path.suffix.lstrip(".") or "bin"
                 _add_member(tar, f"{key}.{column}.{extension}", path.read_bytes())
     if tar is not None:

@@ -138,3 +138,14 @@ def test_deepspeed_zero_matches_ddp_resumes_and_converts_to_a_model_directory(tm
         torch.testing.assert_close(value, expected, msg=name)
     with pytest.raises(FileExistsError, match="is not empty"):
         zero_checkpoint_to_model_directory(checkpoint, tmp_path / "model")
+
+
+def test_fsdp_through_the_trainer_on_cpu_is_refused(tmp_path, monkeypatch):
+    """accelerate's FSDP path does not shard on CPU (it would run DDP); run_pretrain.py calls this check first."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    engines.check_fsdp_request(args)  # no FSDP asked: nothing to refuse
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="--fsdp needs GPUs: on CPU processes the Trainer .* would silently run DDP"):
+        engines.check_fsdp_request(args)

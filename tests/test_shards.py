@@ -48,6 +48,8 @@ def test_written_shards_hold_each_row_once_with_its_media_bytes(data):
     assert first["media"]["video.mp4"] == (root / "data" / row["video"]).read_bytes()
     with pytest.raises(FileExistsError, match="already holds shard"):
         write_shards(rows, root / "shards")
+    with pytest.raises(FileNotFoundError, match=f"row 0 \\({row['id']}\\): the image file .* does not exist"):
+        write_shards(rows, root / "elsewhere", base_dir=root)
     with pytest.raises(FileNotFoundError, match="1 shard\\(s\\) missing, e.g. .*shard-000004.tar"):
         expand_shards(str(root / "shards" / "shard-{000000..000004}.tar"))
 

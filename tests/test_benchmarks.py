@@ -16,14 +16,8 @@ PARITY_WEIGHTS = bench_conversion.ROOT / "tests" / "fixtures" / "parity" / "hub"
 
 @pytest.mark.parametrize(
     ("value", "target", "higher_is_better", "met"),
-    [
-        (1.02, 1.0, True, True),
-        (0.98, 1.0, True, False),
-        (1.0, 1.0, True, True),
-        (0.99, 1.3, False, True),
-        (1.31, 1.3, False, False),
-        (None, 5.0, True, None),
-    ],
+    [(1.02, 1.0, True, True), (0.98, 1.0, True, False), (1.0, 1.0, True, True), (0.99, 1.3, False, True),
+     (1.31, 1.3, False, False), (None, 5.0, True, None)],
 )
 def test_goal_met(value, target, higher_is_better, met):
     goal = Goal("ratio", value, target, higher_is_better)

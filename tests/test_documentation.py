@@ -50,9 +50,7 @@ def stand_ins(tmp_path_factory):
     model = MiCoForPreTraining(config)
     model.save_pretrained(work / "runs" / "tiny")
     MiCoProcessor.from_config(config).save_pretrained(work / "runs" / "tiny")
-    adapter = get_peft_model(
-        MiCoForPreTraining.from_pretrained(work / "runs" / "tiny"), LoraConfig(target_modules=["qkv"])
-    )
+    adapter = get_peft_model(MiCoForPreTraining.from_pretrained(work / "runs" / "tiny"), LoraConfig(target_modules=["qkv"]))
     adapter.save_pretrained(work / "runs" / "tiny-lora")
     adapter.merge_and_unload().save_pretrained(work / "runs" / "tiny-lora" / "merged")
 

@@ -21,21 +21,11 @@ VOCAB = 30522
 def tiny_config(**overrides) -> MiCoConfig:
     config = MiCoConfig(
         vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
         ),
         text_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=32,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         ),
         projection_dim=16,
         max_caption_length=32,
@@ -46,11 +36,7 @@ def tiny_config(**overrides) -> MiCoConfig:
 
 def only(config: MiCoConfig, contrastive=(), matching=(), caption=()) -> MiCoConfig:
     """Select the tasks (set after construction: the config treats empty lists as 'use the defaults')."""
-    config.contrastive_tasks, config.matching_tasks, config.caption_tasks = (
-        list(contrastive),
-        list(matching),
-        list(caption),
-    )
+    config.contrastive_tasks, config.matching_tasks, config.caption_tasks = list(contrastive), list(matching), list(caption)
     return config
 
 
@@ -299,9 +285,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch():
     batch = make_batch(batch_size=6)
     out = model(**batch)
     out.loss.backward()
-    expected = torch.cat(
-        [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()]
-    )
+    expected = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
 
     manager = mp.Manager()
     results = manager.dict()
@@ -330,18 +314,9 @@ def make_trainer(output_dir, max_steps: int, **kwargs):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        logging_steps=1,
-        save_steps=3,
-        report_to=[],
-        use_cpu=True,
-        seed=7,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        **kwargs,
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=2e-3,
+        logging_steps=1, save_steps=3, report_to=[], use_cpu=True, seed=7, remove_unused_columns=False,
+        dataloader_num_workers=0, **kwargs,
     )
     torch.manual_seed(0)
     return Trainer(model=MiCoForPreTraining(tiny_config()), args=args, train_dataset=TensorRows())
@@ -383,33 +358,12 @@ def test_run_pretrain_script_on_synthetic_data(tmp_path, processes):
 
     data = make_synthetic_dataset(tmp_path / "data", num_samples=24, seed=0, image_size=64)
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "run_pretrain.py")
-    launcher = (
-        [sys.executable]
-        if processes == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    )
+    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     output = tmp_path / "run"
     args = [
-        script,
-        "--config_name",
-        "tiny",
-        "--train_file",
-        data["train_file"],
-        "--validation_file",
-        data["test_file"],
-        "--output_dir",
-        str(output),
-        "--max_steps",
-        "3",
-        "--per_device_train_batch_size",
-        "4",
-        "--do_train",
-        "--do_eval",
-        "--report_to",
-        "none",
-        "--use_cpu",
-        "--dataloader_num_workers",
-        "1",
+        script, "--config_name", "tiny", "--train_file", data["train_file"], "--validation_file", data["test_file"],
+        "--output_dir", str(output), "--max_steps", "3", "--per_device_train_batch_size", "4", "--do_train",
+        "--do_eval", "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "1",
     ] + (["--ddp_backend", "gloo"] if processes > 1 else [])
     subprocess.run(launcher + args, check=True, capture_output=True, timeout=300)
     assert type(AutoModel.from_pretrained(output)).__name__ == "MiCoModel"

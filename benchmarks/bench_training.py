@@ -175,7 +175,7 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
     elif quick:
         plan = [(engine, "tiny", processes) for engine in ENGINES for processes in (1, 2)]
         plan += [("ddp", "base", 1), ("zero3", "base", 2)]
-        batch, steps, data = 4, 3, (24, 4, 2)
+        batch, steps, data = 4, 2, (24, 4, 2)
     else:
         plan = [(engine, size, processes) for size in ("tiny", "base") for engine in ENGINES for processes in (1, 2)]
         batch, steps, data = 4, 5, (64, 4, 2)

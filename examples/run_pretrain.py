@@ -49,7 +49,11 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: str | None = field(
-        default=None, metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet); or give --train_shards"}
+        default=None,
+        metadata={
+            "help": "annotation file (.jsonl, .json, .csv, .parquet) or a 🤗 datasets folder (save_to_disk output or a "
+            "folder load_dataset reads) with Image / Audio / Video or path columns; or give --train_shards"
+        },
     )
     train_shards: str | None = field(
         default=None,
@@ -59,7 +63,11 @@ class DataArguments:
         },
     )
     shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the --train_shards shuffle buffer"})
-    validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
+    validation_file: str | None = field(default=None, metadata={"help": "annotation file or datasets folder"})
+    train_split: str | None = field(default=None, metadata={"help": "split of a datasets folder (--train_file)"})
+    validation_split: str | None = field(
+        default=None, metadata={"help": "split of a datasets folder (--validation_file)"}
+    )
     streaming: bool = field(default=False, metadata={"help": "stream the annotations (needs --max_steps)"})
     modalities: list[str] | None = field(
         default=None,
@@ -159,10 +167,15 @@ def main() -> None:
         training_args.accelerator_config.dispatch_batches = False  # every process reads its own shards
     else:
         train_dataset = load_annotation_dataset(
-            data_args.train_file, streaming=data_args.streaming, config=model.config
+            data_args.train_file, streaming=data_args.streaming, config=model.config, split=data_args.train_split
         )
     eval_dataset = (
-        load_annotation_dataset(data_args.validation_file, streaming=data_args.streaming, config=model.config)
+        load_annotation_dataset(
+            data_args.validation_file,
+            streaming=data_args.streaming,
+            config=model.config,
+            split=data_args.validation_split,
+        )
         if data_args.validation_file
         else None
     )

@@ -75,6 +75,7 @@ _LAZY_SUBMODULES = (
     "import_utils",
     "peft_utils",
     "retrieval",
+    "search",
     "synthetic_data",
     "trainer_mico",
 )

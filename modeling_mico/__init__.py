@@ -77,6 +77,7 @@ _LAZY_SUBMODULES = (
     "retrieval",
     "search",
     "synthetic_data",
+    "zero_shot",
     "trainer_mico",
 )
 

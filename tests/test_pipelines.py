@@ -23,15 +23,18 @@ IMAGE, AUDIO, VIDEO = str(MEDIA / "test.jpeg"), str(MEDIA / "test.flac"), str(ME
 LABELS = ["a dog", "a cat", "a car"]
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
+def save_tiny(directory: Path) -> Path:
     """A tiny MiCo model and its processor saved in one directory (the ecosystem files come with the save)."""
-    directory = tmp_path_factory.mktemp("pipelines") / "tiny"
     torch.manual_seed(0)
     config = MiCoConfig.from_preset("tiny")
     MiCoModel(config).eval().save_pretrained(directory)
     MiCoProcessor.from_config(config).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("pipelines") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from test_loading import BLOCK_PACKAGE, run_python
+from test_pipelines import save_tiny
 
-from modeling_mico import MiCoConfig, MiCoModel, MiCoProcessor
+from modeling_mico import MiCoModel, MiCoProcessor
 
 
 MEDIA = Path(__file__).resolve().parent / "fixtures" / "media"
@@ -20,12 +21,7 @@ TEXTS = ["a dog barking", "a cat", "rain on a window"]
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("sentence") / "tiny"
-    torch.manual_seed(0)
-    config = MiCoConfig.from_preset("tiny")
-    MiCoModel(config).eval().save_pretrained(directory)
-    MiCoProcessor.from_config(config).save_pretrained(directory)
-    return directory
+    return save_tiny(tmp_path_factory.mktemp("sentence") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from test_pipelines import save_tiny
 from transformers import pipeline
 
 from modeling_mico import MiCoConfig, MiCoModel, MiCoProcessor
@@ -22,12 +22,7 @@ COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("zero_shot") / "tiny"
-    torch.manual_seed(0)
-    config = MiCoConfig.from_preset("tiny")
-    MiCoModel(config).eval().save_pretrained(directory)
-    MiCoProcessor.from_config(config).save_pretrained(directory)
-    return directory
+    return save_tiny(tmp_path_factory.mktemp("zero_shot") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -331,7 +331,7 @@ class MiCoPreTrainedModel(PreTrainedModel):
         if isinstance(self.config, MiCoConfig):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.auto_map_for_heads()}
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+        if kwargs.get("is_main_process", True) and kwargs.get("save_config", True):
             for hook in self.save_hooks:
                 hook(self, save_directory)
         return result

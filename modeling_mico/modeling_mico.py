@@ -1315,8 +1315,10 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             attention_mask (`torch.Tensor`, *optional*):
                 `(batch_size, past_length + sequence_length)` padding mask, turned into the caption mask, or an
                 explicit `(batch_size, sequence_length, past_length + sequence_length)` mask (1 = may attend).
-            context (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
-                A multimodal context from [`~MiCoModel.get_multimodal_context`]; otherwise it is built from the
+            context (`torch.Tensor` of shape `(items, context_length, hidden_size)`, *optional*):
+                A multimodal context from [`~MiCoModel.get_multimodal_context`] (`items` = `batch_size`, or a divisor
+                of it: one context for `batch_size // items` consecutive rows, as `generate` passes it to beams and
+                returned sequences); otherwise it is built from the
                 modality inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `depth_values`,
                 `<name>_values` of configured extras, `subtitle_input_ids`).
             prefix_length (`int`, *optional*, defaults to 0):
@@ -1467,6 +1469,24 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             "cache": cache,
             **kwargs,
         }
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ) -> tuple[torch.LongTensor, dict]:
+        """Expand the text inputs per beam / returned sequence but keep one context per item: cross-attention reads an
+        item's keys/values for all its rows (see `MiCoTextModel`), so they are neither copied nor reordered."""
+        context = model_kwargs.pop("context", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs["context"] = context
+        return input_ids, model_kwargs
+
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
+        """Beam search: reorder the self-attention keys/values only; the context's are per item, shared by its beams
+        (a beam never moves to another item)."""
+        cache.self_attention_cache.reorder_cache(beam_idx)
+        return cache
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
         """Drop the `[MASK]` from the self-attention cache: only real tokens are kept."""

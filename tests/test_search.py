@@ -120,3 +120,16 @@ def test_run_search_command_line(model_and_processor, media, tmp_path, capsys):
         (str(media / "photo.jpeg"), 2),
     ]
     assert hits[2]["path"] == str((media / "photo.jpeg").resolve())
+
+
+def test_sound_tracks_embed_each_video_with_its_own_sound(model_and_processor, tmp_path):
+    """With `sound_tracks`, a video without a sound clip beside it is embedded with its own sound (the `va` head)."""
+    model, processor = model_and_processor
+    (tmp_path / "media").mkdir()
+    shutil.copy(MEDIA / "test.mp4", tmp_path / "media" / "street.mp4")
+    build_index(model, processor, [tmp_path / "media"], tmp_path / "index", sound_tracks=True, progress=False)
+    index = load_index(tmp_path / "index")
+    video = str((tmp_path / "media" / "street.mp4").resolve())
+    assert index["modality"] == ["audio+video"] and index["path"] == [f"{video} + {video}"]
+    (best,) = search(index, model, processor, {"video": video, "audio": video}, k=1)
+    assert best["score"] == pytest.approx(1.0, abs=1e-5)

@@ -274,6 +274,10 @@ class MiCoPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Callables `(model, save_directory)` that `save_pretrained` runs once the model is written: `import
+    # modeling_mico` adds the files of its ecosystem integrations (pipelines, sentence-transformers); remote code
+    # adds none.
+    save_hooks: list = []
     _can_record_outputs = {
         "hidden_states": [MiCoVisionEncoderLayer, MiCoTextLayer],
         "attentions": [
@@ -334,7 +338,11 @@ class MiCoPreTrainedModel(PreTrainedModel):
         only configuration and modeling modules (never conversion or processing code, see `tests/test_loading.py`)."""
         if isinstance(self.config, MiCoConfig):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.auto_map_for_heads()}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and kwargs.get("save_config", True):
+            for hook in self.save_hooks:
+                hook(self, save_directory)
+        return result
 
     def _init_weights(self, module: nn.Module) -> None:
         """Transformers' initialisation (normal linear/conv/embedding weights, unit LayerNorms) plus MiCo's own
@@ -421,6 +429,9 @@ class MiCoOutput(ModelOutput):
             Normalised modality embeddings.
         logits_per_text_image, logits_per_text_video, logits_per_text_audio, logits_per_text_depth (`torch.FloatTensor` of shape `(text_batch_size, batch_size)`):
             Similarities divided by the temperature.
+        logits_per_image, logits_per_video, logits_per_audio, logits_per_depth (`torch.FloatTensor` of shape `(batch_size, text_batch_size)`):
+            The transposed `logits_per_text_<name>` (Transformers' zero-shot convention, as CLIP's `logits_per_image`
+            and CLAP's `logits_per_audio`): a softmax over the last dimension scores the texts as labels.
         temperature (`torch.FloatTensor`):
             The learned temperature.
         text_model_output ([`BaseModelOutputWithPastAndCrossAttentions`]):
@@ -439,6 +450,10 @@ class MiCoOutput(ModelOutput):
     logits_per_text_video: torch.FloatTensor | None = None
     logits_per_text_audio: torch.FloatTensor | None = None
     logits_per_text_depth: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_video: torch.FloatTensor | None = None
+    logits_per_audio: torch.FloatTensor | None = None
+    logits_per_depth: torch.FloatTensor | None = None
     temperature: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPastAndCrossAttentions | None = None
     modality_model_outputs: dict[str, BaseModelOutputWithPooling] | None = None
@@ -833,6 +848,7 @@ class MiCoModel(MiCoPreTrainedModel):
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         depth_values: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MiCoOutput:
         r"""
@@ -846,6 +862,8 @@ class MiCoModel(MiCoPreTrainedModel):
             pixel_values_videos (`torch.FloatTensor` of shape `(batch_size, frames, 3, H, W)`, *optional*): videos.
             input_features (`torch.FloatTensor` of shape `(batch_size, slices, H, W)`, *optional*): audio.
             depth_values (`torch.FloatTensor` of shape `(batch_size, frames, 3, H, W)`, *optional*): depth maps.
+            token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): segment ids, as
+                BERT tokenizers return them by default (Transformers' text pipelines pass them); MiCo uses segment 0.
             kwargs: `<name>_values` of configured extra modalities (`normal_values`, `thermal_values`, ...), and
                 Transformers keyword arguments for the towers (`output_attentions`, `output_hidden_states`).
 
@@ -875,7 +893,7 @@ class MiCoModel(MiCoPreTrainedModel):
         output = MiCoOutput()
         text_embeds = None
         if input_ids is not None:
-            text_output = self.get_text_features(input_ids, attention_mask, **kwargs)
+            text_output = self.get_text_features(input_ids, attention_mask, token_type_ids=token_type_ids, **kwargs)
             text_embeds = F.normalize(text_output.pooler_output, dim=-1)
             output["text_embeds"] = text_embeds
             output["text_model_output"] = text_output
@@ -886,6 +904,7 @@ class MiCoModel(MiCoPreTrainedModel):
             output[f"{name}_embeds"] = embeds
             if text_embeds is not None:
                 output[f"logits_per_text_{name}"] = text_embeds @ embeds.t() / self.temperature
+                output[f"logits_per_{name}"] = output[f"logits_per_text_{name}"].t()
         output["temperature"] = self.temperature
         if modality_outputs:
             output["modality_model_outputs"] = modality_outputs
@@ -1493,10 +1512,20 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
         return model_kwargs
 
 
+class MiCoForZeroShotClassification(MiCoModel):
+    r"""
+    [`MiCoModel`] registered for `AutoModelForZeroShotImageClassification`, so that Transformers'
+    `zero-shot-image-classification` pipeline takes MiCo checkpoints: its output carries `logits_per_image` (and
+    `logits_per_video` / `logits_per_audio` / `logits_per_depth`), the similarities divided by the temperature the
+    model was trained with. Same weights and methods as [`MiCoModel`].
+    """
+
+
 __all__ = [
     "MiCoForConditionalGeneration",
     "MiCoForPreTraining",
     "MiCoForPreTrainingOutput",
+    "MiCoForZeroShotClassification",
     "MiCoModel",
     "MiCoOutput",
     "MiCoPreTrainedModel",

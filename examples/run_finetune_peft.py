@@ -8,20 +8,25 @@ On the synthetic data set, from a model saved by examples/run_pretrain.py (or an
         --do_train --do_eval --eval_strategy steps --eval_steps 50 --merge_and_save
 
 The adapter (and the processor, metrics and a model card) is saved in --output_dir; `--merge_and_save` also writes the
-merged full model to <output_dir>/merged, loadable by `AutoModel`. `--peft_config '{"peft_type": "IA3"}'` (or a JSON
-file) selects another PEFT method. `--push_to_hub` uploads the merged model when there is one, else the adapter.
+merged full model to <output_dir>/merged, loadable by `AutoModel`. A rerun into the same --output_dir resumes from its
+last complete checkpoint (or --resume_from_checkpoint); --overwrite_output_dir starts over. `--peft_config
+'{"peft_type": "IA3"}'` (or a JSON file) selects another PEFT method. `--push_to_hub` uploads the merged model when
+there is one, else the adapter.
 """
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments, set_seed
+import transformers
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_mico import MiCoForPreTraining
-from modeling_mico.annotations import load_annotation_dataset
+from modeling_mico.annotations import check_columns, load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
 from modeling_mico.evaluation import load_processor, targets_for_columns
+from modeling_mico.output_utils import prepare_training_output_dir, require_work
 from modeling_mico.peft_utils import (
     build_peft_config,
     build_peft_model,
@@ -31,13 +36,7 @@ from modeling_mico.peft_utils import (
     set_pretraining_losses,
     write_model_card,
 )
-from modeling_mico.trainer_mico import (
-    AnnotationArguments,
-    MiCoRetrievalTrainer,
-    parse_script_arguments,
-    retrieval_compute_metrics,
-    train_and_evaluate,
-)
+from modeling_mico.trainer_mico import MiCoRetrievalTrainer, retrieval_compute_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,16 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments(AnnotationArguments):
+class DataArguments:
+    train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
+    validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
+    modalities: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "annotation columns to load: media columns of the model's modalities (image or video, not both) "
+            "and subtitle (default: one column per encoder, videos rather than images, and subtitle)"
+        },
+    )
     retrieval_targets: list[str] | None = field(
         default=None,
         metadata={
@@ -58,7 +66,11 @@ class DataArguments(AnnotationArguments):
             "(default: every target whose columns are loaded)"
         },
     )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir"})
+    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
+    )
 
 
 @dataclass
@@ -81,16 +93,19 @@ class AdapterArguments:
 
 
 def main() -> None:
-    model_args, data_args, adapter_args, training_args = parse_script_arguments(
-        (ModelArguments, DataArguments, AdapterArguments, TrainingArguments)
-    )
+    parser = HfArgumentParser((ModelArguments, DataArguments, AdapterArguments, TrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, adapter_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, adapter_args, training_args = parser.parse_args_into_dataclasses()
     training_args.remove_unused_columns = False  # the collator reads the raw annotation columns
     # the Hub upload happens here, after the model card is written (not through Trainer's own push)
     push, training_args.push_to_hub = training_args.push_to_hub, False
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     output_dir = training_args.output_dir
-    if training_args.do_train and os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not data_args.overwrite_output_dir:
-            raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir")
+    require_work(training_args, data_args.validation_file)
     set_seed(training_args.seed)
 
     options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
@@ -111,28 +126,43 @@ def main() -> None:
     config = model.config
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
     processor.check_matches(config)
-    collators = tuple(
+    train_collator, eval_collator = (
         MiCoDataCollator(processor, data_args.modalities, training=training, config=config)
         for training in (True, False)
     )
-    targets = data_args.retrieval_targets or targets_for_columns(config, collators[0].modalities)
-    train_dataset = load_annotation_dataset(data_args.train_file, config=config, split=data_args.train_split)
+    targets = data_args.retrieval_targets or targets_for_columns(config, train_collator.modalities)
+    train_dataset = load_annotation_dataset(data_args.train_file, config=config)
     eval_dataset = (
-        load_annotation_dataset(data_args.validation_file, config=config, split=data_args.validation_split)
-        if data_args.validation_file
-        else None
+        load_annotation_dataset(data_args.validation_file, config=config) if data_args.validation_file else None
     )
+    inputs = (model_args.model_name_or_path, data_args.train_file, data_args.validation_file)
+    check_columns(train_dataset, data_args.modalities, data_args.train_file)  # requested columns: never dropped
+    checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
 
-    _, metrics = train_and_evaluate(  # saves the adapter and the processor
-        MiCoRetrievalTrainer,
-        model,
-        training_args,
-        processor,
-        collators,
-        (train_dataset, eval_dataset),
+    trainer = MiCoRetrievalTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=train_collator,
+        eval_data_collator=eval_collator,
+        processing_class=processor,
         compute_metrics=retrieval_compute_metrics(targets) if targets else None,
         retrieval_targets=targets,
     )
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()  # the adapter and the processor
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if not training_args.do_train:
+        return  # evaluation only: the metrics files are the output; no model card over the directory's README.md
 
     card = dict(
         base_model=model_args.model_name_or_path,

@@ -14,20 +14,19 @@ examples/configs/README.md for DeepSpeed ZeRO-2/3 and FSDP).
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+import transformers
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
-from modeling_mico.annotations import load_annotation_dataset
+from modeling_mico.annotations import check_columns, load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
-from modeling_mico.trainer_mico import (
-    AnnotationArguments,
-    EvalCollatorTrainer,
-    parse_script_arguments,
-    train_and_evaluate,
-)
+from modeling_mico.engines import check_fsdp_request, prepare_deepspeed
+from modeling_mico.output_utils import prepare_training_output_dir, require_work
+from modeling_mico.sharded_data import ShardCollator, load_shards
+from modeling_mico.trainer_mico import EvalCollatorTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -48,13 +47,42 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments(AnnotationArguments):
+class DataArguments:
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "annotation file (.jsonl, .json, .csv, .parquet) or a 🤗 datasets folder (save_to_disk output or a "
+            "folder load_dataset reads) with Image / Audio / Video or path columns; or give --train_shards"
+        },
+    )
+    train_shards: str | None = field(
+        default=None,
+        metadata={
+            "help": "tar shards written by examples/write_shards.py, e.g. 'dir/shard-{000000..000099}.tar', streamed "
+            "(split over processes and DataLoader workers by shard; needs --max_steps)"
+        },
+    )
+    shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the --train_shards shuffle buffer"})
+    validation_file: str | None = field(default=None, metadata={"help": "annotation file or datasets folder"})
+    train_split: str | None = field(default=None, metadata={"help": "split of a datasets folder (--train_file)"})
+    validation_split: str | None = field(
+        default=None, metadata={"help": "split of a datasets folder (--validation_file)"}
+    )
     streaming: bool = field(default=False, metadata={"help": "stream the annotations (needs --max_steps)"})
+    modalities: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "annotation columns to load: media columns of the model's modalities (image or video, not both) "
+            "and subtitle (default: one column per encoder, videos rather than images, and subtitle)"
+        },
+    )
     image_size: int | None = field(default=None, metadata={"help": "input resolution of a fresh model"})
+    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
     num_slices: int | None = field(default=None, metadata={"help": "audio spectrogram slices per clip"})
     skip_broken: bool = field(default=False, metadata={"help": "skip (and count) rows with broken media files"})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "train from scratch into a non-empty --output_dir instead of resuming"}
+        default=False,
+        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
     )
 
 
@@ -73,7 +101,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> MiCoFor
         config.vision_config.image_size = data_args.image_size
     if model_args.attn_implementation:
         config._attn_implementation = model_args.attn_implementation
-    return MiCoForPreTraining(config)
+    return MiCoForPreTraining._from_config(config)  # as AutoModel.from_config: ZeRO-3 partitions it while built
 
 
 def build_processor(model_args: ModelArguments, data_args: DataArguments, config: MiCoConfig) -> MiCoProcessor:
@@ -90,30 +118,23 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, config
     return processor
 
 
-def resolve_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bool) -> str | bool | None:
-    """The checkpoint to resume from: `--resume_from_checkpoint`, else the last one in `--output_dir`; refuses to
-    write into a non-empty output directory without `--overwrite_output_dir` otherwise."""
-    if training_args.resume_from_checkpoint or not training_args.do_train:
-        return training_args.resume_from_checkpoint
-    output_dir = training_args.output_dir
-    if not os.path.isdir(output_dir) or overwrite_output_dir:
-        return None
-    last = get_last_checkpoint(output_dir)
-    if last is not None:
-        logger.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
-        return last
-    if os.listdir(output_dir):
-        raise ValueError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir to use it anyway")
-    return None
-
-
 def main() -> None:
-    model_args, data_args, training_args = parse_script_arguments((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     training_args.remove_unused_columns = False  # the collator reads the raw annotation columns
     training_args.prediction_loss_only = True  # evaluation reports the pretraining loss
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = True  # tasks absent from a batch leave their heads unused
-    checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    require_work(training_args, data_args.validation_file)
+    check_fsdp_request(training_args)
+    if training_args.deepspeed:
+        prepare_deepspeed(training_args)
     set_seed(training_args.seed)
 
     model = build_model(model_args, data_args)
@@ -121,9 +142,17 @@ def main() -> None:
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
 
-    train_dataset = load_annotation_dataset(
-        data_args.train_file, streaming=data_args.streaming, config=model.config, split=data_args.train_split
-    )
+    if (data_args.train_file is None) == (data_args.train_shards is None):
+        raise ValueError("give exactly one of --train_file and --train_shards")
+    if data_args.train_shards:
+        if training_args.max_steps <= 0:
+            raise ValueError("--train_shards needs --max_steps (a stream has no length)")
+        train_dataset = load_shards(data_args.train_shards, data_args.shuffle_buffer, seed=training_args.seed)
+        training_args.accelerator_config.dispatch_batches = False  # every process reads its own shards
+    else:
+        train_dataset = load_annotation_dataset(
+            data_args.train_file, streaming=data_args.streaming, config=model.config, split=data_args.train_split
+        )
     eval_dataset = (
         load_annotation_dataset(
             data_args.validation_file,
@@ -136,24 +165,40 @@ def main() -> None:
     )
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a streamed data set has no length)")
-    collators = tuple(
+    train_collator, eval_collator = (
         MiCoDataCollator(
             processor, data_args.modalities, training=training, skip_broken=data_args.skip_broken, config=model.config
         )
         for training in (True, False)
     )
+    train_source = data_args.train_file or data_args.train_shards
+    inputs = (model_args.model_name_or_path, model_args.config_name, train_source, data_args.validation_file)
+    check_columns(train_dataset, data_args.modalities, train_source)  # requested columns: never dropped
+    checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
+    if data_args.train_shards:
+        train_collator = ShardCollator(train_collator)
 
-    trainer, _ = train_and_evaluate(
-        EvalCollatorTrainer,
-        model,
-        training_args,
-        processor,
-        collators,
-        (train_dataset, eval_dataset),
-        resume_from_checkpoint=checkpoint,
+    trainer = EvalCollatorTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=train_collator,
+        eval_data_collator=eval_collator,
+        processing_class=processor,
     )
-    if training_args.do_train and data_args.skip_broken:
-        logger.info(f"rows skipped for broken media: {collators[0].num_skipped}")
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if data_args.skip_broken:
+            logger.info(f"rows skipped for broken media: {train_collator.num_skipped}")
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tags=["mico", "pretraining"])
 

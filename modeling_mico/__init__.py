@@ -12,21 +12,30 @@ optional back-ends (`decord`, `soundfile`, `av`, `matplotlib`) only by the featu
 import importlib
 from types import ModuleType
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoModelForPreTraining,
+    AutoModelForZeroShotImageClassification,
+)
 
 from .configuration_mico import MiCoConfig, MiCoTextConfig, MiCoVisionConfig
 from .convert_original import install_original_checkpoint_support
+from .ecosystem import save_hook
 from .feature_extraction_mico import MiCoFeatureExtractor
 from .image_processing_mico import MiCoImageProcessor
 from .modeling_mico import (
     MiCoForConditionalGeneration,
     MiCoForPreTraining,
     MiCoForPreTrainingOutput,
+    MiCoForZeroShotClassification,
     MiCoModel,
     MiCoPreTrainedModel,
     MiCoTextModel,
     MiCoVisionModel,
 )
+from .pipelines_mico import register_pipelines
 from .processing_mico import MiCoProcessor, register_processing_auto_classes
 from .video_processing_mico import MiCoVideoProcessor
 
@@ -44,7 +53,12 @@ def _register_auto_classes() -> None:
     MiCoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     AutoModelForImageTextToText.register(MiCoConfig, MiCoForConditionalGeneration, exist_ok=True)
     MiCoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    AutoModelForZeroShotImageClassification.register(MiCoConfig, MiCoForZeroShotClassification, exist_ok=True)
+    MiCoForZeroShotClassification.register_for_auto_class("AutoModelForZeroShotImageClassification")
     register_processing_auto_classes()
+    register_pipelines()
+    if save_hook not in MiCoPreTrainedModel.save_hooks:
+        MiCoPreTrainedModel.save_hooks.append(save_hook)
     install_original_checkpoint_support(AutoModel, AutoModelForPreTraining, AutoModelForImageTextToText)
 
 
@@ -61,7 +75,9 @@ _LAZY_SUBMODULES = (
     "import_utils",
     "peft_utils",
     "retrieval",
+    "search",
     "synthetic_data",
+    "zero_shot",
     "trainer_mico",
 )
 
@@ -78,6 +94,7 @@ __all__ = [
     "MiCoForConditionalGeneration",
     "MiCoForPreTraining",
     "MiCoForPreTrainingOutput",
+    "MiCoForZeroShotClassification",
     "MiCoImageProcessor",
     "MiCoProcessor",
     "MiCoVideoProcessor",

@@ -55,6 +55,14 @@ def explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_val
     }
 
 
+def check_batch_sizes(inputs: Mapping[str, torch.Tensor | None]) -> None:
+    """Refuse inputs of one call (keyed by argument name) whose batch sizes differ, naming each."""
+    sizes = {name: value.shape[0] for name, value in inputs.items() if value is not None and value.dim() > 0}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ValueError(f"the inputs have different batch sizes ({listed}); give every input one row per sample")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Vision tower: EVA-CLIP ViT
 # --------------------------------------------------------------------------------------------------------------------
@@ -266,6 +274,10 @@ class MiCoPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Callables `(model, save_directory)` that `save_pretrained` runs once the model is written: `import
+    # modeling_mico` adds the files of its ecosystem integrations (pipelines, sentence-transformers); remote code
+    # adds none.
+    save_hooks: list = []
     _can_record_outputs = {
         "hidden_states": [MiCoVisionEncoderLayer, MiCoTextLayer],
         "attentions": [
@@ -326,7 +338,11 @@ class MiCoPreTrainedModel(PreTrainedModel):
         only configuration and modeling modules (never conversion or processing code, see `tests/test_loading.py`)."""
         if isinstance(self.config, MiCoConfig):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.auto_map_for_heads()}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and kwargs.get("save_config", True):
+            for hook in self.save_hooks:
+                hook(self, save_directory)
+        return result
 
     def _init_weights(self, module: nn.Module) -> None:
         """Transformers' initialisation (normal linear/conv/embedding weights, unit LayerNorms) plus MiCo's own
@@ -412,6 +428,9 @@ class MiCoOutput(ModelOutput):
             Normalised modality embeddings.
         logits_per_text_image, logits_per_text_video, logits_per_text_audio, logits_per_text_depth (`torch.FloatTensor` of shape `(text_batch_size, batch_size)`):
             Similarities divided by the temperature.
+        logits_per_image, logits_per_video, logits_per_audio, logits_per_depth (`torch.FloatTensor` of shape `(batch_size, text_batch_size)`):
+            The transposed `logits_per_text_<name>` (Transformers' zero-shot convention, as CLIP's `logits_per_image`
+            and CLAP's `logits_per_audio`): a softmax over the last dimension scores the texts as labels.
         temperature (`torch.FloatTensor`):
             The learned temperature.
         text_model_output ([`BaseModelOutputWithPastAndCrossAttentions`]):
@@ -430,6 +449,10 @@ class MiCoOutput(ModelOutput):
     logits_per_text_video: torch.FloatTensor | None = None
     logits_per_text_audio: torch.FloatTensor | None = None
     logits_per_text_depth: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_video: torch.FloatTensor | None = None
+    logits_per_audio: torch.FloatTensor | None = None
+    logits_per_depth: torch.FloatTensor | None = None
     temperature: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPastAndCrossAttentions | None = None
     modality_model_outputs: dict[str, BaseModelOutputWithPooling] | None = None
@@ -531,6 +554,7 @@ class MiCoModel(MiCoPreTrainedModel):
                 )
             encoders[spec.encoder] = spec.name
             found[spec.name] = (spec, values)
+        check_batch_sizes({spec.input_name: values for spec, values in found.values()})
         return {name: found[name] for name in specs if name in found}
 
     # ---- projection API ----------------------------------------------------------------------------------------------
@@ -776,6 +800,7 @@ class MiCoModel(MiCoPreTrainedModel):
             for spec, values in self.modality_inputs({}, inputs).values()
         ]
         if subtitle_input_ids is not None:
+            check_batch_sizes({**inputs, "subtitle_input_ids": subtitle_input_ids})
             parts.append(self.subtitle_context(subtitle_input_ids, subtitle_attention_mask))
         if not parts:
             names = [spec.input_name for spec in self.config.modality_specs.values()]
@@ -822,6 +847,7 @@ class MiCoModel(MiCoPreTrainedModel):
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         depth_values: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MiCoOutput:
         r"""
@@ -835,6 +861,8 @@ class MiCoModel(MiCoPreTrainedModel):
             pixel_values_videos (`torch.FloatTensor` of shape `(batch_size, frames, 3, H, W)`, *optional*): videos.
             input_features (`torch.FloatTensor` of shape `(batch_size, slices, H, W)`, *optional*): audio.
             depth_values (`torch.FloatTensor` of shape `(batch_size, frames, 3, H, W)`, *optional*): depth maps.
+            token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): segment ids, as
+                BERT tokenizers return them by default (Transformers' text pipelines pass them); MiCo uses segment 0.
             kwargs: `<name>_values` of configured extra modalities (`normal_values`, `thermal_values`, ...), and
                 Transformers keyword arguments for the towers (`output_attentions`, `output_hidden_states`).
 
@@ -859,7 +887,7 @@ class MiCoModel(MiCoPreTrainedModel):
         output = MiCoOutput()
         text_embeds = None
         if input_ids is not None:
-            text_output = self.get_text_features(input_ids, attention_mask, **kwargs)
+            text_output = self.get_text_features(input_ids, attention_mask, token_type_ids=token_type_ids, **kwargs)
             text_embeds = F.normalize(text_output.pooler_output, dim=-1)
             output["text_embeds"] = text_embeds
             output["text_model_output"] = text_output
@@ -870,6 +898,7 @@ class MiCoModel(MiCoPreTrainedModel):
             output[f"{name}_embeds"] = embeds
             if text_embeds is not None:
                 output[f"logits_per_text_{name}"] = text_embeds @ embeds.t() / self.temperature
+                output[f"logits_per_{name}"] = output[f"logits_per_text_{name}"].t()
         output["temperature"] = self.temperature
         if modality_outputs:
             output["modality_model_outputs"] = modality_outputs
@@ -1070,6 +1099,8 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
             attention_mask = torch.ones_like(input_ids)
         named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
         inputs = mico.modality_inputs(named, kwargs)
+        batch = {spec.input_name: values for spec, values in inputs.values()}
+        check_batch_sizes({"input_ids": input_ids, **batch, "subtitle_input_ids": subtitle_input_ids})
         kinds = ("contrastive",) if not return_loss else ("contrastive", "matching", "caption")
         given = {spec.encoder for spec, _ in inputs.values()} | (
             {SUBTITLE} if subtitle_input_ids is not None else set()
@@ -1155,6 +1186,9 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         )
         selected = labels != -100
         output.caption_input_ids, output.caption_labels, output.caption_logits = masked_ids, labels, {}
+        if not selected.any():  # captions of one token ([CLS]) only: nothing to predict, no loss (not a NaN)
+            logger.warning_once("caption loss skipped: the captions of this batch have no token after [CLS]")
+            return
         terms = []
         for task, parts in tasks.items():
             hidden_states = self.mico.text_model(
@@ -1280,8 +1314,10 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             attention_mask (`torch.Tensor`, *optional*):
                 `(batch_size, past_length + sequence_length)` padding mask, turned into the caption mask, or an
                 explicit `(batch_size, sequence_length, past_length + sequence_length)` mask (1 = may attend).
-            context (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
-                A multimodal context from [`~MiCoModel.get_multimodal_context`]; otherwise it is built from the
+            context (`torch.Tensor` of shape `(items, context_length, hidden_size)`, *optional*):
+                A multimodal context from [`~MiCoModel.get_multimodal_context`] (`items` = `batch_size`, or a divisor
+                of it: one context for `batch_size // items` consecutive rows, as `generate` passes it to beams and
+                returned sequences); otherwise it is built from the
                 modality inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `depth_values`,
                 `<name>_values` of configured extras, `subtitle_input_ids`).
             prefix_length (`int`, *optional*, defaults to 0):
@@ -1433,6 +1469,24 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             **kwargs,
         }
 
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ) -> tuple[torch.LongTensor, dict]:
+        """Expand the text inputs per beam / returned sequence but keep one context per item: cross-attention reads an
+        item's keys/values for all its rows (see `MiCoTextModel`), so they are neither copied nor reordered."""
+        context = model_kwargs.pop("context", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs["context"] = context
+        return input_ids, model_kwargs
+
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
+        """Beam search: reorder the self-attention keys/values only; the context's are per item, shared by its beams
+        (a beam never moves to another item)."""
+        cache.self_attention_cache.reorder_cache(beam_idx)
+        return cache
+
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
         """Drop the `[MASK]` from the self-attention cache: only real tokens are kept."""
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
@@ -1442,10 +1496,20 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
         return model_kwargs
 
 
+class MiCoForZeroShotClassification(MiCoModel):
+    r"""
+    [`MiCoModel`] registered for `AutoModelForZeroShotImageClassification`, so that Transformers'
+    `zero-shot-image-classification` pipeline takes MiCo checkpoints: its output carries `logits_per_image` (and
+    `logits_per_video` / `logits_per_audio` / `logits_per_depth`), the similarities divided by the temperature the
+    model was trained with. Same weights and methods as [`MiCoModel`].
+    """
+
+
 __all__ = [
     "MiCoForConditionalGeneration",
     "MiCoForPreTraining",
     "MiCoForPreTrainingOutput",
+    "MiCoForZeroShotClassification",
     "MiCoModel",
     "MiCoOutput",
     "MiCoPreTrainedModel",

@@ -5,23 +5,15 @@
 - `MiCoRetrievalTrainer` also returns the batch's text and target embeddings as predictions
   (`evaluation.batch_retrieval_embeddings`), and `retrieval_compute_metrics(targets)` turns them into retrieval
   metrics under the keys of `evaluation.target_prefix` (`eval_t2v/R@1`, ...) (`examples/run_finetune_peft.py`).
-- `AnnotationArguments`, `parse_script_arguments` and `train_and_evaluate`: what the example training scripts share
-  (their annotation options, argument parsing and logging, the train / save / evaluate sequence).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
-import transformers
-from transformers import EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
+from transformers import EvalPrediction, Trainer
 
 from .evaluation import batch_retrieval_embeddings, mico_base_model, resolve_targets, target_prefix
 from .retrieval import retrieval_metrics
@@ -97,90 +89,4 @@ class MiCoRetrievalTrainer(EvalCollatorTrainer):
         return loss, embeds, labels
 
 
-@dataclass
-class AnnotationArguments:
-    """Annotation options of the example training scripts (`examples/run_pretrain.py`, `run_finetune_peft.py`),
-    which extend it with their own."""
-
-    train_file: str = field(
-        metadata={
-            "help": "annotation file (.jsonl, .json, .csv, .parquet) or a 🤗 datasets folder (save_to_disk output or a "
-            "folder load_dataset reads) with Image / Audio / Video or path columns"
-        }
-    )
-    validation_file: str | None = field(default=None, metadata={"help": "annotation file or datasets folder"})
-    train_split: str | None = field(default=None, metadata={"help": "split of a datasets folder (--train_file)"})
-    validation_split: str | None = field(
-        default=None, metadata={"help": "split of a datasets folder (--validation_file)"}
-    )
-    modalities: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "annotation columns to load: media columns of the model's modalities (image or video, not both) "
-            "and subtitle (default: one column per encoder, videos rather than images, and subtitle)"
-        },
-    )
-    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
-
-
-def parse_script_arguments(dataclass_types: Sequence[type]) -> tuple:
-    """Parse the command line (or a single `.json` file argument) into `dataclass_types`, whose last one is
-    `TrainingArguments`; set up logging at the process's level."""
-    parser = HfArgumentParser(dataclass_types)
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        parsed = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        parsed = parser.parse_args_into_dataclasses()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(parsed[-1].get_process_log_level())
-    return tuple(parsed)
-
-
-def train_and_evaluate(
-    trainer_class: type[EvalCollatorTrainer],
-    model: torch.nn.Module,
-    training_args: TrainingArguments,
-    processor: Any,
-    collators: tuple[Callable, Callable],
-    datasets: tuple[Any, Any],
-    resume_from_checkpoint: str | bool | None = None,
-    **trainer_kwargs: Any,
-) -> tuple[EvalCollatorTrainer, dict[str, float]]:
-    """Build the scripts' trainer (`collators` and `datasets` for training and evaluation, the evaluation data set may
-    be `None`; `processor` is saved with the model), then with `--do_train` train, save the model, the train metrics
-    and the state, and with `--do_eval` and an evaluation set evaluate and save the metrics. Returns the trainer and
-    the evaluation metrics (empty when none ran)."""
-    (train_collator, eval_collator), (train_dataset, eval_dataset) = collators, datasets
-    # Trainer's leading arguments: model, args, data_collator, train_dataset, eval_dataset, processing_class
-    trainer = trainer_class(
-        model,
-        training_args,
-        train_collator,
-        train_dataset,
-        eval_dataset,
-        processor,
-        eval_data_collator=eval_collator,
-        **trainer_kwargs,
-    )
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    metrics: dict[str, float] = {}
-    if training_args.do_eval and eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    return trainer, metrics
-
-
-__all__ = [
-    "AnnotationArguments",
-    "EvalCollatorTrainer",
-    "MiCoRetrievalTrainer",
-    "parse_script_arguments",
-    "retrieval_compute_metrics",
-    "train_and_evaluate",
-]
+__all__ = ["EvalCollatorTrainer", "MiCoRetrievalTrainer", "retrieval_compute_metrics"]

@@ -371,4 +371,4 @@ def test_run_pretrain_script_on_synthetic_data(tmp_path, processes):
     (output / "checkpoint-3").rename(tmp_path / "moved")  # no checkpoint left to resume from: a foreign directory
     with pytest.raises(subprocess.CalledProcessError, match="returned non-zero exit status") as failure:
         subprocess.run(launcher + args, check=True, capture_output=True, timeout=300)
-    assert b"is not empty; pass --overwrite_output_dir to use it anyway" in failure.value.stderr
+    assert b"is not empty and holds no complete checkpoint to resume from" in failure.value.stderr

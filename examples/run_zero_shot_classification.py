@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Zero-shot classification of media files with your own labels: each file (or a video with its same-named sound
+clip, through the fused head) is scored against every label written into a prompt template, as the model was
+trained (cosine similarity / temperature, softmax over the labels); one JSON line per item goes to --output_file and
+a summary line (items, accuracy where the labels are known, chance) to stdout. --inputs is a folder (one sub-folder
+per class gives the true labels) or an annotation file (JSON / JSON lines, media columns named by --modalities, the
+true label in --label_column, e.g. attributes.color).
+
+    python examples/run_zero_shot_classification.py --model_name_or_path runs/tiny --labels red green blue \
+        --inputs data/test.jsonl --modalities image --label_column attributes.color --output_file predictions.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from modeling_mico import MiCoModel
+from modeling_mico.captioning import resolve_device
+from modeling_mico.evaluation import load_processor
+from modeling_mico.zero_shot import accuracy, classify_items, load_labelled_items
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", required=True, help="MiCo directory or Hub repository")
+    parser.add_argument("--inputs", required=True, help="a folder (one sub-folder per class) or an annotation file")
+    parser.add_argument("--labels", nargs="+", default=None, help="candidate labels (default: the class folders)")
+    parser.add_argument("--modalities", nargs="+", default=None, help="media columns / the modality of every file")
+    parser.add_argument("--label_column", default=None, help="true-label column of an annotation file (a.b: nested)")
+    parser.add_argument(
+        "--template", default=None, help="prompt template with {} for the label (default per modality)"
+    )
+    parser.add_argument("--output_file", required=True, help="JSON lines: item, label, predicted, scores")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    output = Path(args.output_file)
+    if output.exists() and not args.overwrite:
+        raise SystemExit(f"--output_file {output} exists; pass --overwrite to replace it")
+    model = MiCoModel.from_pretrained(args.model_name_or_path).to(resolve_device(args.device)).eval()
+    processor = load_processor(args.model_name_or_path, model.config)
+    items, truth = load_labelled_items(args.inputs, model.config, args.modalities, args.label_column)
+    if not items:
+        raise SystemExit(f"no media items in {args.inputs}")
+    labels = args.labels or sorted({label for label in truth if label is not None})
+    probabilities = classify_items(model, processor, items, labels, args.template, args.batch_size)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        for item, label, row in zip(items, truth, probabilities):
+            scores = dict(zip(labels, map(float, row)))
+            record = {"item": item, "label": label, "predicted": max(scores, key=scores.get), "scores": scores}
+            handle.write(json.dumps(record) + "\n")
+    os.replace(temporary, output)
+    summary = {
+        "items": len(items),
+        "accuracy": accuracy(probabilities, labels, truth),
+        "chance": 1 / len(labels),
+        "output_file": str(output),
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--sound_tracks", action="store_true", help="embed every video with its own sound track")
     index.add_argument("--modality", default=None, help="the modality of every input file (default: by extension)")
     index.add_argument("--overwrite", action="store_true", help="replace a non-empty --index_dir that is no index")
+    index.add_argument("--skip_broken", action="store_true", help="leave out undecodable files (counted)")
     query.add_argument("--text", nargs="*", default=[], help="text queries")
     query.add_argument("--media", nargs="*", default=[], help="media file queries (modality by extension)")
     query.add_argument("--top_k", type=int, default=5)
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             sound_tracks=args.sound_tracks,
             modality=args.modality,
             overwrite=args.overwrite,
+            skip_broken=args.skip_broken,
         )
         print(json.dumps({"index_dir": args.index_dir, **counts}))
         return

@@ -112,6 +112,8 @@ def decode_media(
         media = os.fspath(media) if isinstance(media, os.PathLike) else media
         try:
             features = processor(**{spec.processor_argument: [media]}, **options, return_tensors="pt")
+        except ImportError:  # a missing back-end is no broken file
+            raise
         except Exception as error:
             name = media_name(media, f"{spec.name} item {index}")
             if not skip_broken:

@@ -24,9 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .captioning import collect_media_files, media_modality
 
+
+logger = logging.get_logger(__name__)
 
 INFO_FILE = "search_index.json"
 DATASET_DIR = "dataset"
@@ -69,33 +72,73 @@ def item_key(item: Mapping[str, str]) -> str:
     return " + ".join(item[name] for name in sorted(item, key=lambda name: name != "video"))
 
 
+def _processed(processor: Any, specs: Mapping[str, Any], items: list[Mapping[str, Any]], skip_broken: bool) -> tuple:
+    """`(indices of the items that decoded, their model inputs)`. A file that cannot be decoded raises
+    `BrokenMediaError` naming it, or with `skip_broken` is left out with a warning."""
+    from .data import BrokenMediaError
+
+    def process(batch: list[Mapping[str, Any]]) -> dict:
+        names = sorted(batch[0])
+        return processor(**{specs[name].processor_argument: [item[name] for item in batch] for name in names})
+
+    try:
+        return list(range(len(items))), process(items)
+    except ImportError:
+        raise
+    except Exception:  # find which file it is: decode the items one by one
+        kept = []
+        for index, item in enumerate(items):
+            try:
+                process([item])
+            except ImportError:
+                raise
+            except Exception as error:
+                if not skip_broken:
+                    raise BrokenMediaError(
+                        f"cannot decode {item_key(item)}: {error} (--skip_broken skips such files)"
+                    ) from error
+                logger.warning(f"skipping {item_key(item)}: cannot decode it: {error}")
+                continue
+            kept.append(index)
+        return kept, (process([items[i] for i in kept]) if kept else None)
+
+
 @torch.no_grad()
 def embed_items(
-    model: Any, processor: Any, items: list[Mapping[str, Any]], batch_size: int = 8, progress: bool = True
-) -> np.ndarray:
-    """Normalised embeddings `(len(items), projection_dim)` float32 of media items (`{modality: value}`, several
-    modalities through their fused head), batched by the modalities they hold."""
+    model: Any,
+    processor: Any,
+    items: list[Mapping[str, Any]],
+    batch_size: int = 8,
+    progress: bool = True,
+    skip_broken: bool = False,
+) -> tuple[np.ndarray, list[int]]:
+    """Normalised embeddings `(number embedded, projection_dim)` float32 of media items (`{modality: value}`, several
+    modalities through their fused head), batched by the modalities they hold, and the indices of the items they
+    belong to (all of them, unless `skip_broken` left undecodable ones out)."""
     specs = model.config.modality_specs
     groups: dict[tuple[str, ...], list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault(tuple(sorted(item)), []).append(index)
-    embeddings = np.zeros((len(items), model.config.projection_dim), dtype=np.float32)
+    embedded: dict[int, np.ndarray] = {}
     with tqdm(total=len(items), desc="embedding", unit="item", disable=not progress) as bar:
         for names, indices in groups.items():
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size]
-                arguments = {specs[name].processor_argument: [items[i][name] for i in batch] for name in names}
-                inputs = {
-                    key: value.to(model.device, model.dtype)
-                    for key, value in processor(**arguments, return_tensors="pt").items()
-                }
+                kept, features = _processed(processor, specs, [items[i] for i in batch], skip_broken)
+                bar.update(len(batch))
+                if features is None:
+                    continue
+                inputs = {key: value.to(model.device, model.dtype) for key, value in features.items()}
                 if len(names) == 1:
                     output = model.get_modality_features(names[0], inputs[specs[names[0]].input_name])
                 else:
                     output = model.get_fused_features(**inputs)
-                embeddings[batch] = F.normalize(output.pooler_output.float(), dim=-1).cpu().numpy()
-                bar.update(len(batch))
-    return embeddings
+                vectors = F.normalize(output.pooler_output.float(), dim=-1).cpu().numpy()
+                embedded.update({batch[k]: vector for k, vector in zip(kept, vectors)})
+    order = sorted(embedded)
+    dimension = model.config.projection_dim
+    vectors = np.stack([embedded[i] for i in order]) if order else np.zeros((0, dimension), np.float32)
+    return vectors, order
 
 
 @torch.no_grad()
@@ -138,12 +181,15 @@ def build_index(
     modality: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    skip_broken: bool = False,
 ) -> dict[str, int]:
     """Embed the media files of `inputs` (files and folders, recursively) into the search index `output_dir`.
 
-    `output_dir` must be new, empty, or an index built before (then only new or changed files are embedded and
-    files gone are dropped); anything else needs `overwrite=True`. The new index is written beside it and swapped in,
-    so an interrupted run leaves the old one intact. Returns `{"items", "embedded", "kept"}` counts.
+        `output_dir` must be new, empty, or an index built before (then only new or changed files are embedded and
+        files gone are dropped); anything else needs `overwrite=True`. The new index is written beside it and swapped in,
+        so an interrupted run leaves the old one intact. An undecodable file stops the run naming it before anything is
+    written, or with `skip_broken` is left out (and tried again on the next run). Returns `{"items", "embedded", "kept",
+    "skipped"}` counts.
     """
     from datasets import Dataset
 
@@ -181,8 +227,10 @@ def build_index(
             pending.append(
                 (item, {"path": key, "modality": "+".join(sorted(item)), "size": size, "mtime_ns": mtime_ns})
             )
-    embeddings = embed_items(model, processor, [item for item, _ in pending], batch_size, progress)
-    rows += [{**row, COLUMN: embedding.tolist()} for (_, row), embedding in zip(pending, embeddings)]
+    embeddings, embedded = embed_items(
+        model, processor, [item for item, _ in pending], batch_size, progress, skip_broken
+    )
+    rows += [{**pending[index][1], COLUMN: embedding.tolist()} for index, embedding in zip(embedded, embeddings)]
     rows.sort(key=lambda row: row["path"])
     dataset = Dataset.from_list(rows)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +255,8 @@ def build_index(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return {"items": len(rows), "embedded": len(pending), "kept": len(rows) - len(pending)}
+    skipped = len(pending) - len(embedded)
+    return {"items": len(rows), "embedded": len(embedded), "kept": len(rows) - len(embedded), "skipped": skipped}
 
 
 def query_embedding(model: Any, processor: Any, query: str | os.PathLike | Mapping[str, Any]) -> np.ndarray:
@@ -216,13 +265,13 @@ def query_embedding(model: Any, processor: Any, query: str | os.PathLike | Mappi
     if isinstance(query, Mapping) and set(query) == {"text"}:
         return embed_texts(model, processor, [str(query["text"])])[0]
     if isinstance(query, Mapping):
-        return embed_items(model, processor, [dict(query)], progress=False)[0]
+        return embed_items(model, processor, [dict(query)], progress=False)[0][0]
     path = Path(query)
     if path.is_file():
         name = media_modality(path, model.config)
         if name is None:
             raise ValueError(f"query {path}: unknown media extension; pass a {{modality: path}} dict")
-        return embed_items(model, processor, [{name: str(path)}], progress=False)[0]
+        return embed_items(model, processor, [{name: str(path)}], progress=False)[0][0]
     if isinstance(query, os.PathLike):
         raise FileNotFoundError(f"query {query} does not exist")
     return embed_texts(model, processor, [str(query)])[0]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from modeling_mico import MiCoConfig, MiCoModel, MiCoProcessor
+from modeling_mico.data import BrokenMediaError
 from modeling_mico.search import build_index, embed_texts, load_index, search
 
 
@@ -41,7 +42,7 @@ def media(tmp_path) -> Path:
 def test_each_item_is_found_at_rank_one_from_its_own_media(model_and_processor, media, tmp_path):
     model, processor = model_and_processor
     counts = build_index(model, processor, [media], tmp_path / "index", progress=False)
-    assert counts == {"items": 4, "embedded": 4, "kept": 0}
+    assert counts == {"items": 4, "embedded": 4, "kept": 0, "skipped": 0}
     index = load_index(tmp_path / "index")
     assert sorted(index["modality"]) == ["audio", "audio+video", "depth", "image"]
     clip = {"video": str(media / "clip.mp4"), "audio": str(media / "clip.flac")}
@@ -77,7 +78,7 @@ def test_a_second_run_embeds_only_new_files(model_and_processor, media, tmp_path
     shutil.copy(MEDIA / "test.jpeg", media / "photo2.jpeg")
     (media / "sounds" / "rain.flac").unlink()
     counts = build_index(model, processor, [media], tmp_path / "index", progress=False)
-    assert counts == {"items": 4, "embedded": 1, "kept": 3}
+    assert counts == {"items": 4, "embedded": 1, "kept": 3, "skipped": 0}
     after = load_index(tmp_path / "index")
     kept = dict(zip(before["path"], before["embedding"]))
     assert all(kept[path] == embedding for path, embedding in zip(after["path"], after["embedding"]) if path in kept)
@@ -133,3 +134,21 @@ def test_sound_tracks_embed_each_video_with_its_own_sound(model_and_processor, t
     assert index["modality"] == ["audio+video"] and index["path"] == [f"{video} + {video}"]
     (best,) = search(index, model, processor, {"video": video, "audio": video}, k=1)
     assert best["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_undecodable_file_is_named_or_skipped_and_counted(tmp_path, model_and_processor):
+    """Without `skip_broken` the run stops naming the file before anything is written; with it, the file is left out
+    and counted, and the others are indexed."""
+    model, processor = model_and_processor
+    media = tmp_path / "media"
+    media.mkdir()
+    shutil.copy(MEDIA / "test.jpeg", media / "good.jpeg")
+    (media / "broken.jpeg").write_bytes(b"not a jpeg")
+    with pytest.raises(BrokenMediaError, match=r"cannot decode .*broken\.jpeg"):
+        build_index(model, processor, [media], tmp_path / "index", progress=False)
+    assert not (tmp_path / "index").exists()
+    counts = build_index(model, processor, [media], tmp_path / "index", progress=False, skip_broken=True)
+    assert counts == {"items": 1, "embedded": 1, "kept": 0, "skipped": 1}
+    assert [
+        hit["path"] for hit in search(load_index(tmp_path / "index"), model, processor, str(media / "good.jpeg"))
+    ] == [str((media / "good.jpeg").resolve())]

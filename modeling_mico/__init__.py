@@ -12,16 +12,28 @@ optional back-ends (`decord`, `soundfile`, `av`, `matplotlib`) only by the featu
 import importlib
 from types import ModuleType
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForAudioClassification,
+    AutoModelForImageClassification,
+    AutoModelForImageTextToText,
+    AutoModelForPreTraining,
+    AutoModelForVideoClassification,
+)
 
 from .configuration_mico import MiCoConfig, MiCoTextConfig, MiCoVisionConfig
 from .convert_original import install_original_checkpoint_support
 from .feature_extraction_mico import MiCoFeatureExtractor
 from .image_processing_mico import MiCoImageProcessor
 from .modeling_mico import (
+    MiCoForAudioClassification,
     MiCoForConditionalGeneration,
+    MiCoForDepthClassification,
+    MiCoForImageClassification,
     MiCoForPreTraining,
     MiCoForPreTrainingOutput,
+    MiCoForVideoClassification,
     MiCoModel,
     MiCoPreTrainedModel,
     MiCoTextModel,
@@ -44,8 +56,18 @@ def _register_auto_classes() -> None:
     MiCoForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     AutoModelForImageTextToText.register(MiCoConfig, MiCoForConditionalGeneration, exist_ok=True)
     MiCoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    classification = {
+        AutoModelForImageClassification: MiCoForImageClassification,
+        AutoModelForVideoClassification: MiCoForVideoClassification,
+        AutoModelForAudioClassification: MiCoForAudioClassification,
+    }
+    for auto_class, model_class in classification.items():
+        auto_class.register(MiCoConfig, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class.__name__)
     register_processing_auto_classes()
-    install_original_checkpoint_support(AutoModel, AutoModelForPreTraining, AutoModelForImageTextToText)
+    install_original_checkpoint_support(
+        AutoModel, AutoModelForPreTraining, AutoModelForImageTextToText, *classification
+    )
 
 
 _register_auto_classes()
@@ -53,11 +75,13 @@ _register_auto_classes()
 # Modules of the package that are not needed to load a model or a processor: imported on first access.
 _LAZY_SUBMODULES = (
     "annotations",
+    "caption_metrics",
     "captioning",
     "convert_original",
     "data",
     "distributed",
     "evaluation",
+    "finetuning",
     "import_utils",
     "peft_utils",
     "retrieval",
@@ -75,9 +99,13 @@ def __getattr__(name: str) -> ModuleType:
 __all__ = [
     "MiCoConfig",
     "MiCoFeatureExtractor",
+    "MiCoForAudioClassification",
     "MiCoForConditionalGeneration",
+    "MiCoForDepthClassification",
+    "MiCoForImageClassification",
     "MiCoForPreTraining",
     "MiCoForPreTrainingOutput",
+    "MiCoForVideoClassification",
     "MiCoImageProcessor",
     "MiCoProcessor",
     "MiCoVideoProcessor",

@@ -1,0 +1,193 @@
+"""Fine-tune a MiCo encoder for image, video, audio or depth classification (single- or multi-label) with 🤗 Trainer.
+
+The data is a folder-per-class tree (`train/<label>/<file>`) or an annotation file (.jsonl/.json/.csv) with the media
+column of the modality and a label column (`--label_column`, a dotted path such as `attributes.shape`; a list of
+labels makes it multi-label). The head (pooled class tokens -> LayerNorm -> linear) is new; the encoder comes from any
+MiCo checkpoint. Full fine-tuning by default, or LoRA on the vision tower (`--use_peft`); layer-wise learning-rate
+decay (`--layer_decay 0.9`, as BEiT/EVA), mixup/cutmix (`--mixup_alpha`, `--cutmix_alpha`, off by default). Reports
+accuracy (single-label) or mAP (multi-label), saves the model (merged when PEFT is used, the adapter in
+<output_dir>/adapter) with the processor and a model card, and `--push_to_hub` uploads it. On the synthetic data:
+
+    python examples/run_classification.py --model_name_or_path runs/tiny --modality image \
+        --train_file data/synthetic/train.jsonl --validation_file data/synthetic/test.jsonl \
+        --label_column attributes.shape --output_dir runs/tiny-shape --do_train --do_eval --max_steps 60
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+from modeling_mico import (
+    MiCoForAudioClassification,
+    MiCoForDepthClassification,
+    MiCoForImageClassification,
+    MiCoForVideoClassification,
+)
+from modeling_mico.evaluation import load_processor
+from modeling_mico.finetuning import (
+    MiCoClassificationCollator,
+    append_metrics_to_card,
+    classification_compute_metrics,
+    label_names,
+    layer_decay_parameter_groups,
+    load_classification_rows,
+)
+from modeling_mico.peft_utils import build_peft_config, build_peft_model, push_to_hub
+from modeling_mico.trainer_mico import EvalCollatorTrainer
+
+
+logger = logging.getLogger(__name__)
+
+HEADS = {
+    "image": MiCoForImageClassification,
+    "video": MiCoForVideoClassification,
+    "audio": MiCoForAudioClassification,
+    "depth": MiCoForDepthClassification,
+}
+PIPELINE_TASKS = {"image": "image-classification", "video": "video-classification", "audio": "audio-classification"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "the MiCo checkpoint whose encoder is fine-tuned"})
+    modality: str = field(default="image", metadata={"help": "what is classified: image, video, audio or depth"})
+    fused_modalities: list[str] = field(
+        default_factory=list, metadata={"help": "modalities fused with it (e.g. audio for video+audio)"}
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2"})
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(metadata={"help": "folder-per-class tree or annotation file"})
+    validation_file: str | None = field(default=None, metadata={"help": "the same, for evaluation"})
+    label_column: str = field(default="label", metadata={"help": "label column of annotation files (dotted path)"})
+    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir"})
+
+
+@dataclass
+class FinetuneArguments:
+    use_peft: bool = field(default=False, metadata={"help": "LoRA on the vision tower instead of full fine-tuning"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    layer_decay: float = field(default=1.0, metadata={"help": "layer-wise learning-rate decay (1 = none; EVA: 0.9)"})
+    mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha) (0 = off)"})
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "cutmix Beta(alpha, alpha) (0 = off)"})
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, FinetuneArguments, TrainingArguments), description=__doc__.split("\n\n")[0]
+    )
+    model_args, data_args, finetune_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.modality not in HEADS:
+        parser.error(f"--modality must be one of {sorted(HEADS)}, got {model_args.modality!r}")
+    training_args.remove_unused_columns = False  # the collator reads the raw rows
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed below, with the model card
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    output_dir = training_args.output_dir
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not data_args.overwrite_output_dir:
+        raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir")
+    set_seed(training_args.seed)
+
+    model_class = HEADS[model_args.modality]
+    modalities = [model_args.modality, *model_args.fused_modalities]
+    options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+    model = model_class.from_pretrained(model_args.model_name_or_path, **options)  # MiCo or original checkpoints
+    train_rows = load_classification_rows(data_args.train_file, model.config, modalities, data_args.label_column)
+    eval_rows = []
+    if data_args.validation_file:
+        eval_rows = load_classification_rows(
+            data_args.validation_file, model.config, modalities, data_args.label_column
+        )
+    labels, multi_label = label_names(train_rows + eval_rows)  # every label of either split gets an id
+    model.configure_head(
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: index for index, name in enumerate(labels)},
+        problem_type="multi_label_classification" if multi_label else "single_label_classification",
+        classifier_modalities=modalities,
+    )
+    config = model.config
+    processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
+    if finetune_args.use_peft:
+        peft_config = build_peft_config(
+            "vision", finetune_args.lora_r, finetune_args.lora_alpha, finetune_args.lora_dropout
+        )
+        peft_config.modules_to_save = ["fc_norm", "classifier"]  # the new head trains in full
+        model = build_peft_model(model, peft_config)
+        model.print_trainable_parameters()
+
+    def collator(training: bool) -> MiCoClassificationCollator:
+        mixing = {"mixup_alpha": finetune_args.mixup_alpha, "cutmix_alpha": finetune_args.cutmix_alpha}
+        return MiCoClassificationCollator(processor, config, modalities, training, multi_label, **mixing)
+
+    eval_dataset = datasets.Dataset.from_list(eval_rows) if eval_rows else None
+    groups = layer_decay_parameter_groups(
+        model,
+        training_args.learning_rate,
+        finetune_args.layer_decay,
+        training_args.weight_decay,
+        config.vision_config.num_hidden_layers,
+    )
+    optimizer = torch.optim.AdamW(
+        groups, betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon
+    )
+    trainer = EvalCollatorTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets.Dataset.from_list(train_rows),
+        eval_dataset=eval_dataset,
+        data_collator=collator(training=True),
+        eval_data_collator=collator(training=False),
+        processing_class=processor,
+        compute_metrics=classification_compute_metrics(multi_label),
+        optimizers=(optimizer, None),
+    )
+    metrics: dict[str, float] = {}
+    if training_args.do_eval and eval_dataset is not None:
+        before = trainer.evaluate(metric_key_prefix="pretrained")
+        metrics.update(before)
+    if training_args.do_train:
+        result = trainer.train()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+    if training_args.do_eval and eval_dataset is not None:
+        after = trainer.evaluate()
+        trainer.log_metrics("eval", after)
+        metrics.update(after)
+        trainer.save_metrics("eval", metrics)
+
+    if finetune_args.use_peft:
+        model.save_pretrained(os.path.join(output_dir, "adapter"))
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    trainer.create_model_card(
+        model_name=os.path.basename(os.path.abspath(output_dir)),
+        finetuned_from=model_args.model_name_or_path,
+        tasks=PIPELINE_TASKS.get(model_args.modality, "image-classification"),
+        dataset=data_args.train_file,
+        tags=["mico", f"{model_args.modality}-classification"] + (["peft", "lora"] if finetune_args.use_peft else []),
+    )
+    append_metrics_to_card(
+        output_dir, metrics, "Classification metrics (before: `pretrained_*`, after fine-tuning: `eval_*`)"
+    )
+    if push:
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+        url = push_to_hub(output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
+        logger.info(f"pushed {output_dir} to {url}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

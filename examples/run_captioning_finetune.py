@@ -14,18 +14,22 @@ synthetic data:
 """
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
-import transformers
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_mico import MiCoForConditionalGeneration
 from modeling_mico.annotations import load_annotation_dataset
 from modeling_mico.evaluation import load_processor
-from modeling_mico.finetuning import MiCoCaptioningTrainer, MiCoCaptionMaskingCollator, append_metrics_to_card
-from modeling_mico.peft_utils import build_peft_config, build_peft_model, push_to_hub
+from modeling_mico.finetuning import (
+    MiCoCaptioningTrainer,
+    MiCoCaptionMaskingCollator,
+    prepare_run,
+    save_and_publish,
+    train_and_evaluate,
+)
+from modeling_mico.peft_utils import build_peft_config, build_peft_model
 
 
 logger = logging.getLogger(__name__)
@@ -63,16 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         (ModelArguments, DataArguments, CaptioningArguments, TrainingArguments), description=__doc__.split("\n\n")[0]
     )
     model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    training_args.remove_unused_columns = False  # the collator reads the raw annotation columns
+    push = prepare_run(training_args, data_args.overwrite_output_dir)
     training_args.prediction_loss_only = True  # evaluation scores generated captions, not the logits
-    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed below, with the model card
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    output_dir = training_args.output_dir
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not data_args.overwrite_output_dir:
-        raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir")
-    set_seed(training_args.seed)
-
     options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     model = MiCoForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **options)
     model.accepts_loss_kwargs = False  # the loss is the mean over masked tokens of each batch, as in pretraining
@@ -98,40 +94,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=processor,
         generate_kwargs={"num_beams": caption_args.num_beams, "max_new_tokens": caption_args.max_new_tokens},
     )
-    metrics: dict[str, float] = {}
-    if training_args.do_eval and eval_dataset is not None:
-        metrics.update(trainer.evaluate(metric_key_prefix="pretrained"))
-    if training_args.do_train:
-        result = trainer.train()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-    if training_args.do_eval and eval_dataset is not None:
-        after = trainer.evaluate()
-        trainer.log_metrics("eval", after)
-        metrics.update(after)
-        trainer.save_metrics("eval", metrics)
-        examples = [f"{caption!r}" for caption in trainer.last_captions[:3]]
-        logger.info(f"captions of the first evaluation items: {', '.join(examples)}")
-
-    if caption_args.use_peft:
-        model.save_pretrained(os.path.join(output_dir, "adapter"))
-        model = model.merge_and_unload()
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    trainer.create_model_card(
-        model_name=os.path.basename(os.path.abspath(output_dir)),
-        finetuned_from=model_args.model_name_or_path,
-        tasks="image-text-to-text",
+    metrics = train_and_evaluate(trainer)
+    if trainer.last_captions:
+        logger.info(f"captions of the first evaluation items: {trainer.last_captions[:3]}")
+    save_and_publish(
+        trainer,
+        model,
+        processor,
+        metrics,
+        push,
+        base_model=model_args.model_name_or_path,
         dataset=data_args.train_file,
-        tags=["mico", "captioning", *data_args.modalities] + (["peft", "lora"] if caption_args.use_peft else []),
+        task="image-text-to-text",
+        tags=["mico", "captioning", *data_args.modalities],
     )
-    append_metrics_to_card(
-        output_dir, metrics, "Caption metrics (before: `pretrained_*`, after fine-tuning: `eval_*`)"
-    )
-    if push:
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
-        url = push_to_hub(output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
-        logger.info(f"pushed {output_dir} to {url}")
     return metrics
 
 

@@ -13,15 +13,12 @@ accuracy (single-label) or mAP (multi-label), saves the model (merged when PEFT 
         --label_column attributes.shape --output_dir runs/tiny-shape --do_train --do_eval --max_steps 60
 """
 
-import logging
-import os
 import sys
 from dataclasses import dataclass, field
 
 import datasets
 import torch
-import transformers
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_mico import (
     MiCoForAudioClassification,
@@ -32,17 +29,17 @@ from modeling_mico import (
 from modeling_mico.evaluation import load_processor
 from modeling_mico.finetuning import (
     MiCoClassificationCollator,
-    append_metrics_to_card,
     classification_compute_metrics,
     label_names,
     layer_decay_parameter_groups,
     load_classification_rows,
+    prepare_run,
+    save_and_publish,
+    train_and_evaluate,
 )
-from modeling_mico.peft_utils import build_peft_config, build_peft_model, push_to_hub
+from modeling_mico.peft_utils import build_peft_config, build_peft_model
 from modeling_mico.trainer_mico import EvalCollatorTrainer
 
-
-logger = logging.getLogger(__name__)
 
 HEADS = {
     "image": MiCoForImageClassification,
@@ -90,14 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, finetune_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.modality not in HEADS:
         parser.error(f"--modality must be one of {sorted(HEADS)}, got {model_args.modality!r}")
-    training_args.remove_unused_columns = False  # the collator reads the raw rows
-    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed below, with the model card
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    output_dir = training_args.output_dir
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not data_args.overwrite_output_dir:
-        raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir")
-    set_seed(training_args.seed)
+    push = prepare_run(training_args, data_args.overwrite_output_dir)
 
     model_class = HEADS[model_args.modality]
     modalities = [model_args.modality, *model_args.fused_modalities]
@@ -153,39 +143,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=classification_compute_metrics(multi_label),
         optimizers=(optimizer, None),
     )
-    metrics: dict[str, float] = {}
-    if training_args.do_eval and eval_dataset is not None:
-        before = trainer.evaluate(metric_key_prefix="pretrained")
-        metrics.update(before)
-    if training_args.do_train:
-        result = trainer.train()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-    if training_args.do_eval and eval_dataset is not None:
-        after = trainer.evaluate()
-        trainer.log_metrics("eval", after)
-        metrics.update(after)
-        trainer.save_metrics("eval", metrics)
-
-    if finetune_args.use_peft:
-        model.save_pretrained(os.path.join(output_dir, "adapter"))
-        model = model.merge_and_unload()
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    trainer.create_model_card(
-        model_name=os.path.basename(os.path.abspath(output_dir)),
-        finetuned_from=model_args.model_name_or_path,
-        tasks=PIPELINE_TASKS.get(model_args.modality, "image-classification"),
+    metrics = train_and_evaluate(trainer)
+    save_and_publish(
+        trainer,
+        model,
+        processor,
+        metrics,
+        push,
+        base_model=model_args.model_name_or_path,
         dataset=data_args.train_file,
-        tags=["mico", f"{model_args.modality}-classification"] + (["peft", "lora"] if finetune_args.use_peft else []),
+        task=PIPELINE_TASKS.get(model_args.modality, "image-classification"),
+        tags=["mico", f"{model_args.modality}-classification"],
     )
-    append_metrics_to_card(
-        output_dir, metrics, "Classification metrics (before: `pretrained_*`, after fine-tuning: `eval_*`)"
-    )
-    if push:
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
-        url = push_to_hub(output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
-        logger.info(f"pushed {output_dir} to {url}")
     return metrics
 
 

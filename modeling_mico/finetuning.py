@@ -376,6 +376,84 @@ def append_metrics_to_card(output_dir: str | os.PathLike, metrics: dict[str, flo
     return path
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The fine-tuning scripts' common steps
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_run(training_args: Any, overwrite_output_dir: bool) -> bool:
+    """Set-up shared by the fine-tuning scripts: the collator reads raw rows (`remove_unused_columns=False`),
+    logging, a non-empty `output_dir` refused unless `overwrite_output_dir`, the seed. Trainer's own Hub push is
+    switched off (the scripts push after writing the model card); returns whether to push."""
+    import logging
+
+    import transformers
+
+    training_args.remove_unused_columns = False
+    push, training_args.push_to_hub = training_args.push_to_hub, False
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    output_dir = training_args.output_dir
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite_output_dir:
+        raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir")
+    transformers.set_seed(training_args.seed)
+    return push
+
+
+def train_and_evaluate(trainer: Any) -> dict[str, float]:
+    """Evaluate (`pretrained_*` metrics), train, evaluate again (`eval_*`), as `trainer.args` asks; saves and returns
+    the metrics."""
+    args, metrics = trainer.args, {}
+    evaluate = args.do_eval and trainer.eval_dataset is not None
+    if evaluate:
+        metrics.update(trainer.evaluate(metric_key_prefix="pretrained"))
+    if args.do_train:
+        result = trainer.train()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+    if evaluate:
+        after = trainer.evaluate()
+        trainer.log_metrics("eval", after)
+        metrics.update(after)
+        trainer.save_metrics("eval", metrics)
+    return metrics
+
+
+def save_and_publish(
+    trainer: Any,
+    model: Any,
+    processor: Any,
+    metrics: dict[str, float],
+    push: bool,
+    base_model: str,
+    dataset: str,
+    task: str,
+    tags: Sequence[str],
+) -> Any:
+    """Save the fine-tuned model to `trainer.args.output_dir` (a PEFT model: its adapter in `<output_dir>/adapter`,
+    the merged model in `output_dir`), the processor and a model card (Trainer's, plus a table of `metrics`), then
+    push the directory to `hub_model_id` (default: its name) when `push`. Returns the saved (merged) model."""
+    from peft import PeftModel
+
+    from .peft_utils import push_to_hub
+
+    args = trainer.args
+    output_dir = args.output_dir
+    if isinstance(model, PeftModel):
+        model.save_pretrained(os.path.join(output_dir, "adapter"))
+        model = model.merge_and_unload()
+        tags = [*tags, "peft", "lora"]
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    name = os.path.basename(os.path.abspath(output_dir))
+    trainer.create_model_card(model_name=name, finetuned_from=base_model, tasks=task, dataset=dataset, tags=list(tags))
+    append_metrics_to_card(output_dir, metrics, "Evaluation (before fine-tuning: `pretrained_*`, after: `eval_*`)")
+    if push:
+        url = push_to_hub(output_dir, args.hub_model_id or name, token=args.hub_token, private=args.hub_private_repo)
+        print(f"pushed {output_dir} to {url}")
+    return model
+
+
 __all__ = [
     "append_metrics_to_card",
     "MiCoCaptionMaskingCollator",
@@ -387,5 +465,8 @@ __all__ = [
     "layer_decay_parameter_groups",
     "load_classification_rows",
     "mix_batch",
+    "prepare_run",
+    "save_and_publish",
+    "train_and_evaluate",
     "references_of",
 ]

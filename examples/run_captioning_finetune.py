@@ -62,10 +62,15 @@ class CaptioningArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser(
+def build_parser() -> HfArgumentParser:
+    """The command-line options: the dataclasses above and `TrainingArguments`."""
+    return HfArgumentParser(
         (ModelArguments, DataArguments, CaptioningArguments, TrainingArguments), description=__doc__.split("\n\n")[0]
     )
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = build_parser()
     model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     push = prepare_run(training_args, data_args.overwrite_output_dir)
     training_args.prediction_loss_only = True  # evaluation scores generated captions, not the logits

@@ -80,10 +80,15 @@ class FinetuneArguments:
     cutmix_alpha: float = field(default=0.0, metadata={"help": "cutmix Beta(alpha, alpha) (0 = off)"})
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser(
+def build_parser() -> HfArgumentParser:
+    """The command-line options: the dataclasses above and `TrainingArguments`."""
+    return HfArgumentParser(
         (ModelArguments, DataArguments, FinetuneArguments, TrainingArguments), description=__doc__.split("\n\n")[0]
     )
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = build_parser()
     model_args, data_args, finetune_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.modality not in HEADS:
         parser.error(f"--modality must be one of {sorted(HEADS)}, got {model_args.modality!r}")

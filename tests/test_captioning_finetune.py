@@ -2,11 +2,12 @@
 and examples/run_captioning_finetune.py end to end on synthetic data."""
 
 import math
-import sys
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from test_classification import synthetic_run
 
 from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoForPreTraining, MiCoProcessor
 from modeling_mico.caption_metrics import bleu, caption_scores, cider_d, rouge_l, tokenize
@@ -102,16 +103,7 @@ def test_caption_masking_collator_trains_the_pretraining_caption_loss(tmp_path):
 
 @pytest.mark.slow
 def test_run_captioning_finetune_end_to_end(tmp_path):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import run_captioning_finetune
-
-    from modeling_mico.synthetic_data import make_synthetic_dataset
-
-    make_synthetic_dataset(tmp_path / "data", num_samples=20, num_test=4, seed=0, image_size=32, modalities=["image"])
-    torch.manual_seed(0)
-    config = MiCoConfig.from_preset("tiny")
-    MiCoForPreTraining(config).save_pretrained(tmp_path / "tiny")
-    MiCoProcessor.from_config(config).save_pretrained(tmp_path / "tiny")
+    run_captioning_finetune = synthetic_run(tmp_path, "run_captioning_finetune", num_samples=20, num_test=4)
     output = tmp_path / "out"
     metrics = run_captioning_finetune.main(
         [
@@ -131,3 +123,33 @@ def test_run_captioning_finetune_end_to_end(tmp_path):
     card = (output / "README.md").read_text()
     assert (output / "adapter" / "adapter_config.json").is_file() and "| eval_CIDEr |" in card
     assert model.generate(pixel_values=torch.randn(1, 3, 64, 64), max_new_tokens=3).shape[0] == 1
+
+
+def test_documented_commands_parse_with_the_scripts_parsers():
+    """Every command of docs/fine-tuning.md's bash blocks uses options its script accepts (the end-to-end tests run the
+    scripts with the same options on smaller data)."""
+    import importlib
+    import shlex
+    import sys
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    page = (ROOT / "docs" / "fine-tuning.md").read_text()
+    commands = [
+        shlex.split(command.replace("\\\n", " "))
+        for block in re.findall(r"```bash\n(.*?)```", page, re.S)
+        for command in re.split(r"\n(?=python )", block.strip())
+    ]
+    scripts = {Path(words[1]).stem for words in commands}
+    assert {"run_classification", "run_captioning_finetune"} <= scripts
+    for words in commands:
+        module = importlib.import_module(Path(words[1]).stem)
+        if hasattr(module, "build_parser"):
+            parser = module.build_parser()
+        else:  # examples/run_pretrain.py
+            parser = HfArgumentParser((module.ModelArguments, module.DataArguments, TrainingArguments))
+        if isinstance(parser, HfArgumentParser):
+            parser.parse_args_into_dataclasses(args=words[2:])
+        else:
+            parser.parse_args(words[2:])

@@ -300,18 +300,28 @@ def test_classification_rows_from_folders_and_annotation_files(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_run_classification_end_to_end_with_lora_layer_decay_and_mocked_push(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import run_classification
+def synthetic_run(tmp_path: Path, script: str, num_samples: int, num_test: int):
+    """Synthetic image data in `tmp_path/data`, a tiny (untrained) MiCo with its processor in `tmp_path/tiny`, and
+    the example module `script` imported from examples/."""
+    import importlib
 
     from modeling_mico.synthetic_data import make_synthetic_dataset
 
-    make_synthetic_dataset(tmp_path / "data", num_samples=24, num_test=8, seed=0, image_size=32, modalities=["image"])
+    sys.path.insert(0, str(ROOT / "examples"))
+    data = tmp_path / "data"
+    make_synthetic_dataset(
+        data, num_samples=num_samples, num_test=num_test, seed=0, image_size=32, modalities=["image"]
+    )
     torch.manual_seed(0)
     config = MiCoConfig.from_preset("tiny")
     MiCoForPreTraining(config).save_pretrained(tmp_path / "tiny")
     MiCoProcessor.from_config(config).save_pretrained(tmp_path / "tiny")
+    return importlib.import_module(script)
+
+
+@pytest.mark.slow
+def test_run_classification_end_to_end_with_lora_layer_decay_and_mocked_push(tmp_path, monkeypatch):
+    run_classification = synthetic_run(tmp_path, "run_classification", num_samples=24, num_test=8)
     pushed = {}
 
     class FakeApi:

@@ -151,6 +151,9 @@ def test_saved_checkpoint_ships_only_configuration_and_modeling_code(saved):
         "AutoModel": "modeling_mico.MiCoModel",
         "AutoModelForPreTraining": "modeling_mico.MiCoForPreTraining",
         "AutoModelForImageTextToText": "modeling_mico.MiCoForConditionalGeneration",
+        "AutoModelForImageClassification": "modeling_mico.MiCoForImageClassification",
+        "AutoModelForVideoClassification": "modeling_mico.MiCoForVideoClassification",
+        "AutoModelForAudioClassification": "modeling_mico.MiCoForAudioClassification",
     }
 
 

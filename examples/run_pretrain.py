@@ -46,8 +46,17 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
-    validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
+    train_file: str = field(
+        metadata={
+            "help": "annotation file (.jsonl, .json, .csv, .parquet) or a 🤗 datasets folder (save_to_disk output or a "
+            "folder load_dataset reads) with Image / Audio / Video or path columns"
+        }
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "annotation file or datasets folder"})
+    train_split: str | None = field(default=None, metadata={"help": "split of a datasets folder (--train_file)"})
+    validation_split: str | None = field(
+        default=None, metadata={"help": "split of a datasets folder (--validation_file)"}
+    )
     streaming: bool = field(default=False, metadata={"help": "stream the annotations (needs --max_steps)"})
     modalities: list[str] | None = field(
         default=None,
@@ -135,9 +144,16 @@ def main() -> None:
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
 
-    train_dataset = load_annotation_dataset(data_args.train_file, streaming=data_args.streaming, config=model.config)
+    train_dataset = load_annotation_dataset(
+        data_args.train_file, streaming=data_args.streaming, config=model.config, split=data_args.train_split
+    )
     eval_dataset = (
-        load_annotation_dataset(data_args.validation_file, streaming=data_args.streaming, config=model.config)
+        load_annotation_dataset(
+            data_args.validation_file,
+            streaming=data_args.streaming,
+            config=model.config,
+            split=data_args.validation_split,
+        )
         if data_args.validation_file
         else None
     )

@@ -39,7 +39,12 @@ logger = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_name_or_path", required=True, help="a MiCo directory or Hub repository")
-    parser.add_argument("--test_file", required=True, help="annotation file (see modeling_mico.annotations)")
+    parser.add_argument(
+        "--test_file",
+        required=True,
+        help="annotation file (see modeling_mico.annotations) or a 🤗 datasets folder (save_to_disk output or a folder "
+        "load_dataset reads) with Image / Audio / Video or path columns",
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument(
         "--modalities",
@@ -51,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16, help="items, captions or matching pairs per pass")
     parser.add_argument("--annotation_format", default="auto", choices=["auto", *FORMATS])
     parser.add_argument("--media_root", default=None, help="directory media paths are relative to")
-    parser.add_argument("--split", default=None, help="keep only rows of this split")
+    parser.add_argument("--split", default=None, help="keep only rows of this split (of a datasets folder: its split)")
     parser.add_argument("--num_frames", type=int, default=None, help="video frames per clip (default: processor's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, else float32), float32, bfloat16")

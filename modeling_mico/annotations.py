@@ -26,7 +26,9 @@ Supported formats (``format=`` name, see `load_annotations`):
 - ``"clotho"``: CSV ``file_name,caption_1..caption_5``; media ``<root>/<file_name>``.
 
 `load_annotation_dataset` reads MiCo annotation files (JSON lines, JSON, CSV or parquet) with 🤗 `datasets`
-(``streaming=True`` for data sets too large to index) for `data.MiCoDataCollator`: rows have ``caption`` (a string)
+(``streaming=True`` for data sets too large to index), or opens a data set folder (`open_media_dataset`:
+``save_to_disk`` output or a folder ``load_dataset`` reads, with ``Image`` / ``Audio`` / ``Video`` columns), for
+`data.MiCoDataCollator`: rows have ``caption`` (a string)
 or ``captions`` (a list; training picks one at random), any of the media columns and ``subtitle`` (the subtitle text,
 or the path of a ``.txt`` file holding it). Rows may lack modalities (missing, null or empty).
 """
@@ -34,7 +36,9 @@ or the path of a ``.txt`` file holding it). Rows may lack modalities (missing, n
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -63,8 +67,20 @@ def media_keys(config: MiCoConfig | None = None) -> tuple[str, ...]:
 
 
 def is_present(value: Any) -> bool:
-    """Missing, null, NaN and empty values mean the row lacks that field."""
-    return value is not None and value == value and value != "" and value != []
+    """Missing, null, NaN and empty values (string, list, dict) mean the row lacks that field; any other value (a
+    path, a 🤗 Datasets media value, a PIL image, an array) is present."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return not isinstance(value, (str, list, tuple, dict)) or len(value) > 0
+
+
+def describe_media(value: Any) -> str:
+    """A media value as errors name it: its path (a 🤗 Datasets `{"path", "bytes"}` dict's path), else its type."""
+    if isinstance(value, (str, os.PathLike)):
+        return repr(os.fspath(value))
+    if isinstance(value, dict) and value.get("path"):
+        return repr(value["path"])
+    return f"a value of type {type(value).__name__}" + (" (bytes)" if isinstance(value, dict) else "")
 
 
 class _Source:
@@ -316,20 +332,24 @@ def load_annotations(
     audio_extension: str = ".wav",
     config: MiCoConfig | None = None,
 ) -> list[Row]:
-    """Load an annotation file into MiCo rows (see the module docstring for the formats).
+    """Load an annotation file, or a 🤗 `datasets` folder (`open_media_dataset`), into MiCo rows (see the module
+    docstring for the formats).
 
     Args:
-        path: the annotation file (``.json``, ``.jsonl`` or ``.csv``).
+        path: the annotation file (``.json``, ``.jsonl`` or ``.csv``) or a data set folder, whose media values
+            (`{"path", "bytes"}` dicts or paths) go to the processor as they are.
         format: ``"auto"`` (from the extension and content) or one of `FORMATS`.
         media_root: directory the media paths are relative to; defaults to the annotation file's directory.
         split: keep only rows of this split (Karpathy ``split``, MSR-VTT official ``split``, or a ``split`` field of
-            MiCo rows); an error for a file without split information.
+            MiCo rows); an error for a file without split information. For a data set folder: its split.
         video_extension: extension appended to MSR-VTT video ids.
         audio_extension: extension appended to AudioCaps YouTube ids.
         config: the model's configuration, whose modalities name the media columns of MiCo rows (`media_keys`);
             default: the built-in modalities.
     """
     path = Path(path)
+    if path.is_dir():
+        return dataset_rows(open_media_dataset(path, split, config=config), path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     if format != "auto" and format not in FORMATS:
@@ -374,35 +394,113 @@ def flatten_captions(rows: Sequence[Row]) -> tuple[list[str], list[int]]:
 
 
 def _resolve_row(row: dict, root: str, columns: Sequence[str]) -> dict:
-    """Join relative media paths (the media `columns`, and `.txt` subtitle paths) to `root`."""
+    """Join relative media paths (string values of the media `columns`, and `.txt` subtitle paths) to `root`; media
+    values of 🤗 Datasets features (`{"path", "bytes"}` dicts) are kept as they are."""
     resolved = {}
     for column in (*columns, SUBTITLE):
         value = row.get(column)
-        is_path = column != SUBTITLE or (isinstance(value, str) and value.endswith(".txt"))
-        if column in row and is_present(value) and is_path:
+        is_path = isinstance(value, str) and (column != SUBTITLE or value.endswith(".txt"))
+        if is_present(value) and is_path:
             resolved[column] = os.path.join(root, value)
     return resolved
+
+
+def check_caption_column(found: Sequence[str], where: str) -> None:
+    """Training and evaluation rows need their text: refuse a data set without `caption` / `captions`."""
+    if "caption" not in found and "captions" not in found:
+        raise ValueError(f"{where}: rows need a `caption` or `captions` column, found {list(found)}")
+
+
+def open_media_dataset(
+    path: str | os.PathLike, split: str | None = None, streaming: bool = False, config: MiCoConfig | None = None
+):  # -> datasets.Dataset | datasets.IterableDataset
+    """A 🤗 `datasets` data set from a folder: the output of `save_to_disk` (`load_from_disk`) or any folder that
+    `datasets.load_dataset(folder)` reads (image/audio/video folders with a metadata file, parquet/JSON lines/CSV
+    files). Columns named like the model's media columns (`image`, `video`, `audio`, ...) may be `Image` / `Audio` /
+    `Video` features or paths (relative ones are joined to the folder).
+
+    Media features are left undecoded (`{"path", "bytes"}`): the processor decodes them in the DataLoader workers
+    with the same pipeline as files, so the tensors equal those of the file paths and torchcodec is not needed.
+
+    Args:
+        path: the data set folder.
+        split: the split to use when the folder holds several (`DatasetDict`); for one data set, rows whose `split`
+            column equals it.
+        streaming: return an `IterableDataset`.
+        config: the model's configuration, whose modalities name the media columns; default: the built-in ones.
+    """
+    import datasets
+
+    folder = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data set folder not found: {folder}")
+    saved = any(os.path.isfile(os.path.join(folder, name)) for name in ("dataset_dict.json", "state.json"))
+    try:
+        data = datasets.load_from_disk(folder) if saved else datasets.load_dataset(folder, streaming=streaming)
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
+        raise ValueError(f"{folder}: not a data set that datasets can load ({err})") from err
+    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split is None and len(data) > 1:
+            raise ValueError(f"{folder}: holds the splits {list(data)}; choose one (split=)")
+        if split is not None and split not in data:
+            raise ValueError(f"{folder}: has no split {split!r}; it holds {list(data)}")
+        data = data[split if split is not None else next(iter(data))]
+    elif split is not None:
+        if "split" not in data.column_names:
+            raise ValueError(
+                f"{folder}: split={split!r} was requested but the data set has no splits nor 'split' column"
+            )
+        data = data.filter(lambda row: row["split"] == split)
+    if saved and streaming:
+        data = data.to_iterable_dataset()
+    media = (datasets.Image, datasets.Audio, datasets.Video)
+    for column, feature in (data.features or {}).items():
+        if isinstance(feature, media) and feature.decode:
+            data = data.cast_column(column, dataclasses.replace(feature, decode=False))
+    check_caption_column(data.column_names or [], folder)
+    return data.map(_resolve_row, fn_kwargs={"root": folder, "columns": media_keys(config)})
+
+
+def dataset_rows(dataset, where: str | os.PathLike) -> list[Row]:
+    """The rows of a 🤗 `datasets` data set (`open_media_dataset`) in the package format of `load_annotations`:
+    `id` (the `id` column, else the index), `captions`, `caption` and the media columns' values as they are;
+    `where` names the data set in errors."""
+    source = _Source(Path(where), None)
+    rows = []
+    for index, record in enumerate(dataset):
+        if not is_present(record.get("captions")) and not is_present(record.get("caption")):
+            raise source.error("missing 'caption' / 'captions'", index)
+        captions = _captions(record.get("captions") or record.get("caption"), source, index)
+        extra = {key: value for key, value in record.items() if key not in ("id", "caption", "captions")}
+        rows.append(_make_row(record.get("id", index), captions, **extra))
+    return rows
 
 
 def load_annotation_dataset(
     data_files: str | os.PathLike | Sequence[str | os.PathLike],
     streaming: bool = False,
     config: MiCoConfig | None = None,
+    split: str | None = None,
 ):  # -> datasets.Dataset | datasets.IterableDataset
     """Read one or several annotation files (`.jsonl`, `.json`, `.csv`, `.parquet`) into one `datasets` data set
-    whose media paths are absolute (each file's relative paths are resolved against its own directory).
+    whose media paths are absolute (each file's relative paths are resolved against its own directory), or open a
+    data set folder (`open_media_dataset`: `save_to_disk` output or a folder `load_dataset` reads, with `Image` /
+    `Audio` / `Video` columns).
 
     Args:
-        data_files: the annotation file(s).
+        data_files: the annotation file(s), or one data set folder.
         streaming: return an `IterableDataset` that reads the files lazily.
         config: the model's configuration, whose modalities name the media columns (`media_keys`); default: the
             built-in modalities.
+        split: the split of a data set folder (see `open_media_dataset`).
     """
     import datasets
 
     files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
     if not files:
         raise ValueError("give at least one annotation file")
+    if len(files) == 1 and os.path.isdir(files[0]):
+        return open_media_dataset(files[0], split, streaming, config)
     columns = media_keys(config)
     parts = []
     for file in files:
@@ -413,8 +511,6 @@ def load_annotation_dataset(
         if not os.path.isfile(file):
             raise FileNotFoundError(f"annotation file not found: {file}")
         dataset = datasets.load_dataset(builder, data_files=file, split="train", streaming=streaming)
-        found = dataset.column_names or []
-        if "caption" not in found and "captions" not in found:
-            raise ValueError(f"{file}: rows need a `caption` or `captions` column, found {found}")
+        check_caption_column(dataset.column_names or [], file)
         parts.append(dataset.map(_resolve_row, fn_kwargs={"root": os.path.dirname(file), "columns": columns}))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

@@ -1,7 +1,7 @@
 """Pretraining data for MiCo: a data collator that decodes media, its columns derived from the modality registry.
 
 Annotation files are read by `annotations.load_annotation_dataset` (JSON lines, JSON, CSV or parquet, through 🤗
-`datasets`). A row has `caption` (a string) or `captions` (a list; training picks one at random), any of the media
+`datasets`), and so are 🤗 `datasets` folders whose media columns are `Image` / `Audio` / `Video` features. A row has `caption` (a string) or `captions` (a list; training picks one at random), any of the media
 columns of the model's modalities (`ModalitySpec.column`: `image`, `video`, `audio`, `depth`, `normal`, and declared
 ones such as `thermal`) and `subtitle` (the subtitle text, or the path of a `.txt` file holding it).
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from transformers.utils import logging
 
-from .annotations import is_present, modality_specs
+from .annotations import describe_media, is_present, modality_specs
 from .configuration_mico import SUBTITLE, MiCoConfig, ModalitySpec
 from .processing_mico import MiCoProcessor
 
@@ -132,21 +132,25 @@ class MiCoDataCollator:
         return captions[index]
 
     def _decode_row(self, row: dict, columns: list[str]) -> dict[str, torch.Tensor]:
-        """The model inputs of one row's media, raising `BrokenMediaError` naming the file that fails."""
+        """The model inputs of one row's media (paths, or 🤗 Datasets media values: `{"path", "bytes"}` dicts, PIL
+        images, `{"array", "sampling_rate"}` dicts, torchcodec decoders), raising `BrokenMediaError` naming the file
+        that fails."""
         inputs = {}
         for column in columns:
-            path = row[column]
+            value = row[column]
             try:
                 if column == SUBTITLE:
-                    inputs.update(self._subtitle(path))
+                    inputs.update(self._subtitle(value))
                 else:
                     spec = self.media[column]
                     features = self.processor(
-                        **{spec.processor_argument: [path]}, training=self.training, return_tensors="pt"
+                        **{spec.processor_argument: [value]}, training=self.training, return_tensors="pt"
                     )
                     inputs[spec.input_name] = features[spec.input_name]
             except Exception as err:
-                raise BrokenMediaError(f"cannot read the {column} of a row from {path!r}: {err}") from err
+                raise BrokenMediaError(
+                    f"cannot read the {column} of a row from {describe_media(value)}: {err}"
+                ) from err
         return inputs
 
     def _subtitle(self, value: str) -> dict[str, torch.Tensor]:

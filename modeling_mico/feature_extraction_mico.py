@@ -10,9 +10,11 @@ povey window, pre-emphasis 0.97, DC removal, power spectrum, log), bilinear resi
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -24,7 +26,7 @@ from transformers.feature_extraction_sequence_utils import SequenceFeatureExtrac
 from transformers.feature_extraction_utils import BatchFeature
 
 from .configuration_mico import BUILTIN_MODALITIES
-from .image_processing_mico import check_file, check_finite, map_batch
+from .image_processing_mico import check_file, check_finite, check_positive, first_set, map_batch, media_bytes
 from .import_utils import require
 from .video_processing_mico import make_generator, sample_segments
 
@@ -37,6 +39,8 @@ PREEMPHASIS = 0.97
 LOW_FREQUENCY = 20.0
 LOG_FLOOR = float(torch.finfo(torch.float32).eps)
 DEFAULT_NUM_SLICES = BUILTIN_MODALITIES["audio"].num_frames  # 3
+# Files whose sound is read with PyAV (a video's sound track, or AAC / ALAC audio that libsndfile does not read)
+SOUND_TRACK_EXTENSIONS = (*BUILTIN_MODALITIES["video"].extensions, ".m4a", ".aac")
 
 AudioLike = str | os.PathLike | np.ndarray | torch.Tensor | dict
 
@@ -116,39 +120,115 @@ def kaldi_fbank(waveform: torch.Tensor, num_mel_bins: int) -> torch.Tensor:
     return (power @ kaldi_mel_filters(num_mel_bins)).clamp_min(LOG_FLOOR).log()
 
 
+def scale_samples(samples: np.ndarray, what: str) -> np.ndarray:
+    """PCM samples -> float32 in [-1, 1] as soundfile reads them: float kept, int8/16/32 divided by 2**(bits - 1)
+    (int16 / 32768), uint8 centred ((x - 128) / 128); other dtypes (int64, bool, ...) are refused."""
+    dtype = samples.dtype
+    if np.issubdtype(dtype, np.floating):
+        return samples.astype(np.float32, copy=False)
+    if dtype in (np.int8, np.int16, np.int32):
+        return (samples / float(2 ** (8 * dtype.itemsize - 1))).astype(np.float32)
+    if dtype == np.uint8:
+        return ((samples - 128.0) / 128.0).astype(np.float32)
+    raise ValueError(f"{what} has samples of dtype {dtype}: give float samples in [-1, 1] or int16 / int32 PCM")
+
+
+def first_channel(samples: np.ndarray, what: str) -> np.ndarray:
+    """Channel 0 of a clip: (samples,), channel-first (channels, samples) or soundfile's (samples, channels); the
+    shorter axis is the channel axis (a clip always has more samples than channels)."""
+    if samples.ndim == 1:
+        return samples
+    if samples.ndim != 2 or samples.shape[0] == samples.shape[1]:
+        raise ValueError(
+            f"{what} array must have shape (samples,), (channels, samples) or (samples, channels), "
+            f"got {tuple(samples.shape)}"
+        )
+    return samples[0] if samples.shape[0] < samples.shape[1] else samples[:, 0]
+
+
+def is_audio_decoder(value: Any) -> bool:
+    """True for a torchcodec `AudioDecoder` (duck-typed: torchcodec is not a dependency)."""
+    return hasattr(value, "get_all_samples")
+
+
+def is_single_clip(audio: Any) -> bool:
+    """True for one clip (path, array, dict, torchcodec decoder), False for a batch (a list of clips)."""
+    return isinstance(audio, (str, os.PathLike, Mapping, np.ndarray, torch.Tensor)) or is_audio_decoder(audio)
+
+
+def read_sound_track(source: str | io.BytesIO, path: str | None, what: str) -> tuple[np.ndarray, int]:
+    """Channel 0 of the first audio stream of a video (or any container FFmpeg reads) with PyAV -> (float32 samples,
+    rate); a file without an audio stream is refused by name."""
+    av = require("av", "decoding the sound track of video files")
+    try:
+        with av.open(source) as container:
+            if not container.streams.audio:
+                raise ValueError(f"{what} file {path!r} has no sound track (no audio stream)")
+            stream = container.streams.audio[0]
+            chunks = []
+            for frame in container.decode(stream):
+                samples = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels) interleaved
+                channels = len(frame.layout.channels)
+                chunks.append(samples[0] if frame.format.is_planar else samples.reshape(-1, channels)[:, 0])
+            rate = stream.rate
+    except av.FFmpegError as err:
+        raise ValueError(f"cannot decode {what} file {path!r}: {err}") from err
+    if not chunks:
+        raise ValueError(f"{what} file {path!r} has an empty sound track")
+    return scale_samples(np.concatenate(chunks), what), int(rate)
+
+
+def read_audio_file(source: str | io.BytesIO, path: str | None, what: str) -> tuple[np.ndarray, int]:
+    """Channel 0 of an audio file (soundfile) or of a video file's sound track (PyAV, for video extensions and for
+    what libsndfile does not read, such as `.m4a`) -> (float32 samples, rate)."""
+    extension = os.path.splitext(path or "")[1].lower()
+    if extension in SOUND_TRACK_EXTENSIONS:
+        return read_sound_track(source, path, what)
+    soundfile = require("soundfile", "decoding audio files")
+    try:
+        data, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
+        raise ValueError(f"cannot decode {what} file {path!r}: {err}") from err
+    return np.ascontiguousarray(data[:, 0]), int(rate)
+
+
 def load_waveform(audio: AudioLike, sampling_rate: int | None, what: str) -> tuple[torch.Tensor, int]:
     """Any supported audio input -> (channel-0 float32 waveform (L,) in [-1, 1], its sampling rate).
 
-    Files are read with soundfile (channel 0 of (L, C)); arrays are (L,) or channel-first (C, L) and need a
-    sampling rate; a `{"array", "sampling_rate"}` dict (🤗 Datasets `Audio`) is accepted too.
+    Files are read with soundfile (channel 0), video files' sound tracks with PyAV; arrays are (samples,),
+    (channels, samples) or (samples, channels), float or int PCM (scaled as soundfile does), and need a sampling
+    rate. 🤗 Datasets values are accepted too: `{"array", "sampling_rate"}` and `{"path", "bytes"}` dicts and
+    torchcodec `AudioDecoder`s (channel 0 of `get_all_samples()`, not the downmix of their `["array"]`).
     """
-    if isinstance(audio, dict):
-        if "array" not in audio or "sampling_rate" not in audio:
+    if isinstance(audio, Mapping) and "array" in audio:
+        if "sampling_rate" not in audio:
             raise ValueError(f"{what} dict must have 'array' and 'sampling_rate' keys, got {sorted(audio)}")
-        audio, sampling_rate = audio["array"], audio["sampling_rate"]
-    if isinstance(audio, (str, os.PathLike)):
+        audio, sampling_rate = audio["array"], check_positive(f"{what}['sampling_rate']", audio["sampling_rate"])
+    if is_audio_decoder(audio):
+        samples = audio.get_all_samples()
+        audio, sampling_rate = samples.data, samples.sample_rate
+    if isinstance(audio, Mapping):
+        source, path = media_bytes(audio, what)
+        if isinstance(source, str):
+            source = check_file(source, what)
+        data, sampling_rate = read_audio_file(source, path, what)
+    elif isinstance(audio, (str, os.PathLike)):
         path = check_file(audio, what)
-        soundfile = require("soundfile", "decoding audio files")
-        try:
-            data, sampling_rate = soundfile.read(path, dtype="float32", always_2d=True)
-        except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
-            raise ValueError(f"cannot decode {what} file {path!r}: {err}") from err
-        waveform = torch.from_numpy(np.ascontiguousarray(data[:, 0]))
+        data, sampling_rate = read_audio_file(path, path, what)
     elif isinstance(audio, (np.ndarray, torch.Tensor)):
         if sampling_rate is None:
             raise ValueError(f"{what} is an array: pass its sampling_rate")
-        waveform = torch.as_tensor(np.asarray(audio, dtype=np.float32))
-        if waveform.ndim not in (1, 2):
-            raise ValueError(
-                f"{what} array must have shape (samples,) or (channels, samples), got {tuple(waveform.shape)}"
-            )
-        waveform = waveform[0] if waveform.ndim == 2 else waveform
+        samples = audio.numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+        data = first_channel(scale_samples(samples, what), what)
     else:
-        raise ValueError(f"{what} must be a path, an array or a dict, got {type(audio).__name__}")
+        raise ValueError(
+            f"{what} must be a path, an array, a dict or a torchcodec AudioDecoder, got {type(audio).__name__}"
+        )
+    waveform = torch.from_numpy(np.ascontiguousarray(data))
     if waveform.numel() == 0:
         raise ValueError(f"{what} is empty (0 samples)")
     check_finite(waveform, what)
-    return waveform, int(sampling_rate)
+    return waveform, check_positive("sampling_rate", sampling_rate)
 
 
 def spectrogram_slices(
@@ -171,9 +251,12 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
     Audio feature extractor of MiCo: each clip becomes `num_slices` normalised log-mel spectrogram slices of
     `target_length` frames x `feature_size` (224) mel bins -> `input_features` (B, num_slices, target_length, 224).
 
-    Multi-channel audio: only channel 0 is used (no downmix), exactly as the original
-    (`torchaudio.compliance.kaldi.fbank` reads the first channel). Clips are resampled to 16 kHz with
-    torchaudio's default windowed-sinc resampler.
+    Clips: audio files (soundfile), video files (their first sound track, PyAV), arrays (float samples, or int16 /
+    int32 PCM scaled as soundfile reads it; `(samples,)`, `(channels, samples)` or `(samples, channels)`, the shorter
+    axis being the channels) with `sampling_rate`, and 🤗 Datasets values (`{"array", "sampling_rate"}` and
+    `{"path", "bytes"}` dicts, torchcodec `AudioDecoder`s). Multi-channel audio: only channel 0 is used (no downmix),
+    exactly as the original (`torchaudio.compliance.kaldi.fbank` reads the first channel). Clips are resampled to
+    16 kHz with torchaudio's default windowed-sinc resampler.
 
     Args:
         num_mel_bins (`int`, *optional*, defaults to 64): Kaldi mel bins before the resize to `feature_size`.
@@ -205,9 +288,10 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
         super().__init__(feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value, **kwargs)
         if sampling_rate != SAMPLING_RATE:
             raise ValueError(f"MiCo's filterbank runs at {SAMPLING_RATE} Hz, got sampling_rate={sampling_rate}")
-        self.num_mel_bins = int(num_mel_bins)
-        self.num_slices = None if num_slices is None else int(num_slices)
-        self.target_length = int(target_length)
+        self.num_mel_bins = check_positive("num_mel_bins", num_mel_bins)
+        self.num_slices = check_positive("num_slices", num_slices)
+        self.target_length = check_positive("target_length", target_length)
+        check_positive("feature_size", feature_size)
         self.mean = float(mean)
         self.std = float(std)
         self.training = bool(training)
@@ -236,7 +320,7 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
     ) -> BatchFeature:
         """Clips (paths, arrays with `sampling_rate`, dicts, or a list of them) -> `input_features`.
 
-        An array is one clip, (samples,) or channel-first (channels, samples); pass a list for a batch. `settings`
+        An array is one clip, (samples,), (channels, samples) or (samples, channels); pass a list for a batch. `settings`
         (`num_mel_bins`, `num_slices`, `target_length`, `training`, `seed`, `generator`) override the saved ones
         for this call, see [`~MiCoFeatureExtractor.slices`].
         """
@@ -263,10 +347,11 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
         """
         training = self.training if training is None else bool(training)
         generator = generator if generator is not None else make_generator(seed)
-        num_mel_bins = num_mel_bins or self.num_mel_bins
-        num_slices = num_slices or self.num_slices or DEFAULT_NUM_SLICES
-        target_length = target_length or self.target_length
-        single = isinstance(audio, (str, os.PathLike, dict, np.ndarray, torch.Tensor))
+        num_mel_bins = first_set(check_positive("num_mel_bins", num_mel_bins), self.num_mel_bins)
+        num_slices = first_set(check_positive("num_slices", num_slices), self.num_slices, DEFAULT_NUM_SLICES)
+        target_length = first_set(check_positive("target_length", target_length), self.target_length)
+        check_positive("sampling_rate", sampling_rate)
+        single = is_single_clip(audio)
         clips = [audio] if single else list(audio)
         if not clips:
             raise ValueError(f"{what} must be a clip or a non-empty list of clips")

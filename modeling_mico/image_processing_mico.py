@@ -10,8 +10,9 @@ maps (per-map min-max scaling, replicated to 3 channels) and surface-normal maps
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,8 +26,10 @@ from transformers.image_processing_utils import BaseImageProcessor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEPTH_SCALINGS = ("min_max", "none")
+# PIL modes holding more than 8 bits per value (16-bit and 32-bit integers, 32-bit floats): scaled by their dtype
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
-ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor | Mapping
 
 
 def check_file(path: str | os.PathLike, what: str) -> str:
@@ -37,19 +40,23 @@ def check_file(path: str | os.PathLike, what: str) -> str:
     return path
 
 
-def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
-    """Decode an image file fully with PIL (lazy decoding would hide truncated files until later)."""
-    path = check_file(path, what)
+def open_image(source: str | os.PathLike | io.BytesIO, what: str = "image", path: str | None = None) -> Image.Image:
+    """Decode an image file (or its bytes) fully with PIL (lazy decoding would hide truncated files until later)."""
+    if not isinstance(source, io.BytesIO):
+        source = path = check_file(source, what)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return img.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot decode {what} file {path!r}: {err}") from err
+        raise ValueError(f"cannot decode {what} file {path or '(bytes)'!r}: {err}") from err
 
 
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor (3, H, W) in [0, 1], as torchvision's `ToTensor` (uint8 / 255)."""
+def pil_to_tensor(img: Image.Image, what: str = "image") -> torch.Tensor:
+    """PIL image -> float32 tensor (3, H, W) in [0, 1]: 8-bit modes as torchvision's `ToTensor` (RGB uint8 / 255),
+    16- and 32-bit integer and float modes (`I;16`, `I`, `F`) by the array rule of `array_to_tensor`."""
+    if img.mode in WIDE_MODES:
+        return array_to_tensor(np.asarray(img), what)
     array = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return uint8_frames_to_tensor(array[None])[0]
 
@@ -59,13 +66,30 @@ def uint8_frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div(255)
 
 
-def array_to_tensor(array: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
-    """An in-memory image (H, W), (H, W, 3) or (H, W, 4) -> float32 tensor (3, H, W) in [0, 1].
+def scale_to_unit(array: np.ndarray, what: str) -> np.ndarray:
+    """Pixel values -> float32 in [0, 1]: integers are divided by their dtype's maximum (255 for uint8, 65535 for
+    16-bit, 2**31 - 1 for int32) and must not be negative; floats must already lie in [0, 1]."""
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and array.min() < 0:
+            raise ValueError(f"{what} is a {array.dtype} image with negative values; pixel values must be >= 0")
+        return (array / np.iinfo(array.dtype).max).astype(np.float32)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{what} must be an integer array or a float array in [0, 1], got dtype {array.dtype}")
+    check_finite(array, what)
+    if array.size and (array.min() < 0 or array.max() > 1):
+        raise ValueError(f"{what} is a float array and must lie in [0, 1], got [{array.min()}, {array.max()}]")
+    return array.astype(np.float32, copy=False)
 
-    uint8 arrays are divided by 255; float arrays must already lie in [0, 1]. Grey images are replicated to
-    three channels and an alpha channel is dropped, as PIL's `convert("RGB")` does.
+
+def array_to_tensor(array: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
+    """An in-memory image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> float32 tensor (3, H, W) in [0, 1].
+
+    Values are scaled by `scale_to_unit` (uint8 / 255 exactly as for files). Grey images are replicated to three
+    channels and an alpha channel is dropped, as PIL's `convert("RGB")` does.
     """
     array = array.numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
@@ -73,12 +97,31 @@ def array_to_tensor(array: np.ndarray | torch.Tensor, what: str) -> torch.Tensor
     array = array[..., :3]
     if array.dtype == np.uint8:
         return uint8_frames_to_tensor(array[None])[0]
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{what} must be uint8 or float in [0, 1], got dtype {array.dtype}")
-    check_finite(array, what)
-    if array.min() < 0 or array.max() > 1:
-        raise ValueError(f"{what} is a float array and must lie in [0, 1], got [{array.min()}, {array.max()}]")
-    return torch.from_numpy(np.require(array, np.float32, ["C", "W"])).permute(2, 0, 1)
+    return torch.from_numpy(np.require(scale_to_unit(array, what), np.float32, ["C", "W"])).permute(2, 0, 1)
+
+
+def check_positive(name: str, value: Any) -> int | None:
+    """A setting that must be a positive integer (frames, slices, sizes, rates): `None` passes (unset), anything
+    else is returned as an `int` or refused by name, so that 0 never silently becomes a default."""
+    if value is None:
+        return None
+    integral = isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def media_bytes(value: Mapping, what: str) -> tuple[io.BytesIO | str, str | None]:
+    """A 🤗 Datasets media value stored undecoded, `{"path": ..., "bytes": ...}` -> (its bytes as a file object, or
+    its path; the path for messages and extension checks). Bytes win over the path, as in `datasets`."""
+    if "bytes" not in value and "path" not in value:
+        raise ValueError(f"{what} dict must have 'path' and/or 'bytes' keys, got {sorted(value)}")
+    path = value.get("path")
+    if value.get("bytes") is not None:
+        return io.BytesIO(value["bytes"]), path
+    if path is None:
+        raise ValueError(f"{what} dict has neither 'path' nor 'bytes'")
+    return os.fspath(path), os.fspath(path)
 
 
 def check_finite(array: np.ndarray | torch.Tensor, what: str) -> None:
@@ -89,11 +132,15 @@ def check_finite(array: np.ndarray | torch.Tensor, what: str) -> None:
 
 
 def load_image(image: ImageLike, what: str = "image") -> torch.Tensor:
-    """Any supported image input -> float32 tensor (3, H, W) in [0, 1] (grey and CMYK converted to RGB)."""
+    """Any supported image input -> float32 tensor (3, H, W) in [0, 1] (grey and CMYK converted to RGB); a
+    `{"path", "bytes"}` dict is what a 🤗 Datasets `Image(decode=False)` column holds."""
+    if isinstance(image, Mapping):
+        source, path = media_bytes(image, what)
+        image = open_image(source, what, path)
     if isinstance(image, (str, os.PathLike)):
-        return pil_to_tensor(open_image(image, what))
+        return pil_to_tensor(open_image(image, what), what)
     if isinstance(image, Image.Image):
-        return pil_to_tensor(image)
+        return pil_to_tensor(image, what)
     if isinstance(image, (np.ndarray, torch.Tensor)):
         return array_to_tensor(image, what)
     raise ValueError(f"{what} must be a path, a PIL image or an array, got {type(image).__name__}")
@@ -104,6 +151,9 @@ def load_depth(depth: ImageLike, what: str = "depth") -> torch.Tensor:
 
     Colour images are converted to 8-bit grey ("L"); an array of shape (H, W, 1) is squeezed.
     """
+    if isinstance(depth, Mapping):
+        source, path = media_bytes(depth, what)
+        depth = open_image(source, what, path) if isinstance(source, io.BytesIO) else source
     if isinstance(depth, (str, os.PathLike)):
         path = check_file(depth, what)
         if path.lower().endswith(".npy"):
@@ -160,10 +210,15 @@ def as_batch(inputs: Any, is_single) -> list:
 
 
 def is_single_image(image: Any) -> bool:
-    """True for one image (path, PIL image or array of rank <= 3), False for a batch."""
+    """True for one image (path, PIL image, `{"path", "bytes"}` dict or array of rank <= 3), False for a batch."""
     if isinstance(image, (np.ndarray, torch.Tensor)):
         return image.ndim <= 3
-    return isinstance(image, (str, os.PathLike, Image.Image))
+    return isinstance(image, (str, os.PathLike, Image.Image, Mapping))
+
+
+def first_set(*values: Any) -> Any:
+    """The first value that is not `None` (per-call setting, then the saved one, then the modality's default)."""
+    return next((value for value in values if value is not None), None)
 
 
 def map_batch(items: list, fn, what: str) -> list:
@@ -177,9 +232,11 @@ class MiCoImageProcessor(BaseImageProcessor):
 
     Every input ends as a float32 tensor normalised with CLIP's mean/std at `image_size` x `image_size`:
 
-    * images (path, PIL image, (H, W[, 3|4]) uint8 or [0, 1] float array): decoded with PIL, converted to RGB
-      (grey and CMYK included), scaled to [0, 1], resized by bilinear interpolation *without antialiasing*
-      (the aspect ratio is not kept), normalised -> `pixel_values` (B, 3, H, W).
+    * images (path, PIL image, 🤗 Datasets `{"path", "bytes"}` dict, (H, W[, 1|3|4]) array): decoded with PIL,
+      converted to RGB (grey and CMYK included), scaled to [0, 1] (integers divided by their dtype's maximum: 16-bit
+      PNG/TIFF by 65535, 32-bit by 2**31 - 1; floats, float TIFFs included, must already lie in [0, 1]), resized by
+      bilinear interpolation *without antialiasing* (the aspect ratio is not kept), normalised -> `pixel_values`
+      (B, 3, H, W).
     * depth maps (16-bit or 8-bit PNG, `.npy`, PIL image or 2-D array): per-map min-max scaled to [0, 1]
       (`depth_scaling="min_max"`, a constant map gives zeros) or used as is (`depth_scaling="none"`, values
       must already be in [0, 1]), replicated to 3 channels, then resized and normalised as images
@@ -206,14 +263,15 @@ class MiCoImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         if depth_scaling not in DEPTH_SCALINGS:
             raise ValueError(f"depth_scaling must be one of {DEPTH_SCALINGS}, got {depth_scaling!r}")
-        self.image_size = int(image_size)
+        self.image_size = check_positive("image_size", image_size)
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
         self.depth_scaling = depth_scaling
 
     def transform(self, pixels: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
         """Resize and normalise (N, 3, H, W) pixels in [0, 1] (frames of one size are resized in one call)."""
-        return resize_and_normalize(pixels, image_size or self.image_size, self.image_mean, self.image_std)
+        size = first_set(check_positive("image_size", image_size), self.image_size)
+        return resize_and_normalize(pixels, size, self.image_mean, self.image_std)
 
     def _transform_each(self, tensors: list[torch.Tensor], image_size: int | None) -> torch.Tensor:
         """Resize and normalise a list of (3, H, W) tensors of possibly different sizes into (N, 3, S, S)."""

@@ -14,7 +14,7 @@ from types import ModuleType
 OPTIONAL_BACKENDS = {
     "decord": ("decord", "mico-transformers"),
     "soundfile": ("soundfile", "mico-transformers"),
-    "av": ("av", "mico-transformers[train]"),
+    "av": ("av", "mico-transformers"),
     "matplotlib": ("matplotlib", "mico-transformers[train]"),
 }
 

@@ -15,22 +15,23 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging
 
 from .configuration_mico import BUILTIN_MODALITIES, ModalitySpec, resolve_modalities
-from .feature_extraction_mico import MiCoFeatureExtractor
-from .image_processing_mico import MiCoImageProcessor, is_single_image
+from .feature_extraction_mico import MiCoFeatureExtractor, is_single_clip
+from .image_processing_mico import MiCoImageProcessor, check_positive, first_set, is_single_image
 from .video_processing_mico import MiCoVideoProcessor, is_single_video, make_generator
 
 
 if TYPE_CHECKING:
     from .configuration_mico import MiCoConfig
 
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bert-base-uncased")
 
@@ -97,7 +98,7 @@ def batch_size(name: str, inputs: Any, layout: str | None = None) -> int:
     elif layout == "video":
         single = is_single_video(inputs)
     elif layout == "spectrogram":
-        single = isinstance(inputs, (str, os.PathLike, dict, np.ndarray, torch.Tensor))
+        single = is_single_clip(inputs)
     else:
         single = is_single_image(inputs)
     if single:
@@ -108,16 +109,13 @@ def batch_size(name: str, inputs: Any, layout: str | None = None) -> int:
 
 
 def check_batch_sizes(inputs: Mapping[str, Any], layouts: Mapping[str, str]) -> None:
-    """All given inputs (keyed by processor argument) must hold the same number of items (a single text is not
-    broadcast); `layouts` maps each modality argument to its layout."""
+    """All given media (keyed by processor argument) must hold the same number of items; `text` may hold another
+    number (the candidate labels of zero-shot classification, as `CLIPProcessor` allows) but must be well formed.
+    `layouts` maps each modality argument to its layout."""
     sizes = {name: batch_size(name, value, layouts.get(name)) for name, value in inputs.items() if value is not None}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"all inputs must have the same batch size, got {sizes}")
-
-
-def first_set(*values: Any) -> Any:
-    """The first value that is not `None` (per-call setting, then the saved one, then the modality's default)."""
-    return next((value for value in values if value is not None), None)
+    media = {name: size for name, size in sizes.items() if name != "text"}
+    if len(set(media.values())) > 1:
+        raise ValueError(f"all media inputs must have the same batch size, got {media}")
 
 
 class MiCoProcessor(ProcessorMixin):
@@ -138,7 +136,11 @@ class MiCoProcessor(ProcessorMixin):
     * `"video"`: `num_frames` frames sampled per clip -> `(B, T, 3, H, W)` (`pixel_values_videos`).
     * `"spectrogram"`: `num_slices` log-mel slices per clip -> `(B, S, target_length, 224)` (`input_features`).
 
-    When several inputs are given they must have the same batch size.
+    Media may be paths, arrays, PIL images or what 🤗 `datasets` gives (`{"path", "bytes"}` and `{"array",
+    "sampling_rate"}` dicts, torchcodec decoders); `audio=` also takes a video file (its sound track). Media given
+    together must have the same batch size; `text` may hold another number of items (candidate labels). Settings of 0
+    or less are refused by name; texts longer than `max_length` are truncated with a warning (refused with
+    `truncation=False`). See `docs/processing.md`.
 
     Args:
         image_processor ([`MiCoImageProcessor`], *optional*): image-, depth- and video-frame transform.
@@ -182,10 +184,10 @@ class MiCoProcessor(ProcessorMixin):
             feature_extractor if feature_extractor is not None else MiCoFeatureExtractor(),
             tokenizer if tokenizer is not None else load_default_tokenizer(),
         )
-        self.num_frames = None if num_frames is None else int(num_frames)
+        self.num_frames = check_positive("num_frames", num_frames)
         self.training = bool(training)
         self.seed = seed
-        self.max_length = int(max_length)
+        self.max_length = check_positive("max_length", max_length)
         processor_modalities(modalities)  # refuse bad declarations now, not at the first call
         self.modalities = {name: dict(fields) for name, fields in (modalities or {}).items()}
 
@@ -315,11 +317,16 @@ class MiCoProcessor(ProcessorMixin):
         if text is None and not media:
             raise ValueError(f"give at least one of {', '.join(['text', *specs])}")
         check_batch_sizes({"text": text, **media}, {argument: spec.layout for argument, spec in specs.items()})
+        settings = {"sampling_rate": sampling_rate, "num_frames": num_frames, "num_mel_bins": num_mel_bins}
+        settings.update(num_slices=num_slices, target_length=target_length, image_size=image_size)
+        for name, value in settings.items():  # refused even when no input of this call uses them
+            check_positive(name, value)
         training = self.training if training is None else bool(training)
         generator = make_generator(first_set(seed, self.seed))
         data: dict[str, Any] = {}
         if text is not None:
-            data.update(self._tokenize(text, max_length or self.max_length, padding, truncation))
+            max_length = first_set(check_positive("max_length", max_length), self.max_length)
+            data.update(self._tokenize(text, max_length, padding, truncation))
         for argument, value in media.items():
             spec = specs[argument]
             if spec.layout == "image":
@@ -346,9 +353,22 @@ class MiCoProcessor(ProcessorMixin):
         return BatchFeature(data, tensor_type=return_tensors)
 
     def _tokenize(self, text: str | list[str], max_length: int, padding: bool | str, truncation: bool) -> dict:
-        """Tokenize captions to `input_ids` / `attention_mask` (no token type ids, as the model uses none)."""
+        """Tokenize captions to `input_ids` / `attention_mask` (no token type ids, as the model uses none).
+
+        A text longer than `max_length` tokens is truncated with a warning naming it (`truncation=True`, the
+        default) or refused (`truncation=False`): a longer row would not fit the padded batch nor the model's
+        positions."""
         if not isinstance(text, str) and not all(isinstance(t, str) for t in text):
             raise ValueError("text must be a string or a list of strings")
+        texts = [text] if isinstance(text, str) else list(text)
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        long = {f"text[{index}]": length for index, length in enumerate(lengths) if length > max_length}
+        if long and not truncation:
+            raise ValueError(
+                f"{long} tokens exceed max_length={max_length}; shorten them, raise max_length or pass truncation=True"
+            )
+        if long:
+            logger.warning(f"truncated to max_length={max_length} tokens: {long} (tokens before truncation)")
         encoded = self.tokenizer(
             text,
             padding=padding,

@@ -13,8 +13,10 @@ which requires torchvision in transformers 5; `MiCoProcessor` saves its settings
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,11 +24,20 @@ import torch
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 
-from .image_processing_mico import MiCoImageProcessor, check_file, load_image, map_batch, uint8_frames_to_tensor
+from .image_processing_mico import (
+    MiCoImageProcessor,
+    check_file,
+    check_positive,
+    load_image,
+    map_batch,
+    media_bytes,
+    scale_to_unit,
+    uint8_frames_to_tensor,
+)
 from .import_utils import require
 
 
-VideoLike = str | os.PathLike | np.ndarray | torch.Tensor | Sequence[Image.Image]
+VideoLike = str | os.PathLike | np.ndarray | torch.Tensor | Sequence[Image.Image] | Mapping
 
 
 def split_segments(items: Sequence[Any], num_segments: int) -> list[list[Any]]:
@@ -59,16 +70,23 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 
 
 def read_video_file(
-    path: str | os.PathLike, num_frames: int, training: bool, generator: torch.Generator | None, what: str
+    source: str | os.PathLike | io.BytesIO,
+    num_frames: int,
+    training: bool,
+    generator: torch.Generator | None,
+    what: str,
+    path: str | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Decode only the sampled frames of a video file with decord -> ((T, 3, H, W) in [0, 1], frame indices).
+    """Decode only the sampled frames of a video file (or its bytes, named `path`) with decord -> ((T, 3, H, W) in
+    [0, 1], frame indices).
 
     decord is imported here, on first use: without it, frame folders and in-memory videos still work.
     """
-    path = check_file(path, what)
+    if not isinstance(source, io.BytesIO):
+        source = path = check_file(source, what)
     decord = require("decord", "decoding video files")
     try:
-        reader = decord.VideoReader(path, num_threads=1)
+        reader = decord.VideoReader(source, num_threads=1)
         length = len(reader)
     except (decord.DECORDError, RuntimeError) as err:
         raise ValueError(f"cannot decode {what} file {path!r}: {err}") from err
@@ -82,11 +100,42 @@ def read_video_file(
     return uint8_frames_to_tensor(frames), indices
 
 
+def natural_key(name: str) -> list:
+    """Sort key comparing the digit runs of a file name as numbers: `frame_2` before `frame_10`."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def read_torchcodec_video(
+    decoder: Any, num_frames: int, training: bool, generator: torch.Generator | None, what: str
+) -> tuple[torch.Tensor, list[int]]:
+    """Sample frames from a `torchcodec.decoders.VideoDecoder` (what a 🤗 Datasets `Video` column decodes to): only
+    the sampled frames are decoded (`get_frames_at`), in NCHW or NHWC order, uint8."""
+    length = len(decoder)
+    if length == 0:
+        raise ValueError(f"{what} has no frames")
+    indices = sample_segments(range(length), num_frames, training, generator)
+    frames = decoder.get_frames_at(indices).data
+    if frames.ndim == 4 and frames.shape[1] != 3 and frames.shape[-1] == 3:  # NHWC
+        frames = frames.permute(0, 3, 1, 2)
+    if frames.ndim != 4 or frames.shape[1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"{what}: the video decoder gave {frames.dtype} frames {tuple(frames.shape)}, not RGB uint8")
+    return frames.float().div(255), indices
+
+
+def is_video_decoder(value: Any) -> bool:
+    """True for a torchcodec `VideoDecoder` (duck-typed: torchcodec is not a dependency)."""
+    return hasattr(value, "get_frames_at") and hasattr(value, "__len__")
+
+
 def read_frame_folder(
     folder: str, num_frames: int, training: bool, generator: torch.Generator | None, what: str
 ) -> tuple[torch.Tensor, list[int]]:
-    """Sample frames from a folder of frame images sorted by file name (hidden files ignored)."""
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    """Sample frames from a folder of frame images sorted by file name, numbers compared as numbers (`frame_2`
+    before `frame_10`; hidden files ignored)."""
+    names = sorted(
+        (n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))),
+        key=natural_key,
+    )
     if not names:
         raise ValueError(f"{what} frame folder {folder!r} contains no frame files")
     indices = sample_segments(range(len(names)), num_frames, training, generator)
@@ -105,37 +154,51 @@ def read_frame_array(
     generator: torch.Generator | None,
     what: str,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Sample frames from an in-memory video: (T, H, W, 3) uint8 array/tensor or a list of PIL images."""
+    """Sample frames from an in-memory video: a (T, H, W, 3) array/tensor (uint8, wider integers or [0, 1] floats,
+    scaled as images) or a list of PIL images."""
     if isinstance(frames, (list, tuple)):
         if not frames or not all(isinstance(f, Image.Image) for f in frames):
             raise ValueError(f"{what} given as a list must be a non-empty list of PIL images")
         indices = sample_segments(range(len(frames)), num_frames, training, generator)
         return torch.stack([load_image(frames[i], f"{what} frame {i}") for i in indices]), indices
     array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"{what} array must be uint8 with shape (T, H, W, 3), got {array.dtype} {tuple(array.shape)}")
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"{what} array must have shape (T, H, W, 3), got {tuple(array.shape)}")
     if array.shape[0] == 0:
         raise ValueError(f"{what} has zero frames")
     indices = sample_segments(range(array.shape[0]), num_frames, training, generator)
-    return uint8_frames_to_tensor(array[indices]), indices
+    if array.dtype == np.uint8:
+        return uint8_frames_to_tensor(array[indices]), indices
+    return torch.from_numpy(np.ascontiguousarray(scale_to_unit(array[indices], what))).permute(0, 3, 1, 2), indices
 
 
 def read_video(
     video: VideoLike, num_frames: int, training: bool, generator: torch.Generator | None, what: str = "video"
 ) -> tuple[torch.Tensor, list[int]]:
     """Any supported video input -> ((num_frames, 3, H, W) pixels in [0, 1], sampled frame indices)."""
+    if isinstance(video, Mapping):
+        source, path = media_bytes(video, what)
+        if isinstance(source, io.BytesIO):
+            return read_video_file(source, num_frames, training, generator, what, path)
+        video = source
+    if is_video_decoder(video):
+        return read_torchcodec_video(video, num_frames, training, generator, what)
     if isinstance(video, (str, os.PathLike)):
         if os.path.isdir(video):
             return read_frame_folder(os.fspath(video), num_frames, training, generator, what)
         return read_video_file(video, num_frames, training, generator, what)
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
         return read_frame_array(video, num_frames, training, generator, what)
-    raise ValueError(f"{what} must be a path, a frame folder, a (T, H, W, 3) array or a list of PIL images")
+    raise ValueError(
+        f"{what} must be a path, a frame folder, a (T, H, W, 3) array, a list of PIL images, a `{{'path', 'bytes'}}` "
+        f"dict or a torchcodec VideoDecoder, got {type(video).__name__}"
+    )
 
 
 def is_single_video(video: Any) -> bool:
-    """True for one video (path, array of rank <= 4, list of PIL images), False for a batch of videos."""
-    if isinstance(video, (str, os.PathLike)):
+    """True for one video (path, array of rank <= 4, list of PIL images, `{"path", "bytes"}` dict, torchcodec
+    decoder), False for a batch of videos."""
+    if isinstance(video, (str, os.PathLike, Mapping)) or is_video_decoder(video):
         return True
     if isinstance(video, (np.ndarray, torch.Tensor)):
         return video.ndim <= 4
@@ -146,9 +209,10 @@ class MiCoVideoProcessor:
     r"""
     Video processor of MiCo: samples `num_frames` frames per video and applies the image transform to each.
 
-    Accepted videos: a video file (decoded with decord; only the sampled frames are decoded), a folder of
-    frame images (sorted by file name, converted to RGB), a (T, H, W, 3) uint8 array or tensor, or a list of
-    PIL images. A batch is a list of those (or a (B, T, H, W, 3) array).
+    Accepted videos: a video file or its bytes in a 🤗 Datasets `{"path", "bytes"}` dict (decoded with decord; only the
+    sampled frames are decoded), a torchcodec `VideoDecoder` (likewise), a folder of frame images (sorted by file name
+    with numbers compared as numbers, converted to RGB), a (T, H, W, 3) array or tensor (uint8, wider integers or [0, 1]
+    floats, scaled as images), or a list of PIL images. A batch is a list of those (or a (B, T, H, W, 3) array).
 
     Args:
         num_frames (`int`, *optional*, defaults to 4): frames sampled per video (one per segment).
@@ -159,7 +223,7 @@ class MiCoVideoProcessor:
     model_input_names = ["pixel_values_videos"]
 
     def __init__(self, num_frames: int = 4, training: bool = False, image_processor: MiCoImageProcessor | None = None):
-        self.num_frames = int(num_frames)
+        self.num_frames = check_positive("num_frames", num_frames)
         self.training = bool(training)
         self.image_processor = image_processor if image_processor is not None else MiCoImageProcessor()
 
@@ -184,7 +248,7 @@ class MiCoVideoProcessor:
         """
         if not do_sample_frames:
             raise ValueError("MiCoVideoProcessor always samples num_frames frames per video; do_sample_frames=False")
-        num_frames = self.num_frames if num_frames is None else int(num_frames)
+        num_frames = self.num_frames if num_frames is None else check_positive("num_frames", num_frames)
         training = self.training if training is None else bool(training)
         generator = generator if generator is not None else make_generator(seed)
         pixels, indices = self.sample(videos, num_frames, training, generator, image_size)
@@ -203,8 +267,7 @@ class MiCoVideoProcessor:
         what: str = "videos",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Videos -> (pixels (B, T, 3, S, S), sampled frame indices (B, T)); errors name the item as `what[i]`."""
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        check_positive("num_frames", num_frames)
         batch = [videos] if is_single_video(videos) else list(videos)
         if not batch:
             raise ValueError(f"{what} must be a video or a non-empty list of videos")

@@ -380,7 +380,9 @@ def test_bad_audio_arrays_raise(processor):
         processor(audio=np.array([0.1, np.inf] * 1000), sampling_rate=16000)
     with pytest.raises(ValueError, match=r"audio\[0\] is an array: pass its sampling_rate"):
         processor(audio=np.zeros(16000))
-    with pytest.raises(ValueError, match=r"audio\[0\] array must have shape \(samples,\) or \(channels, samples\)"):
+    with pytest.raises(
+        ValueError, match=r"audio\[0\] array must have shape \(samples,\), \(channels, samples\) or \("
+    ):
         processor(audio=np.zeros((1, 2, 16000)), sampling_rate=16000)
     with pytest.raises(ValueError, match=r"audio\[0\] is too short"):
         processor(audio=np.ones(100), sampling_rate=16000)
@@ -391,10 +393,12 @@ def test_bad_video_inputs_raise(processor, bad_files):
         processor(videos=np.zeros((0, 8, 8, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"videos\[0\] frame folder .*empty_folder.* contains no frame files"):
         processor(videos=str(bad_files["empty_folder"]))
-    with pytest.raises(ValueError, match=r"videos\[0\] array must be uint8 with shape \(T, H, W, 3\)"):
+    with pytest.raises(ValueError, match=r"videos\[0\] array must have shape \(T, H, W, 3\), got \(8, 8, 3\)"):
         processor(videos=np.zeros((8, 8, 3), dtype=np.uint8))
-    with pytest.raises(ValueError, match=r"videos\[0\] array must be uint8 with shape \(T, H, W, 3\)"):
+    with pytest.raises(ValueError, match=r"videos\[0\] array must have shape \(T, H, W, 3\), got \(2, 8, 8, 4\)"):
         processor(videos=np.zeros((2, 8, 8, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"videos\[0\] is a float array and must lie in \[0, 1\]"):
+        processor(videos=np.full((2, 8, 8, 3), 255.0))
 
 
 def test_bad_image_arrays_raise(processor):
@@ -408,19 +412,28 @@ def test_bad_image_arrays_raise(processor):
         processor(depth=np.array([[0.0, np.nan]]))
 
 
-def test_mismatched_batch_sizes_raise(processor):
-    with pytest.raises(ValueError, match=r"same batch size.*'text': 2.*'videos': 3"):
-        processor(text=["a", "b"], videos=[str(MP4)] * 3)
-    with pytest.raises(ValueError, match=r"same batch size.*'text': 1.*'images': 2"):
-        processor(text="one caption", images=[str(JPEG), str(JPEG)])
+def test_mismatched_media_batch_sizes_raise(processor):
+    with pytest.raises(
+        ValueError, match=r"all media inputs must have the same batch size, got \{'images': 2, 'audio': 1\}"
+    ):
+        processor(text=["a", "b"], images=[str(JPEG), str(JPEG)], audio=str(FLAC))
     with pytest.raises(ValueError, match="give at least one of"):
         processor()
+
+
+def test_text_batch_may_differ_from_media_batch(processor):
+    """Zero-shot classification: several candidate labels against one clip (as CLIPProcessor allows)."""
+    labels = ["a dog barking", "rain falling", "a car engine"]
+    out = processor(text=labels, audio=[str(FLAC)], images=str(JPEG))
+    assert out["input_ids"].shape == (3, 40) and out["input_features"].shape[0] == 1
+    assert out["pixel_values"].shape[0] == 1
+    torch.testing.assert_close(out["input_ids"], processor(text=labels)["input_ids"], rtol=0, atol=0)
 
 
 def test_unknown_settings_raise(processor):
     with pytest.raises(ValueError, match="depth_scaling must be one of"):
         MiCoImageProcessor(depth_scaling="log")
-    with pytest.raises(ValueError, match="num_frames must be >= 1"):
+    with pytest.raises(ValueError, match="num_frames must be a positive integer, got 0"):
         MiCoVideoProcessor()(str(MP4), num_frames=0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'num_slice'"):
         MiCoFeatureExtractor()(np.zeros(16000), sampling_rate=16000, num_slice=2)
@@ -643,8 +656,8 @@ def test_declared_modality_errors(declared_outputs, small_inputs):
         thermal(thermol=image)
     with pytest.raises(TypeError, match=r"unexpected arguments \['thermal'\]"):
         MiCoProcessor()(thermal=image)
-    with pytest.raises(ValueError, match=r"same batch size.*'text': 1.*'thermal': 2"):
-        thermal(text="one", thermal=[image, image])
+    with pytest.raises(ValueError, match=r"same batch size, got \{'images': 1, 'thermal': 2\}"):
+        thermal(images=image, thermal=[image, image])
     with pytest.raises(ValueError, match=r"give at least one of text, images, videos, audio, depth, normals, thermal"):
         thermal()
     with pytest.raises(FileNotFoundError, match=r"thermal\[1\] file not found: .*nope.png"):

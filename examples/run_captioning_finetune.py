@@ -23,13 +23,13 @@ from modeling_mico import MiCoForConditionalGeneration
 from modeling_mico.annotations import load_annotation_dataset
 from modeling_mico.evaluation import load_processor
 from modeling_mico.finetuning import (
+    LoraArguments,
     MiCoCaptioningTrainer,
     MiCoCaptionMaskingCollator,
     prepare_run,
     save_and_publish,
     train_and_evaluate,
 )
-from modeling_mico.peft_utils import build_peft_config, build_peft_model
 
 
 logger = logging.getLogger(__name__)
@@ -57,21 +57,19 @@ class DataArguments:
 class CaptioningArguments:
     num_beams: int = field(default=3, metadata={"help": "beams of the evaluation captions"})
     max_new_tokens: int = field(default=20, metadata={"help": "longest evaluation caption"})
-    use_peft: bool = field(default=False, metadata={"help": "LoRA on the text branch instead of full fine-tuning"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
 
 
 def build_parser() -> HfArgumentParser:
     """The command-line options: the dataclasses above and `TrainingArguments`."""
     return HfArgumentParser(
-        (ModelArguments, DataArguments, CaptioningArguments, TrainingArguments), description=__doc__.split("\n\n")[0]
+        (ModelArguments, DataArguments, CaptioningArguments, LoraArguments, TrainingArguments),
+        description=__doc__.split("\n\n")[0],
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
-    model_args, data_args, caption_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, caption_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     push = prepare_run(training_args, data_args.overwrite_output_dir)
     training_args.prediction_loss_only = True  # evaluation scores generated captions, not the logits
     options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
@@ -79,9 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.accepts_loss_kwargs = False  # the loss is the mean over masked tokens of each batch, as in pretraining
     config = model.config
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
-    if caption_args.use_peft:
-        model = build_peft_model(model, build_peft_config("text", caption_args.lora_r, caption_args.lora_alpha))
-        model.print_trainable_parameters()
+    model = lora_args.wrap(model, "text")
     train_collator, eval_collator = (
         MiCoCaptionMaskingCollator(processor, config, data_args.modalities, training=training)
         for training in (True, False)

@@ -28,6 +28,7 @@ from modeling_mico import (
 )
 from modeling_mico.evaluation import load_processor
 from modeling_mico.finetuning import (
+    LoraArguments,
     MiCoClassificationCollator,
     classification_compute_metrics,
     label_names,
@@ -37,7 +38,6 @@ from modeling_mico.finetuning import (
     save_and_publish,
     train_and_evaluate,
 )
-from modeling_mico.peft_utils import build_peft_config, build_peft_model
 from modeling_mico.trainer_mico import EvalCollatorTrainer
 
 
@@ -71,10 +71,6 @@ class DataArguments:
 
 @dataclass
 class FinetuneArguments:
-    use_peft: bool = field(default=False, metadata={"help": "LoRA on the vision tower instead of full fine-tuning"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     layer_decay: float = field(default=1.0, metadata={"help": "layer-wise learning-rate decay (1 = none; EVA: 0.9)"})
     mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha) (0 = off)"})
     cutmix_alpha: float = field(default=0.0, metadata={"help": "cutmix Beta(alpha, alpha) (0 = off)"})
@@ -83,13 +79,14 @@ class FinetuneArguments:
 def build_parser() -> HfArgumentParser:
     """The command-line options: the dataclasses above and `TrainingArguments`."""
     return HfArgumentParser(
-        (ModelArguments, DataArguments, FinetuneArguments, TrainingArguments), description=__doc__.split("\n\n")[0]
+        (ModelArguments, DataArguments, FinetuneArguments, LoraArguments, TrainingArguments),
+        description=__doc__.split("\n\n")[0],
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
-    model_args, data_args, finetune_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, finetune_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.modality not in HEADS:
         parser.error(f"--modality must be one of {sorted(HEADS)}, got {model_args.modality!r}")
     push = prepare_run(training_args, data_args.overwrite_output_dir)
@@ -114,13 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     config = model.config
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
-    if finetune_args.use_peft:
-        peft_config = build_peft_config(
-            "vision", finetune_args.lora_r, finetune_args.lora_alpha, finetune_args.lora_dropout
-        )
-        peft_config.modules_to_save = ["fc_norm", "classifier"]  # the new head trains in full
-        model = build_peft_model(model, peft_config)
-        model.print_trainable_parameters()
+    model = lora_args.wrap(model, "vision", modules_to_save=["fc_norm", "classifier"])  # the new head in full
 
     def collator(training: bool) -> MiCoClassificationCollator:
         mixing = {"mixup_alpha": finetune_args.mixup_alpha, "cutmix_alpha": finetune_args.cutmix_alpha}

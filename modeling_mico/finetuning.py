@@ -18,6 +18,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -381,6 +382,31 @@ def append_metrics_to_card(output_dir: str | os.PathLike, metrics: dict[str, flo
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class LoraArguments:
+    """Command-line options (an `HfArgumentParser` dataclass) of the fine-tuning scripts' LoRA adapter."""
+
+    use_peft: bool = field(
+        default=False, metadata={"help": "train a LoRA adapter (merged into the saved model) instead of every weight"}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+
+    def wrap(self, model: nn.Module, tower: str, modules_to_save: Sequence[str] = ()) -> nn.Module:
+        """`model` with a LoRA adapter on `tower` (`peft_utils.build_peft_config`) and `modules_to_save` trained in
+        full, when `use_peft`; else `model`."""
+        if not self.use_peft:
+            return model
+        from .peft_utils import build_peft_config, build_peft_model
+
+        config = build_peft_config(tower, self.lora_r, self.lora_alpha, self.lora_dropout)
+        config.modules_to_save = list(modules_to_save) or None
+        model = build_peft_model(model, config)
+        model.print_trainable_parameters()
+        return model
+
+
 def prepare_run(training_args: Any, overwrite_output_dir: bool) -> bool:
     """Set-up shared by the fine-tuning scripts: the collator reads raw rows (`remove_unused_columns=False`),
     logging, a non-empty `output_dir` refused unless `overwrite_output_dir`, the seed. Trainer's own Hub push is
@@ -455,6 +481,7 @@ def save_and_publish(
 
 
 __all__ = [
+    "LoraArguments",
     "append_metrics_to_card",
     "MiCoCaptionMaskingCollator",
     "MiCoCaptioningTrainer",

@@ -1,9 +1,15 @@
-"""Caption generation speed: the original scheme (recompute the whole prefix every step) vs the key/value cache.
+"""Caption generation speed: the key/value cache against the original scheme (recompute the whole prefix every
+step), and the decoding step against the machine's roofline, before and after keeping one context per item.
 
-A BERT-base-size text decoder (12 layers, 768 wide, random weights) cross-attends to a context of 4 frames x 257
-tokens from a small vision tower; every caption has exactly 40 new tokens (`[SEP]` is suppressed). Greedy and 3-beam
-search are timed alternately (recompute, cached, recompute, ...) in one process; prints a Markdown table and writes
-JSON.
+A BERT-base-size text decoder (12 layers, 768 wide, vocab 30,522, random weights, float32) cross-attends to a context
+of 4 frames x 257 tokens. Two measurements, each alternating its two variants in one process:
+
+* whole captions of exactly 40 new tokens (`[SEP]` suppressed), recompute vs cached, greedy and 3 beams;
+* the time of one decoding step (median step of a caption, the first step, which projects the context, excluded) at
+  batch 1, 3 and 4, greedy and 3 beams: *before* (the generic Transformers path: the context copied per beam and the
+  whole cache, context keys/values included, reordered between beams) vs *after* (the package: one context per item,
+  only the self-attention cache reordered), with the step's FLOP and byte bounds (`benchmarks/roofline.py`); and the
+  same step in bfloat16 (weights and activations) with its agreement with float32.
 
     python benchmarks/bench_generation.py [--quick] [--output benchmarks/results/generation.json]
 """
@@ -11,7 +17,13 @@ JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import statistics
 import sys
+import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 
@@ -19,14 +31,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from transformers.generation import GenerationMixin, StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 from benchmarks.common import machine_info, markdown_table, paired_times, write_json  # noqa: E402
+from benchmarks.roofline import (  # noqa: E402
+    ROOFLINE_HEADER,
+    decoding_step_cost,
+    machine_line,
+    measure_machine,
+    roofline_row,
+    roofline_table_rows,
+)
 from modeling_mico import MiCoConfig, MiCoForConditionalGeneration  # noqa: E402
 
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "generation.json"
 NEW_TOKENS = 40
+STEP_TOKENS = 16
 NUM_FRAMES = 4
+STEP_CASES = ((1, 1), (3, 1), (1, 3), (4, 1), (4, 3))  # (items, beams)
+BF16_CASES = ((1, 1), (4, 1), (1, 3))
 
 
 def build_model() -> MiCoForConditionalGeneration:
@@ -40,10 +64,176 @@ def build_model() -> MiCoForConditionalGeneration:
     return MiCoForConditionalGeneration(config).eval()
 
 
-def run(quick: bool = False) -> dict:
-    """Time recompute vs cached decoding; returns `{"rows": [...], "settings": {...}, "machine": {...}}`."""
+@contextlib.contextmanager
+def context_per_row() -> Iterator[None]:
+    """Decode as Transformers does for a generic model (the *before* of this benchmark): the context copied for every
+    beam / returned sequence and the whole cache, the context's keys/values included, reordered between beams."""
+
+    def reorder_everything(cache, beam_idx):
+        cache.reorder_cache(beam_idx)
+        return cache
+
+    saved = (
+        MiCoForConditionalGeneration.__dict__["_expand_inputs_for_generation"],
+        MiCoForConditionalGeneration._reorder_cache,
+    )
+    MiCoForConditionalGeneration._expand_inputs_for_generation = GenerationMixin._expand_inputs_for_generation
+    MiCoForConditionalGeneration._reorder_cache = staticmethod(reorder_everything)
+    try:
+        yield
+    finally:
+        MiCoForConditionalGeneration._expand_inputs_for_generation, MiCoForConditionalGeneration._reorder_cache = saved
+
+
+class StepClock(StoppingCriteria):
+    """Records the time at the end of every decoding step; never stops decoding."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def step_s(self) -> float:
+        """Median seconds of a step after the first."""
+        return statistics.median(later - earlier for earlier, later in zip(self.times[1:], self.times[2:]))
+
+
+def step_seconds(model, context: torch.Tensor, num_beams: int, per_row: bool = False) -> float:
+    """Median decoding step of a `STEP_TOKENS`-token caption of every item of `context`."""
+    clock = StepClock()
+    with context_per_row() if per_row else contextlib.nullcontext():
+        model.generate(
+            context=context,
+            num_beams=num_beams,
+            max_new_tokens=STEP_TOKENS,
+            min_new_tokens=STEP_TOKENS,
+            stopping_criteria=StoppingCriteriaList([clock]),
+        )
+    return clock.step_s()
+
+
+def alternate(first, second, repeats: int) -> tuple[float, float, float]:
+    """Medians of two step timings run alternately, and the median of their per-pair ratios (first / second)."""
+    pairs = [(first(), second()) for _ in range(repeats)]
+    return (
+        statistics.median(a for a, _ in pairs),
+        statistics.median(b for _, b in pairs),
+        statistics.median(a / b for a, b in pairs),
+    )
+
+
+def step_case(model, items: int, beams: int, value_bytes: int = 4) -> tuple[torch.Tensor, object, str]:
+    """A random context of `items` items, the cost of one of its decoding steps and the step's label."""
+    text = model.config.text_config
+    context = torch.randn(items, NUM_FRAMES * 257, text.hidden_size, generator=torch.Generator().manual_seed(items))
+    cost = decoding_step_cost(
+        text.hidden_size,
+        text.intermediate_size,
+        text.num_hidden_layers,
+        text.vocab_size,
+        context.shape[1],
+        items=items,
+        rows=items * beams,
+        cached_tokens=STEP_TOKENS // 2,
+        value_bytes=value_bytes,
+    )
+    return context, cost, f"decoding step, batch {items}, " + ("greedy" if beams == 1 else f"{beams} beams")
+
+
+def step_rows(model, machine: dict, repeats: int) -> list[dict]:
+    """Before / after ms per step of every (items, beams) case, with the step's roofline."""
+    rows = []
+    for items, beams in STEP_CASES:
+        context, cost, label = step_case(model, items, beams)
+        step_seconds(model, context, beams), step_seconds(model, context, beams, per_row=True)  # warm-up
+        before, after, speedup = alternate(
+            partial(step_seconds, model, context, beams, per_row=True),
+            partial(step_seconds, model, context, beams),
+            repeats,
+        )
+        rows.append(
+            {
+                "items": items,
+                "num_beams": beams,
+                "before_ms": before * 1e3,
+                "after_ms": after * 1e3,
+                "speedup": speedup,
+                "roofline": roofline_row(label, after, cost, machine),
+            }
+        )
+    return rows
+
+
+def bf16_rows(model, machine: dict, repeats: int) -> list[dict]:
+    """fp32 vs bf16 ms per step (weights and activations in bf16), the bf16 roofline and token agreement."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    rows = []
+    for items, beams in BF16_CASES:
+        context, cost, label = step_case(model, items, beams, value_bytes=2)
+        step_seconds(half, context, beams)  # warm-up
+        fp32, bf16, speedup = alternate(
+            partial(step_seconds, model, context, beams), partial(step_seconds, half, context, beams), repeats
+        )
+        settings = dict(num_beams=beams, max_new_tokens=STEP_TOKENS)
+        tokens = model.generate(context=context, **settings), half.generate(context=context, **settings)
+        rows.append(
+            {
+                "items": items,
+                "num_beams": beams,
+                "fp32_ms": fp32 * 1e3,
+                "bf16_ms": bf16 * 1e3,
+                "speedup": speedup,
+                "same_tokens": float((tokens[0] == tokens[1]).float().mean()),
+                "roofline": roofline_row(label, bf16, cost, machine, dtype="bf16"),
+            }
+        )
+    return rows
+
+
+PARITY = ROOT / "tests" / "fixtures" / "parity"
+PARITY_INPUTS = {"video": "pixel_values_videos", "audio": "input_features"}
+
+
+def bf16_agreement() -> dict:
+    """bf16 against fp32 on the parity fixture (the converted release-layout checkpoint and its inputs): relative
+    L2 distance of the video and audio features (`pooler_output` and the multimodal context) and the share of caption
+    tokens, greedy and 3 beams, equal to fp32's (each precision decoding from its own context)."""
+    import numpy as np
+
+    reference = np.load(PARITY / "reference_outputs.npz")
+    inputs = {
+        "video": torch.from_numpy(reference["in_pixel_values_video"]),
+        "audio": torch.from_numpy(reference["in_input_features_audio"]),
+    }
+    full = MiCoForConditionalGeneration.from_pretrained(PARITY / "hub").eval()
+    half = copy.deepcopy(full).to(torch.bfloat16)
+    result = {}
+    with torch.no_grad():
+        for name, values in inputs.items():
+            features = [
+                model.mico.get_modality_features(name, values.to(model.dtype)).pooler_output for model in (full, half)
+            ]
+            contexts = [
+                model.mico.get_multimodal_context(**{PARITY_INPUTS[name]: values.to(model.dtype)})
+                for model in (full, half)
+            ]
+            result[f"{name}_features_rel_l2"] = float((features[1].float() - features[0]).norm() / features[0].norm())
+            result[f"{name}_context_rel_l2"] = float((contexts[1].float() - contexts[0]).norm() / contexts[0].norm())
+            for beams in (1, 3):
+                ids = [
+                    model.generate(context=context, num_beams=beams, max_new_tokens=40)
+                    for model, context in zip((full, half), contexts)
+                ]
+                result[f"{name}_beam{beams}_tokens_equal"] = int((ids[0] == ids[1]).sum())
+                result[f"{name}_beam{beams}_tokens"] = ids[0].numel()
+    return result
+
+
+def caption_rows(model, quick: bool) -> list[dict]:
+    """Whole captions: recompute the prefix every step (the original scheme) vs the key/value cache."""
     batch_size, repeats = (1, 1) if quick else (2, 3)
-    model = build_model()
     videos = torch.randn(batch_size, NUM_FRAMES, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     rows = []
     for num_beams in (1, 3):
@@ -72,21 +262,58 @@ def run(quick: bool = False) -> dict:
                 "repeats": repeats,
             }
         )
+    return rows
+
+
+def run(quick: bool = False, machine: dict | None = None) -> dict:
+    """All measurements; `machine` holds the bounds of `roofline.measure_machine` (measured here when not given).
+    Returns `{"rows", "steps", "bf16", "bounds", "settings", "machine"}`."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    bounds = machine or measure_machine(quick)
+    model = build_model()
+    repeats = 1 if quick else 3
     return {
-        "rows": rows,
+        "steps": step_rows(model, bounds, repeats),
+        "bf16": bf16_rows(model, bounds, repeats),
+        "bf16_agreement": bf16_agreement(),
+        "rows": caption_rows(model, quick),
+        "bounds": bounds,
         "settings": {
             "text": "BERT-base size (12 layers, 768 wide, 30522 tokens), random weights, float32",
             "context_tokens": NUM_FRAMES * 257,
             "new_tokens": NEW_TOKENS,
+            "step_tokens": STEP_TOKENS,
             "threads": torch.get_num_threads(),
         },
         "machine": machine_info(),
     }
 
 
+def case_cells(row: dict, *milliseconds: float) -> list:
+    """The batch and decoding cells of a step row, then `milliseconds` formatted."""
+    decoding = "greedy" if row["num_beams"] == 1 else f"{row['num_beams']} beams"
+    return [row["items"], decoding, *(f"{value:.1f}" for value in milliseconds)]
+
+
+def agreement_line(agreement: dict) -> str:
+    """bf16 against fp32 on the parity fixture, in one sentence."""
+    parts = []
+    for name in PARITY_INPUTS:
+        tokens = ", ".join(
+            f"{agreement[f'{name}_beam{beams}_tokens_equal']}/{agreement[f'{name}_beam{beams}_tokens']} caption tokens "
+            f"equal ({'greedy' if beams == 1 else f'{beams} beams'})"
+            for beams in (1, 3)
+        )
+        parts.append(
+            f"{name}: features {agreement[f'{name}_features_rel_l2']:.1e} and context "
+            f"{agreement[f'{name}_context_rel_l2']:.1e} relative L2 from fp32, {tokens}"
+        )
+    return "bfloat16 vs float32 on the parity fixture (release-layout checkpoint): " + "; ".join(parts) + "."
+
+
 def to_markdown(results: dict) -> str:
-    """Results as a Markdown table."""
-    rows = [
+    """Results as Markdown tables."""
+    captions = [
         [
             "greedy" if row["num_beams"] == 1 else f"{row['num_beams']} beams",
             f"{row['recompute_s_per_caption']:.2f}",
@@ -99,10 +326,60 @@ def to_markdown(results: dict) -> str:
         for row in results["rows"]
     ]
     header = [
-        "decoding", "recompute s/caption", "cached s/caption", "recompute captions/s", "cached captions/s",
-        "speedup", "same tokens",
+        "decoding",
+        "recompute s/caption",
+        "cached s/caption",
+        "recompute captions/s",
+        "cached captions/s",
+        "speedup",
+        "same tokens",
     ]
-    return markdown_table(header, rows)
+    parts = [markdown_table(header, captions)]
+    if "steps" in results:
+        steps = [
+            case_cells(row, row["before_ms"], row["after_ms"], row["roofline"]["bound_ms"])
+            + [f"{row['speedup']:.2f}x", f"{row['roofline']['fraction_of_bound']:.2f}"]
+            for row in results["steps"]
+        ]
+        bf16 = [
+            case_cells(row, row["fp32_ms"], row["bf16_ms"])
+            + [f"{row['speedup']:.2f}x", f"{row['roofline']['fraction_of_bound']:.2f}", f"{row['same_tokens']:.0%}"]
+            for row in results["bf16"]
+        ]
+        parts += [
+            f"Decoding step ({results['settings']['step_tokens']}-token captions, median step; before: context and "
+            "cross-attention keys/values copied and reordered per beam, after: one per item). "
+            + machine_line(results["bounds"]),
+            markdown_table(
+                [
+                    "batch",
+                    "decoding",
+                    "before ms/step",
+                    "after ms/step",
+                    "bound ms",
+                    "speed-up (median of pairs)",
+                    "fraction of bound",
+                ],
+                steps,
+            ),
+            "bfloat16 decoding step (`model.to(torch.bfloat16)`), alternated with float32; bound from the bf16 GEMM "
+            "rate and 2-byte weights; tokens: share of equal generated ids on the same random context.",
+            markdown_table(
+                [
+                    "batch",
+                    "decoding",
+                    "fp32 ms/step",
+                    "bf16 ms/step",
+                    "speed-up",
+                    "bf16 fraction of bound",
+                    "tokens = fp32",
+                ],
+                bf16,
+            ),
+            markdown_table(ROOFLINE_HEADER, roofline_table_rows([row["roofline"] for row in results["steps"]])),
+            agreement_line(results["bf16_agreement"]),
+        ]
+    return "\n\n".join(parts)
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks import bench_attention, bench_conversion  # noqa: E402
+from benchmarks import bench_attention, bench_conversion, roofline  # noqa: E402
 from benchmarks.common import Goal, machine_info, markdown_table, write_json  # noqa: E402
 
 
@@ -49,11 +49,12 @@ TITLES = {
 }
 
 
-def run_benchmark(name: str, mode: str, full_generation: bool = False) -> dict:
+def run_benchmark(name: str, mode: str, full_generation: bool = False, bounds: dict | None = None) -> dict:
     """Run `benchmarks/bench_<name>.py`; a missing module (another engineer's, not written yet) gives `pending`.
 
     Generation runs its quick mode (batch 1, one recompute/cached pair) unless `full_generation`: recomputing the
-    prefix is so slow on CPU that the full mode takes about an hour on two shared cores, and the ratio is large.
+    prefix is so slow on CPU that the full mode takes about an hour on two shared cores, and the ratio is large. It
+    reports its decoding steps against `bounds` (the machine's roofline measured at the start of the run).
     """
     try:
         module = importlib.import_module(f"benchmarks.bench_{name}")
@@ -65,7 +66,7 @@ def run_benchmark(name: str, mode: str, full_generation: bool = False) -> dict:
     if name in ("attention", "retrieval", "conversion"):
         results = module.run(quick=mode == "quick", smoke=mode == "smoke")
     elif name == "generation":
-        results = module.run(quick=mode != "full" or not full_generation)
+        results = module.run(quick=mode != "full" or not full_generation, machine=bounds)
     else:  # processing exposes run(quick) only; its quick mode is the smallest
         results = module.run(quick=mode != "full")
     results["benchmark_s"] = time.perf_counter() - start
@@ -187,7 +188,34 @@ GPU_NOTE = (
 )
 
 
-def to_markdown(results: dict, goals: list[Goal], machine: dict, mode: str, chart: str) -> str:
+def roofline_section(results: dict, bounds: dict) -> str:
+    """Every timed path as a fraction of its bound: the towers of the attention benchmark (SDPA) and the decoding
+    steps of the generation benchmark."""
+    rows = []
+    attention = results.get("attention", {})
+    if "rows" in attention:
+        for row, cost in roofline.attention_rows_costs(attention):
+            label = f"{row['tower']} forward, {row['layers']} layers, batch {row['batch']}"
+            rows.append(roofline.roofline_row(label, row["sdpa_s"], cost, bounds))
+    generation = results.get("generation", {})
+    rows += [step["roofline"] for step in generation.get("steps", [])]
+    rows += [step["roofline"] for step in generation.get("bf16", [])]
+    if not rows:
+        return ""
+    return "\n".join(
+        [
+            "## Roofline",
+            "",
+            roofline.machine_line(bounds) + " A path's bound is max(FLOPs / GEMM rate, bytes read / bandwidth) "
+            "(`benchmarks/roofline.py` counts them); its fraction of the bound is bound / measured time (1 = at the "
+            "bound). Measured on the same shared cores as the timings.",
+            "",
+            markdown_table(roofline.ROOFLINE_HEADER, roofline.roofline_table_rows(rows)),
+        ]
+    )
+
+
+def to_markdown(results: dict, goals: list[Goal], machine: dict, mode: str, chart: str, bounds: dict) -> str:
     """The whole report."""
     goal_rows = [
         [
@@ -214,6 +242,9 @@ def to_markdown(results: dict, goals: list[Goal], machine: dict, mode: str, char
         "",
         f"![benchmark ratios against their goals]({chart})",
     ]
+    section = roofline_section(results, bounds)
+    if section:
+        lines += ["", section]
     for name in BENCHMARKS:
         if name in results:
             lines += ["", _section(name, results[name])]
@@ -247,19 +278,21 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     machine = machine_info()
+    print("[benchmarks] roofline: GEMM rates and memory bandwidth ...", flush=True)
+    bounds = roofline.measure_machine(quick=mode != "full")
     results = {}
     for name in (name for name in RUN_ORDER if name in args.only.split(",")):
         print(f"[benchmarks] {name} ({mode}) ...", flush=True)
-        results[name] = run_benchmark(name, mode, args.full_generation)
+        results[name] = run_benchmark(name, mode, args.full_generation, bounds)
         write_json(args.output_dir / f"{name}.json", results[name])
     goals = evaluate_goals(results)
-    summary = {"mode": mode, "machine": machine, "goals": [goal.to_dict() for goal in goals]}
+    summary = {"mode": mode, "machine": machine, "bounds": bounds, "goals": [goal.to_dict() for goal in goals]}
     write_json(args.output_dir / "summary.json", summary)
     chart = args.output_dir / "summary.png"
     plot_summary(goals, chart)
     relative_chart = os.path.relpath(chart, args.markdown.parent)
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(to_markdown(results, goals, machine, mode, relative_chart), encoding="utf-8")
+    args.markdown.write_text(to_markdown(results, goals, machine, mode, relative_chart, bounds), encoding="utf-8")
     print(markdown_table(["goal", "measured", "target", "status"], [_goal_row(goal) for goal in goals], "lrrl"))
     return summary
 

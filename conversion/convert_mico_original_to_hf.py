@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_frames", type=int, default=None, help="resample the video frame table to N frames")
     parser.add_argument("--max_shard_size", default="5GB")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO", help="upload the result to this Hub repo")
-    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir entirely")
     return parser.parse_args(argv)
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from modeling_mico import MiCoForConditionalGeneration
 from modeling_mico.captioning import caption_files, collect_media_files, resolve_device, resolve_dtype
 from modeling_mico.evaluation import load_processor
+from modeling_mico.output_utils import atomic_output, check_output_path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,11 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modality", default=None, help="the modality of every input file (default: by extension)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="auto", help="'auto' (bfloat16 on GPU), 'float32', 'bfloat16', 'float16'")
+    parser.add_argument("--skip_broken", action="store_true", help="skip (and report) files that cannot be decoded")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    inputs = [*args.inputs, args.model_name_or_path]
+    check_output_path(args.output_file, inputs, args.overwrite)  # before minutes of captioning
     device = resolve_device(args.device)
     model = MiCoForConditionalGeneration.from_pretrained(
         args.model_name_or_path, dtype=resolve_dtype(args.dtype, device)
@@ -58,13 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         modality=args.modality,
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
+        skip_broken=args.skip_broken,
     )
-    output = Path(args.output_file)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    print(f"wrote {len(records)} captions to {output}")
+    with atomic_output(args.output_file, inputs, args.overwrite, directory=False) as partial:
+        partial.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    skipped = f" (skipped {len(files) - len(records)} undecodable files)" if len(records) < len(files) else ""
+    print(f"wrote {len(records)} captions to {args.output_file}{skipped}")
 
 
 if __name__ == "__main__":

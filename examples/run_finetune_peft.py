@@ -8,8 +8,10 @@ On the synthetic data set, from a model saved by examples/run_pretrain.py (or an
         --do_train --do_eval --eval_strategy steps --eval_steps 50 --merge_and_save
 
 The adapter (and the processor, metrics and a model card) is saved in --output_dir; `--merge_and_save` also writes the
-merged full model to <output_dir>/merged, loadable by `AutoModel`. `--peft_config '{"peft_type": "IA3"}'` (or a JSON
-file) selects another PEFT method. `--push_to_hub` uploads the merged model when there is one, else the adapter.
+merged full model to <output_dir>/merged, loadable by `AutoModel`. A rerun into the same --output_dir resumes from its
+last complete checkpoint (or --resume_from_checkpoint); --overwrite_output_dir starts over. `--peft_config
+'{"peft_type": "IA3"}'` (or a JSON file) selects another PEFT method. `--push_to_hub` uploads the merged model when
+there is one, else the adapter.
 """
 
 import logging
@@ -21,9 +23,10 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_mico import MiCoForPreTraining
-from modeling_mico.annotations import load_annotation_dataset
+from modeling_mico.annotations import check_columns, load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
 from modeling_mico.evaluation import load_processor, targets_for_columns
+from modeling_mico.output_utils import prepare_training_output_dir, require_work
 from modeling_mico.peft_utils import (
     build_peft_config,
     build_peft_model,
@@ -64,7 +67,10 @@ class DataArguments:
         },
     )
     num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
+    )
 
 
 @dataclass
@@ -99,9 +105,7 @@ def main() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     output_dir = training_args.output_dir
-    if training_args.do_train and os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not data_args.overwrite_output_dir:
-            raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir")
+    require_work(training_args, data_args.validation_file)
     set_seed(training_args.seed)
 
     options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
@@ -131,6 +135,9 @@ def main() -> None:
     eval_dataset = (
         load_annotation_dataset(data_args.validation_file, config=config) if data_args.validation_file else None
     )
+    inputs = (model_args.model_name_or_path, data_args.train_file, data_args.validation_file)
+    check_columns(train_dataset, data_args.modalities, data_args.train_file)  # requested columns: never dropped
+    checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
 
     trainer = MiCoRetrievalTrainer(
         model=model,
@@ -145,15 +152,17 @@ def main() -> None:
     )
     metrics: dict[str, float] = {}
     if training_args.do_train:
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # the adapter and the processor
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
-    if training_args.do_eval and eval_dataset is not None:
+    if training_args.do_eval:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if not training_args.do_train:
+        return  # evaluation only: the metrics files are the output; no model card over the directory's README.md
 
     card = dict(
         base_model=model_args.model_name_or_path,

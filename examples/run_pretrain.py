@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
-from modeling_mico.annotations import load_annotation_dataset
+from modeling_mico.annotations import check_columns, load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
+from modeling_mico.output_utils import prepare_training_output_dir, require_work
 from modeling_mico.trainer_mico import EvalCollatorTrainer
 
 
@@ -70,7 +70,8 @@ class DataArguments:
     num_slices: int | None = field(default=None, metadata={"help": "audio spectrogram slices per clip"})
     skip_broken: bool = field(default=False, metadata={"help": "skip (and count) rows with broken media files"})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "train from scratch into a non-empty --output_dir instead of resuming"}
+        default=False,
+        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
     )
 
 
@@ -106,23 +107,6 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, config
     return processor
 
 
-def resolve_checkpoint(training_args: TrainingArguments, overwrite_output_dir: bool) -> str | bool | None:
-    """The checkpoint to resume from: `--resume_from_checkpoint`, else the last one in `--output_dir`; refuses to
-    write into a non-empty output directory without `--overwrite_output_dir` otherwise."""
-    if training_args.resume_from_checkpoint or not training_args.do_train:
-        return training_args.resume_from_checkpoint
-    output_dir = training_args.output_dir
-    if not os.path.isdir(output_dir) or overwrite_output_dir:
-        return None
-    last = get_last_checkpoint(output_dir)
-    if last is not None:
-        logger.info(f"resuming from {last} (pass --overwrite_output_dir to start over)")
-        return last
-    if os.listdir(output_dir):
-        raise ValueError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir to use it anyway")
-    return None
-
-
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
@@ -136,7 +120,7 @@ def main() -> None:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    checkpoint = resolve_checkpoint(training_args, data_args.overwrite_output_dir)
+    require_work(training_args, data_args.validation_file)
     set_seed(training_args.seed)
 
     model = build_model(model_args, data_args)
@@ -165,6 +149,9 @@ def main() -> None:
         )
         for training in (True, False)
     )
+    inputs = (model_args.model_name_or_path, model_args.config_name, data_args.train_file, data_args.validation_file)
+    check_columns(train_dataset, data_args.modalities, data_args.train_file)  # requested columns: never dropped
+    checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
 
     trainer = EvalCollatorTrainer(
         model=model,
@@ -183,7 +170,7 @@ def main() -> None:
         trainer.save_state()
         if data_args.skip_broken:
             logger.info(f"rows skipped for broken media: {train_collator.num_skipped}")
-    if training_args.do_eval and eval_dataset is not None:
+    if training_args.do_eval:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)

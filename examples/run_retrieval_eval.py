@@ -3,18 +3,18 @@
 On the synthetic data set (see examples/make_synthetic_dataset.py) with a model saved by examples/run_pretrain.py:
 
     python examples/run_retrieval_eval.py --model_name_or_path runs/tiny --test_file data/synthetic/test.jsonl \
-        --output_dir runs/tiny/retrieval --modalities video audio depth normal va --itm_rerank_top_k 10
+        --output_dir runs/tiny-retrieval --modalities video audio depth normal va --itm_rerank_top_k 10
 
 Targets are the model's modalities (video, audio, image, depth, normal, declared ones such as thermal) and the fused
 combinations of its fused heads (va = video + audio, id = image + depth, ...): see `modeling_mico.evaluation`.
 Writes `retrieval_results.json` (keys such as `t2v/R@1`, `v2t/R@1`, `t2va/R@1`, `t2thermal/R@1`; percentages;
 matching-head re-ranked results under `itm/`), one `similarity_<target>.png` heat-map per target, and prints a Markdown
-table.
+table. The output directory is written atomically, never inside the model directory or over the annotations;
+`--skip_broken` leaves out (and reports) items whose media cannot be decoded.
 """
 
 import argparse
 import logging
-import os
 
 import torch
 import transformers
@@ -30,6 +30,7 @@ from modeling_mico.evaluation import (
     score_retrieval,
     write_results,
 )
+from modeling_mico.output_utils import atomic_output, check_output_path
 from modeling_mico.retrieval import format_results_table, plot_similarity_heatmap
 
 
@@ -63,22 +64,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attn_implementation", default=None, help="eager, sdpa or flash_attention_2")
     parser.add_argument("--heatmap_items", type=int, default=16, help="items shown in the similarity heat-maps")
     parser.add_argument("--skip_missing", action="store_true", help="skip targets some rows lack instead of failing")
-    parser.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty --output_dir")
+    parser.add_argument(
+        "--skip_broken", action="store_true", help="leave out (and report) items with undecodable files"
+    )
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="replace a non-empty --output_dir (its files are removed)"
+    )
     return parser.parse_args(argv)
-
-
-def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Create `output_dir`, refusing a non-empty one unless `overwrite`."""
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir to use it")
-    os.makedirs(output_dir, exist_ok=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
-    prepare_output_dir(args.output_dir, args.overwrite_output_dir)
+    inputs = (args.model_name_or_path, args.test_file, args.media_root)
+    check_output_path(args.output_dir, inputs, args.overwrite_output_dir, "--overwrite_output_dir")
 
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     options = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
@@ -97,17 +97,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args.itm_rerank_top_k,
         args.skip_missing,
         source=args.test_file,
+        skip_broken=args.skip_broken,
     )
     results = retrieval_results(scores)
-    write_results(results, os.path.join(args.output_dir, "retrieval_results.json"))
     first_captions = scores.first_caption_rows()
-    for target, similarity in scores.similarity.items():
-        plot_similarity_heatmap(
-            similarity[first_captions].to(torch.float32),
-            os.path.join(args.output_dir, f"similarity_{target}.png"),
-            max_items=args.heatmap_items,
-            title=f"text-{target} cosine similarity (first caption of each item)",
-        )
+    with atomic_output(args.output_dir, inputs, args.overwrite_output_dir, "--overwrite_output_dir") as partial:
+        write_results(results, partial / "retrieval_results.json")
+        for target, similarity in scores.similarity.items():
+            plot_similarity_heatmap(
+                similarity[first_captions].to(torch.float32),
+                partial / f"similarity_{target}.png",
+                max_items=args.heatmap_items,
+                title=f"text-{target} cosine similarity (first caption of each item)",
+            )
     print(format_results_table(results))
     print(f"{results['num_items']} items, {results['num_texts']} captions; chance R@1 = {results['chance/R@1']:.2f}")
     return results

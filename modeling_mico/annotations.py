@@ -134,7 +134,11 @@ def _filter_split(rows: list[Row], split: str | None, source: _Source) -> list[R
         return rows
     if not any("split" in row for row in rows):
         raise source.error(f"split={split!r} was requested but the file has no 'split' field")
-    return [row for row in rows if row.get("split") == split]
+    kept = [row for row in rows if row.get("split") == split]
+    if not kept:
+        found = sorted({str(row.get("split")) for row in rows})
+        raise source.error(f"no row has split={split!r}; the file's splits are {found}")
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------- JSON formats
@@ -171,7 +175,13 @@ def _parse_mico(data: Any, source: _Source, keys: Sequence[str]) -> list[Row]:
             raise source.error("missing 'caption' / 'captions'", index)
         captions = _captions(record.get("captions", record.get("caption")), source, index)
         extra = {key: value for key, value in record.items() if key not in ("id", "caption", "captions")}
-        extra.update({key: source.media(record[key]) for key in keys if key in record})
+        for key in keys:
+            if not is_present(record.get(key)):
+                extra.pop(key, None)  # null / empty: the row lacks this modality
+            elif not isinstance(record[key], str):
+                raise source.error(f"{key!r} must be a media path (a string), got {record[key]!r}", index)
+            else:
+                extra[key] = source.media(record[key])
         rows.append(_make_row(record.get("id", index), captions, **extra))
     return rows
 
@@ -352,6 +362,8 @@ def load_annotations(
         return dataset_rows(open_media_dataset(path, split, config=config), path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the annotation file is empty")
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"{path}: unknown annotation format {format!r}; expected 'auto' or one of {FORMATS}")
     source = _Source(path, media_root)
@@ -364,6 +376,8 @@ def load_annotations(
         }
     else:
         data = _read_json_or_lines(path)
+        if not data:
+            raise source.error("the annotation file holds no rows")
         keys = media_keys(config)
         format = _detect_json(data, source, keys) if format == "auto" else format
         parsers = {
@@ -374,7 +388,10 @@ def load_annotations(
         }
     if format not in parsers:
         raise source.error(f"format {format!r} does not apply to a {path.suffix or 'extension-less'} file")
-    return _filter_split(parsers[format](), split, source)
+    rows = parsers[format]()
+    if not rows:
+        raise source.error("the annotation file holds no rows")
+    return _filter_split(rows, split, source)
 
 
 def flatten_captions(rows: Sequence[Row]) -> tuple[list[str], list[int]]:
@@ -391,6 +408,17 @@ def flatten_captions(rows: Sequence[Row]) -> tuple[list[str], list[int]]:
 
 
 # ------------------------------------------------------------------------------------------ training data sets
+
+
+def check_columns(dataset, columns: Sequence[str] | None, source: str | os.PathLike) -> None:
+    """Refuse requested annotation `columns` (e.g. `--modalities`) that no row of `dataset` has: training would
+    silently go without them. A streamed data set is checked by its column names only."""
+    names = dataset.column_names
+    for column in columns or ():
+        if names is not None and column not in names:
+            raise ValueError(f"{source}: no row has the requested column {column!r} (columns: {sorted(names)})")
+        if hasattr(dataset, "__len__") and not any(is_present(value) for value in dataset[column]):
+            raise ValueError(f"{source}: no row has a value in the requested column {column!r}")
 
 
 def _resolve_row(row: dict, root: str, columns: Sequence[str]) -> dict:
@@ -510,7 +538,11 @@ def load_annotation_dataset(
             raise ValueError(f"{file}: annotation files must end in one of {sorted(ANNOTATION_BUILDERS)}")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"annotation file not found: {file}")
+        if os.path.getsize(file) == 0:
+            raise ValueError(f"{file}: the annotation file is empty")
         dataset = datasets.load_dataset(builder, data_files=file, split="train", streaming=streaming)
+        if not streaming and len(dataset) == 0:
+            raise ValueError(f"{file}: the annotation file holds no rows")
         check_caption_column(dataset.column_names or [], file)
         parts.append(dataset.map(_resolve_row, fn_kwargs={"root": os.path.dirname(file), "columns": columns}))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)

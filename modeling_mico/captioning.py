@@ -10,15 +10,19 @@ PNG: `modality="depth"`). The files are grouped by modality (each becomes one ki
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .annotations import modality_specs
-from .configuration_mico import MiCoConfig
+from .configuration_mico import MiCoConfig, ModalitySpec
+
+
+logger = logging.get_logger(__name__)
 
 
 def media_extensions(config: MiCoConfig | None = None) -> dict[str, list[str]]:
@@ -85,6 +89,40 @@ def resolve_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> to
     return getattr(torch, dtype)
 
 
+def media_name(media: Any, default: str) -> str:
+    """How errors name a media value: its path (a string, or the `path` of a 🤗 Datasets `{"path", "bytes"}` value),
+    else `default`."""
+    if isinstance(media, dict):
+        media = media.get("path")
+    return media if isinstance(media, str) and media else default
+
+
+def decode_media(
+    processor: Any, spec: ModalitySpec, paths: Sequence[Any], skip_broken: bool = False, **options: Any
+) -> tuple[list[int], torch.Tensor | None]:
+    """Preprocess media of one modality one by one (paths, or any value the processor takes, such as 🤗 Datasets
+    media): `(indices of the decoded items, their stacked model input)`.
+
+    A file that cannot be decoded raises `BrokenMediaError` naming it, or with `skip_broken` is left out with a
+    warning (the returned indices say which files the rows of the tensor are; `None` when none decoded)."""
+    from .data import BrokenMediaError
+
+    kept, values = [], []
+    for index, media in enumerate(paths):
+        media = os.fspath(media) if isinstance(media, os.PathLike) else media
+        try:
+            features = processor(**{spec.processor_argument: [media]}, **options, return_tensors="pt")
+        except Exception as error:
+            name = media_name(media, f"{spec.name} item {index}")
+            if not skip_broken:
+                raise BrokenMediaError(f"cannot decode {name}: {error} (--skip_broken skips such files)") from error
+            logger.warning(f"skipping {name}: cannot decode it: {error}")
+            continue
+        kept.append(index)
+        values.append(features[spec.input_name])
+    return kept, torch.cat(values) if values else None
+
+
 def caption_files(
     model: Any,
     processor: Any,
@@ -93,6 +131,7 @@ def caption_files(
     num_frames: int | None = None,
     progress: bool = True,
     modality: str | None = None,
+    skip_broken: bool = False,
     **generate_kwargs: Any,
 ) -> list[dict[str, str]]:
     """Caption media files; returns `{"path", "modality", "caption"}` records in the order of `paths`.
@@ -106,6 +145,8 @@ def caption_files(
         num_frames (`int`, *optional*): frames sampled per clip of video-like modalities (default: the processor's).
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar.
         modality (`str`, *optional*): the modality of every file, for extensions that name none or several.
+        skip_broken (`bool`, *optional*, defaults to `False`): leave out (with a warning) files that cannot be
+            decoded; otherwise the first one raises `BrokenMediaError` naming it.
         generate_kwargs: passed to `model.generate` (`num_beams`, `max_new_tokens`, ...).
     """
     config = model.config
@@ -127,14 +168,14 @@ def caption_files(
             options = {"num_frames": num_frames} if spec.layout == "video" and num_frames else {}
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size]
-                files = [str(paths[i]) for i in batch]
-                features = processor(**{spec.processor_argument: files}, **options, return_tensors="pt")
-                values = features[spec.input_name].to(model.device, model.dtype)
-                ids = model.generate(**{spec.input_name: values}, **generate_kwargs)
-                for i, caption in zip(batch, processor.batch_decode(ids, skip_special_tokens=True)):
-                    captions[i] = caption.strip()
+                kept, values = decode_media(processor, spec, [paths[i] for i in batch], skip_broken, **options)
+                if kept:
+                    ids = model.generate(**{spec.input_name: values.to(model.device, model.dtype)}, **generate_kwargs)
+                    for k, caption in zip(kept, processor.batch_decode(ids, skip_special_tokens=True)):
+                        captions[batch[k]] = caption.strip()
                 bar.update(len(batch))
     return [
         {"path": str(path), "modality": name, "caption": caption}
         for path, name, caption in zip(paths, modalities, captions)
+        if caption is not None
     ]

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.utils import CONFIG_NAME, logging
 
 from . import modeling_mico as modeling
 from .configuration_mico import DEFAULT_FUSED_HEADS, MiCoConfig, resolve_modalities
 from .modeling_mico import ORIGINAL_MODEL_TYPES, check_local_path, config_model_type, find_checkpoint_file
+from .output_utils import atomic_output, check_output_path
 
 
 logger = logging.get_logger(__name__)
@@ -163,6 +165,7 @@ class OriginalCheckpoint:
     weights: Path
     hyper_parameters: dict
     layout: str
+    config_file: Path | None = None  # where the hyper-parameters were read, for error messages
 
 
 def _latest_step_file(ckpt_dir: Path) -> Path:
@@ -179,9 +182,12 @@ def _latest_step_file(ckpt_dir: Path) -> Path:
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
+            content = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} must hold a JSON object of hyper-parameters, not a {type(content).__name__}")
+    return content
 
 
 def find_original_checkpoint(source: str | os.PathLike, config_path: str | os.PathLike | None = None):
@@ -192,7 +198,9 @@ def find_original_checkpoint(source: str | os.PathLike, config_path: str | os.Pa
         if config_path is None:
             raise ValueError(f"{source} is a single checkpoint file: pass its hyper-parameters with --config")
         hyper_parameters = _read_json(Path(config_path))
-        return OriginalCheckpoint(source, hyper_parameters.get("model_cfg", hyper_parameters), "file")
+        return OriginalCheckpoint(
+            source, hyper_parameters.get("model_cfg", hyper_parameters), "file", Path(config_path)
+        )
     if not source.is_dir():
         return None
     for name in HUB_WEIGHT_NAMES:
@@ -202,12 +210,14 @@ def find_original_checkpoint(source: str | os.PathLike, config_path: str | os.Pa
                 raise FileNotFoundError(f"{source} has {name} but no config.json with the original hyper-parameters")
             if config_model_type(str(config_file)) not in ORIGINAL_MODEL_TYPES:
                 return None  # a Transformers directory that happens to hold an original weight file too
-            return OriginalCheckpoint(source / name, _read_json(config_file), "hub")
+            return OriginalCheckpoint(source / name, _read_json(config_file), "hub", config_file)
     if (source / "ckpt").is_dir() and (source / "log" / "hps.json").is_file():
         hps = _read_json(source / "log" / "hps.json")
         if "model_cfg" not in hps:
             raise ValueError(f"{source / 'log' / 'hps.json'} has no `model_cfg` entry")
-        return OriginalCheckpoint(_latest_step_file(source / "ckpt"), hps["model_cfg"], "repo")
+        return OriginalCheckpoint(
+            _latest_step_file(source / "ckpt"), hps["model_cfg"], "repo", source / "log/hps.json"
+        )
     return None
 
 
@@ -218,7 +228,17 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(handle.read(header_size))
         except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is not a valid safetensors file: {error}") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a valid safetensors file: its header is not a JSON object")
     header.pop("__metadata__", None)
+    try:
+        data_size = max((info["data_offsets"][1] for info in header.values()), default=0)
+    except (KeyError, IndexError, TypeError) as error:
+        raise ValueError(f"{path} is not a valid safetensors file: malformed tensor entry ({error})") from error
+    if path.stat().st_size < 8 + header_size + data_size:
+        raise ValueError(
+            f"{path} is truncated: {path.stat().st_size} bytes, but its header describes {8 + header_size + data_size}"
+        )
     return header, 8 + header_size
 
 
@@ -254,9 +274,10 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def _iter_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Load a `.pt`/`.bin` state dict with `weights_only=True` (memory-mapped when the file allows it)."""
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip archive (legacy format): no memory map
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(
             f"{path} is not a plain tensor state dict loadable with weights_only=True: {error}"
@@ -324,7 +345,7 @@ def config_from_original(
     text_vocab, text_width = summary.get("multimodal_encoder.bert.embeddings.word_embeddings.weight")
     projection_dim = summary.get("contra_head_t.linear.weight")[0]
     if "contra_dim" in hyper_parameters and hyper_parameters["contra_dim"] != projection_dim:
-        raise ValueError(f"contra_dim is {hyper_parameters['contra_dim']} but the heads project to {projection_dim}")
+        raise ValueError(f"contra_dim is {hyper_parameters['contra_dim']!r} but the heads project to {projection_dim}")
     bert_config = hyper_parameters.get("bert_config") or {}
     if bert_config.get("hidden_size", text_width) != text_width:
         raise ValueError(
@@ -520,7 +541,15 @@ def open_original_checkpoint(
             f"{source} is not an original MiCo checkpoint ({ORIGINAL_LAYOUTS}, or a weight file with --config)"
         )
     shapes = read_original_shapes(checkpoint.weights)
-    return checkpoint, config_from_original(checkpoint.hyper_parameters, shapes, image_size, num_frames)
+    if not isinstance(checkpoint.hyper_parameters, dict):
+        raise ValueError(f"{checkpoint.config_file}: `model_cfg` must be a JSON object of hyper-parameters")
+    try:
+        return checkpoint, config_from_original(checkpoint.hyper_parameters, shapes, image_size, num_frames)
+    except (KeyError, TypeError, AttributeError, ValueError, StrictDataclassError) as error:
+        detail = f"missing entry {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
+        raise ValueError(
+            f"{checkpoint.config_file} does not describe {checkpoint.weights} (malformed hyper-parameters): {detail}"
+        ) from error
 
 
 def load_original_checkpoint(
@@ -583,7 +612,7 @@ def locate_original_checkpoint(
     for name in HUB_WEIGHT_NAMES:
         weights = find_checkpoint_file(path, name, hub_kwargs)
         if weights is not None:
-            return OriginalCheckpoint(Path(weights), _read_json(Path(config_file)), "hub")
+            return OriginalCheckpoint(Path(weights), _read_json(Path(config_file)), "hub", Path(config_file))
     return None
 
 
@@ -712,14 +741,6 @@ def _dry_run(checkpoint: OriginalCheckpoint, config: MiCoConfig, dtype: torch.dt
     return [(key, value.numel() * dtype.itemsize) for key, value in converted.items()]
 
 
-def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"--output_dir {output_dir} is not empty; pass --overwrite to replace its contents")
-        logger.warning(f"Overwriting the files in {output_dir}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-
 def _write_shards(
     checkpoint: OriginalCheckpoint,
     config: MiCoConfig,
@@ -805,19 +826,23 @@ def convert_original_checkpoint(
 ) -> ConversionReport:
     """Convert an original checkpoint (either layout, a local path or Hub repo id, or a single file with
     `config_path`) into a Transformers directory: config, sharded safetensors, tokenizer and processor files,
-    generation config and the model code (`auto_map`)."""
+    generation config and the model code (`auto_map`).
+
+    The directory is written atomically (see `output_utils.atomic_output`): `overwrite` replaces a previous
+    output entirely, and an output inside, over or around the source checkpoint is refused."""
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    output_dir = Path(output_dir)
+    inputs = (source, config_path, tokenizer_dir)
+    check_output_path(output_dir, inputs, overwrite)  # before reading gigabytes
     checkpoint, config = open_original_checkpoint(source, config_path, image_size, num_frames)
     config.dtype = dtype
     plan = _plan_shards(_dry_run(checkpoint, config, _DTYPES[dtype]), parse_size(max_shard_size))
-    _prepare_output_dir(output_dir, overwrite)
     report = ConversionReport()
-    _write_shards(checkpoint, config, output_dir, _DTYPES[dtype], plan, report)
-    _save_code_and_config(config, output_dir)
-    _save_generation_config(config, checkpoint.hyper_parameters, output_dir)
-    _save_processing(output_dir, tokenizer_dir, config)
+    with atomic_output(output_dir, (*inputs, checkpoint.weights), overwrite) as partial:
+        _write_shards(checkpoint, config, partial, _DTYPES[dtype], plan, report)
+        _save_code_and_config(config, partial)
+        _save_generation_config(config, checkpoint.hyper_parameters, partial)
+        _save_processing(partial, tokenizer_dir, config)
     logger.info(f"Converted {checkpoint.weights} into {output_dir}; dropped: {report.dropped}")
     return report
 

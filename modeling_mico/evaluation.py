@@ -39,8 +39,9 @@ from transformers import AutoProcessor
 from transformers.utils import logging
 
 from .annotations import flatten_captions
-from .captioning import resolve_device, resolve_dtype
+from .captioning import decode_media, media_name, resolve_device, resolve_dtype
 from .configuration_mico import BUILTIN_MODALITIES, SUBTITLE, MiCoConfig
+from .data import BrokenMediaError
 from .processing_mico import MiCoProcessor
 from .retrieval import rerank_top_k as rerank
 from .retrieval import retrieval_metrics
@@ -183,6 +184,15 @@ class EncodedItems:
 
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
     contexts: dict[str, torch.Tensor] = field(default_factory=dict)
+    broken: set[int] = field(default_factory=set)  # rows with a file that could not be decoded (`skip_broken`)
+
+    def without(self, rows: Sequence[int]) -> EncodedItems:
+        """The items of `rows` only."""
+        index = torch.tensor(rows, dtype=torch.long)
+        return EncodedItems(
+            {name: value[index] for name, value in self.pooled.items()},
+            {name: value[index] for name, value in self.contexts.items()},
+        )
 
 
 @torch.no_grad()
@@ -212,10 +222,12 @@ def encode_items(
     batch_size: int = 16,
     keep_context: bool = False,
     progress: bool = True,
+    skip_broken: bool = False,
 ) -> EncodedItems:
     """Decode and encode every item's media once per modality (registry name; the row's `ModalitySpec.column`):
     the ViT runs once and feeds both the pooled features and (with `keep_context`, for matching re-ranking) the
-    bridged multimodal context, cached on the CPU."""
+    bridged multimodal context, cached on the CPU. An undecodable file raises `BrokenMediaError` naming it; with
+    `skip_broken` its row is listed in `broken` instead (its features are zeros)."""
     device, dtype = model.device, model.dtype
     specs = model.config.modality_specs
     encoded = EncodedItems()
@@ -223,16 +235,31 @@ def encode_items(
         spec = specs[name]
         pooled, contexts = [], []
         for start in tqdm(range(0, len(rows), batch_size), desc=f"Encoding {name}", disable=not progress):
-            paths = [row[spec.column] for row in rows[start : start + batch_size]]
-            values = processor(**{spec.processor_argument: paths}, return_tensors="pt")[spec.input_name]
+            chunk = rows[start : start + batch_size]
+            kept, values = decode_media(processor, spec, [row[spec.column] for row in chunk], skip_broken)
+            encoded.broken.update(start + i for i in range(len(chunk)) if i not in kept)
+            if values is None:
+                continue
+            indices = torch.tensor([start + i for i in kept])
             tokens = model.encode_modality(name, _to_model(values, device, dtype))
-            pooled.append(model.pool_tokens(tokens).cpu())
+            pooled.append((indices, model.pool_tokens(tokens).cpu()))
             if keep_context:
-                contexts.append(model.context_from_tokens(spec.encoder, tokens).cpu())
-        encoded.pooled[name] = torch.cat(pooled)
+                contexts.append((indices, model.context_from_tokens(spec.encoder, tokens).cpu()))
+        if not pooled:
+            raise BrokenMediaError(f"none of the {len(rows)} {name} files could be decoded")
+        encoded.pooled[name] = _scatter(pooled, len(rows))
         if keep_context:
-            encoded.contexts[name] = torch.cat(contexts)
+            encoded.contexts[name] = _scatter(contexts, len(rows))
     return encoded
+
+
+def _scatter(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], total: int) -> torch.Tensor:
+    """`total` rows holding each part's rows at its indices (zeros elsewhere: rows of undecodable files)."""
+    first = parts[0][1]
+    rows = first.new_zeros(total, *first.shape[1:])
+    for indices, values in parts:
+        rows[indices] = values
+    return rows
 
 
 def matching_score_fn(
@@ -325,6 +352,28 @@ def check_rows(
     return kept
 
 
+def check_distinct_items(
+    config: MiCoConfig, rows: Sequence[dict[str, Any]], modalities: Sequence[str], source: str | None = None
+) -> None:
+    """Refuse two rows with the same media file: retrieval needs one item per file (merge their captions into one
+    row's `captions` instead), else the other copy's match is scored as a miss."""
+    for name in modalities:
+        column = config.modality_specs[name].column
+        first: dict[str, int] = {}
+        for index, row in enumerate(rows):
+            name = media_name(row[column], "")
+            if not name:
+                continue  # decoded media (arrays, images) have no file to share
+            path = os.path.normpath(name)
+            if path in first:
+                where = f"{source}: " if source else ""
+                raise ValueError(
+                    f"{where}rows {first[path]} and {index} share the {column} file {name}; retrieval needs one item "
+                    "per file: put all its captions in one row's `captions`"
+                )
+            first[path] = index
+
+
 def score_retrieval(
     model: torch.nn.Module,
     processor: MiCoProcessor,
@@ -335,6 +384,7 @@ def score_retrieval(
     skip_missing: bool = False,
     source: str | None = None,
     progress: bool = True,
+    skip_broken: bool = False,
 ) -> RetrievalScores:
     """Encode every caption and item once and score every requested target (see the module docstring).
 
@@ -349,19 +399,32 @@ def score_retrieval(
         skip_missing: drop a target some rows cannot provide instead of raising.
         source: the annotation file, named in errors.
         progress: show tqdm progress bars.
+        skip_broken: leave out (with a warning) the items with a media file that cannot be decoded, and their
+            captions; otherwise such a file raises `BrokenMediaError` naming it.
     """
     model = mico_base_model(model)
     config = model.config
     targets = check_rows(config, rows, targets, skip_missing, source)
     if not targets:
         raise ValueError("no retrieval target left to evaluate")
+    check_distinct_items(config, rows, target_modalities(config, targets), source)
+    encoded = encode_items(
+        model,
+        processor,
+        rows,
+        target_modalities(config, targets),
+        batch_size,
+        keep_context=bool(rerank_top_k),
+        progress=progress,
+        skip_broken=skip_broken,
+    )
+    if encoded.broken:
+        logger.warning(f"left out {len(encoded.broken)} of {len(rows)} items with an undecodable file")
+        kept = [index for index in range(len(rows)) if index not in encoded.broken]
+        rows, encoded = [rows[index] for index in kept], encoded.without(kept)
     texts, text_to_item = flatten_captions(rows)
-    modalities = target_modalities(config, targets)
     scores = RetrievalScores(text_to_item)
     encoded_texts = encode_texts(model, processor, texts, batch_size, progress)
-    encoded = encode_items(
-        model, processor, rows, modalities, batch_size, keep_context=bool(rerank_top_k), progress=progress
-    )
     specs = config.modality_specs
     for target, parts in resolve_targets(config, targets).items():
         with torch.no_grad():
@@ -457,6 +520,7 @@ def write_results(results: dict[str, float], path: str | os.PathLike) -> None:
 __all__ = [
     "RetrievalScores",
     "batch_retrieval_embeddings",
+    "check_distinct_items",
     "encode_items",
     "encode_texts",
     "evaluate_retrieval",

@@ -56,6 +56,14 @@ def explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_val
     }
 
 
+def check_batch_sizes(inputs: Mapping[str, torch.Tensor | None]) -> None:
+    """Refuse inputs of one call (keyed by argument name) whose batch sizes differ, naming each."""
+    sizes = {name: value.shape[0] for name, value in inputs.items() if value is not None and value.dim() > 0}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ValueError(f"the inputs have different batch sizes ({listed}); give every input one row per sample")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Vision tower: EVA-CLIP ViT
 # --------------------------------------------------------------------------------------------------------------------
@@ -533,6 +541,7 @@ class MiCoModel(MiCoPreTrainedModel):
                 )
             encoders[spec.encoder] = spec.name
             found[spec.name] = (spec, values)
+        check_batch_sizes({spec.input_name: values for spec, values in found.values()})
         return {name: found[name] for name in specs if name in found}
 
     # ---- projection API ----------------------------------------------------------------------------------------------
@@ -778,6 +787,7 @@ class MiCoModel(MiCoPreTrainedModel):
             for spec, values in self.modality_inputs({}, inputs).values()
         ]
         if subtitle_input_ids is not None:
+            check_batch_sizes({**inputs, "subtitle_input_ids": subtitle_input_ids})
             parts.append(self.subtitle_context(subtitle_input_ids, subtitle_attention_mask))
         if not parts:
             names = [spec.input_name for spec in self.config.modality_specs.values()]
@@ -1082,6 +1092,8 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
             attention_mask = torch.ones_like(input_ids)
         named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
         inputs = mico.modality_inputs(named, kwargs)
+        batch = {spec.input_name: values for spec, values in inputs.values()}
+        check_batch_sizes({"input_ids": input_ids, **batch, "subtitle_input_ids": subtitle_input_ids})
         kinds = ("contrastive",) if not return_loss else ("contrastive", "matching", "caption")
         given = {spec.encoder for spec, _ in inputs.values()} | (
             {SUBTITLE} if subtitle_input_ids is not None else set()
@@ -1167,6 +1179,9 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         )
         selected = labels != -100
         output.caption_input_ids, output.caption_labels, output.caption_logits = masked_ids, labels, {}
+        if not selected.any():  # captions of one token ([CLS]) only: nothing to predict, no loss (not a NaN)
+            logger.warning_once("caption loss skipped: the captions of this batch have no token after [CLS]")
+            return
         terms = []
         for task, parts in tasks.items():
             hidden_states = self.mico.text_model(
@@ -1297,8 +1312,10 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             attention_mask (`torch.Tensor`, *optional*):
                 `(batch_size, past_length + sequence_length)` padding mask, turned into the caption mask, or an
                 explicit `(batch_size, sequence_length, past_length + sequence_length)` mask (1 = may attend).
-            context (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
-                A multimodal context from [`~MiCoModel.get_multimodal_context`]; otherwise it is built from the
+            context (`torch.Tensor` of shape `(items, context_length, hidden_size)`, *optional*):
+                A multimodal context from [`~MiCoModel.get_multimodal_context`] (`items` = `batch_size`, or a divisor
+                of it: one context for `batch_size // items` consecutive rows, as `generate` passes it to beams and
+                returned sequences); otherwise it is built from the
                 modality inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `depth_values`,
                 `<name>_values` of configured extras, `subtitle_input_ids`).
             prefix_length (`int`, *optional*, defaults to 0):
@@ -1449,6 +1466,24 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             "cache": cache,
             **kwargs,
         }
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ) -> tuple[torch.LongTensor, dict]:
+        """Expand the text inputs per beam / returned sequence but keep one context per item: cross-attention reads an
+        item's keys/values for all its rows (see `MiCoTextModel`), so they are neither copied nor reordered."""
+        context = model_kwargs.pop("context", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs["context"] = context
+        return input_ids, model_kwargs
+
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.LongTensor) -> EncoderDecoderCache:
+        """Beam search: reorder the self-attention keys/values only; the context's are per item, shared by its beams
+        (a beam never moves to another item)."""
+        cache.self_attention_cache.reorder_cache(beam_idx)
+        return cache
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
         """Drop the `[MASK]` from the self-attention cache: only real tokens are kept."""

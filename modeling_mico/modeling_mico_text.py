@@ -131,7 +131,11 @@ class MiCoTextSelfAttention(MiCoTextAttentionBase):
 
 
 class MiCoTextCrossAttention(MiCoTextAttentionBase):
-    """Attention from the text to the (never masked) multimodal context; context keys/values are cached once."""
+    """Attention from the text to the (never masked) multimodal context; context keys/values are cached once.
+
+    The context may hold one item for several consecutive text rows (the beams or returned sequences of an item,
+    `rows = items * r`): the rows of an item are then read as one longer query over the item's keys/values, so that
+    what the rows share is computed, stored and read once instead of copied per row."""
 
     def __init__(self, config: MiCoTextConfig, layer_idx: int):
         super().__init__(config, layer_idx, config.encoder_hidden_size)
@@ -144,8 +148,10 @@ class MiCoTextCrossAttention(MiCoTextAttentionBase):
         is_causal: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        query = self.query(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        rows, length, width = hidden_states.shape
+        items = encoder_hidden_states.shape[0]
+        hidden_states = hidden_states.reshape(items, (rows // items) * length, width)
+        query = self.query(hidden_states).view(*hidden_states.shape[:2], -1, self.head_dim).transpose(1, 2)
         if cache is not None and cache.is_updated.get(self.layer_idx):
             layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
             key, value = layer_cache.keys, layer_cache.values
@@ -157,7 +163,10 @@ class MiCoTextCrossAttention(MiCoTextAttentionBase):
                 key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
         # the context is never masked and never causal, whatever the text side does
-        return attention_forward(self, query, key, value, None, False, **kwargs)
+        attn_output, attn_weights = attention_forward(self, query, key, value, None, False, **kwargs)
+        if attn_weights is not None and rows != items:  # (items, heads, r * length, context) -> per row
+            attn_weights = attn_weights.unflatten(2, (rows // items, length)).transpose(1, 2).flatten(0, 1)
+        return attn_output.reshape(rows, length, width), attn_weights
 
 
 class MiCoTextResidualOutput(nn.Module):
@@ -277,6 +286,20 @@ def prefix_overlay(prefix_length: int) -> Callable:
     return inner_mask
 
 
+def check_text_inputs(config, batch_size: int, length: int, attention_mask: torch.Tensor | None) -> None:
+    """Refuse text longer than the position table and an attention mask whose rows do not match the text's."""
+    if length > config.max_position_embeddings:
+        raise ValueError(
+            f"the text is {length} tokens long but the model has {config.max_position_embeddings} positions "
+            "(text_config.max_position_embeddings); truncate it (the processor's max_length / truncation=True)"
+        )
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape != (batch_size, length):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the text is {(batch_size, length)} "
+            "(batch, past + sequence length): give one mask row per text row, as long as the text"
+        )
+
+
 class MiCoTextModel(MiCoTextPreTrainedModel):
     r"""
     MiCo's text branch: BERT with a cross-attention block in every layer. Without `encoder_hidden_states` it is the
@@ -346,8 +369,10 @@ class MiCoTextModel(MiCoTextPreTrainedModel):
                 Positions; by default `past_length .. past_length + sequence_length - 1`.
             inputs_embeds (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 Word embeddings to use instead of looking `input_ids` up.
-            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, context_length, hidden_size)`, *optional*):
-                The multimodal context. Cross-attention sees every position of it.
+            encoder_hidden_states (`torch.Tensor` of shape `(items, context_length, hidden_size)`, *optional*):
+                The multimodal context. Cross-attention sees every position of it. `items` is `batch_size` or a
+                divisor of it: then every item is the context of `batch_size // items` consecutive text rows (beams,
+                returned sequences), and its keys/values are computed and cached once, not per row.
             cache ([`Cache`], *optional*):
                 An [`EncoderDecoderCache`] of earlier self-attention keys/values and of the context's cross-attention
                 keys/values (a plain [`DynamicCache`] holds the self-attention part only).
@@ -368,12 +393,18 @@ class MiCoTextModel(MiCoTextPreTrainedModel):
         batch_size, seq_length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         past_length = cache.get_seq_length() if cache is not None else 0
+        check_text_inputs(self.config, batch_size, past_length + seq_length, attention_mask)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + seq_length, device=device)
             position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
         hidden_states = self.embeddings(input_ids, position_ids, token_type_ids, inputs_embeds)
         attention_mask = self._attention_mask(attention_mask, hidden_states, cache, is_causal, prefix_length)
         if encoder_hidden_states is not None:
+            if encoder_hidden_states.dim() != 3 or batch_size % encoder_hidden_states.shape[0]:
+                raise ValueError(
+                    "encoder_hidden_states must be (items, context_length, hidden_size) with the text batch "
+                    f"({batch_size}) a multiple of items, got shape {tuple(encoder_hidden_states.shape)}"
+                )
             encoder_hidden_states = encoder_hidden_states.to(hidden_states.dtype)
         hidden_states = self.encoder(
             hidden_states, attention_mask, encoder_hidden_states, cache=cache, is_causal=is_causal, **kwargs

@@ -20,6 +20,7 @@ from huggingface_hub import HfApi
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model
 from torch import nn
 
+from .output_utils import atomic_output, write_text_atomic
 from .retrieval import format_results_table
 
 
@@ -113,11 +114,13 @@ def set_pretraining_losses(model: nn.Module, losses: Sequence[str]) -> None:
 
 def merge_and_save(model: PeftModel, output_dir: str | os.PathLike, processor: Any = None) -> nn.Module:
     """Merge the adapter into the base weights (in place: `model` is unloaded) and save a full model directory,
-    loadable by `AutoModel` and every head class, with the processor when given. Returns the merged model."""
+    loadable by `AutoModel` and every head class, with the processor when given; the directory is written atomically
+    and replaces a previous one entirely (see `output_utils.atomic_output`). Returns the merged model."""
     merged = model.merge_and_unload()
-    merged.save_pretrained(output_dir)
-    if processor is not None:
-        processor.save_pretrained(output_dir)
+    with atomic_output(output_dir, overwrite=True) as partial:
+        merged.save_pretrained(partial)
+        if processor is not None:
+            processor.save_pretrained(partial)
     return merged
 
 
@@ -180,7 +183,7 @@ def write_model_card(
         ]
     lines += ["```", ""]
     path = Path(output_dir) / "README.md"
-    path.write_text("\n".join(header + lines), encoding="utf-8")
+    write_text_atomic(path, "\n".join(header + lines))
     return path
 
 

@@ -17,6 +17,7 @@ its own random generator seeded with ``(seed, split, index)``.
 
 import itertools
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .configuration_mico import BUILTIN_MODALITIES
 from .import_utils import require
+from .output_utils import atomic_output, remove_stale_partials
 
 
 SAMPLE_RATE = 16_000
@@ -331,21 +333,44 @@ def write_sample(
     return row
 
 
-def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Create `output_dir`; refuse a non-empty one unless `overwrite`, which removes this generator's outputs only."""
+def _created_files(output_dir: Path, overwrite: bool) -> set[str]:
+    """The files (relative paths) a previous run wrote in `output_dir`, as its `dataset_info.json` lists them;
+    refuses a non-empty `output_dir` unless `overwrite`."""
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"output_dir {str(output_dir)!r} exists and is not a directory.")
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"output_dir {str(output_dir)!r} is not empty; pass overwrite=True (--overwrite) to replace its "
-                "synthetic data, or choose another directory."
-            )
-        for name in ("train.jsonl", "test.jsonl", "dataset_info.json"):
-            (output_dir / name).unlink(missing_ok=True)
-        for modality in MODALITIES:
-            shutil.rmtree(output_dir / modality, ignore_errors=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return set()
+    if not overwrite:
+        raise FileExistsError(
+            f"output_dir {str(output_dir)!r} is not empty; pass overwrite=True (--overwrite) to replace its "
+            "synthetic data, or choose another directory."
+        )
+    try:
+        return set(json.loads((output_dir / "dataset_info.json").read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()  # no previous synthetic data set here: nothing of ours to remove
+
+
+def _merge_into(staging: Path, output_dir: Path, files: list[str], previous: set[str]) -> None:
+    """Replace the previous run's files in `output_dir` by the staged ones; other files are kept (and never
+    replaced: a staged file that would land on one of them is refused before anything moves)."""
+    foreign = [name for name in files if (output_dir / name).exists() and name not in previous]
+    if foreign:
+        raise FileExistsError(
+            f"output_dir {str(output_dir)!r} holds {foreign[0]!r}, which this generator did not create; move it or "
+            "choose another directory."
+        )
+    for name in sorted(previous):
+        path = output_dir / name
+        if path.is_file() and ".." not in Path(name).parts:
+            path.unlink()
+    for name in files:
+        (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, output_dir / name)
+    for modality in MODALITIES:
+        directory = output_dir / modality
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
 
 
 def _validate(
@@ -404,7 +429,8 @@ def make_synthetic_dataset(
         image_size: side in pixels of images, video frames, depth and normal maps (even, >= 16).
         num_video_frames: frames per one-second video (so also its frame rate).
         modalities: which of "image", "video", "audio", "depth" and "normal" to write.
-        overwrite: allow a non-empty `output_dir`, deleting the outputs of a previous run there first.
+        overwrite: allow a non-empty `output_dir`: the files a previous run of this generator wrote there (listed in
+            its `dataset_info.json`) are replaced; other files are kept, and never replaced.
 
     Returns:
         A dict with `output_dir`, `train_file`, `test_file`, `info_file`, `num_train`, `num_test`, `modalities` and
@@ -414,13 +440,50 @@ def make_synthetic_dataset(
     modalities = tuple(modalities)
     num_test = _validate(num_samples, test_fraction, num_test, image_size, num_video_frames, modalities)
     output_dir = Path(output_dir)
-    _prepare_output_dir(output_dir, overwrite)
+    previous = _created_files(output_dir, overwrite)
+    num_train = num_samples - num_test
+    settings = (seed, image_size, num_video_frames, modalities)
+    if not previous and not (output_dir.is_dir() and any(output_dir.iterdir())):
+        with atomic_output(output_dir) as partial:
+            _write_dataset(partial, num_train, num_test, *settings)
+    else:  # stage beside it, then swap only the previous run's files
+        staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
+        remove_stale_partials(output_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            files = _write_dataset(staging, num_train, num_test, *settings)
+            _merge_into(staging, output_dir, files, previous)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "output_dir": str(output_dir),
+        "train_file": str(output_dir / "train.jsonl"),
+        "test_file": str(output_dir / "test.jsonl"),
+        "info_file": str(output_dir / "dataset_info.json"),
+        "num_train": num_train,
+        "num_test": num_test,
+        "modalities": list(modalities),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _write_dataset(
+    output_dir: Path,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    image_size: int,
+    num_video_frames: int,
+    modalities: tuple[str, ...],
+) -> list[str]:
+    """Write the data set into the empty `output_dir`; returns the relative paths written (listed in
+    `dataset_info.json` too, so that a later `overwrite` removes exactly these)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
     for modality in modalities:
         (output_dir / modality).mkdir()
-
-    num_train = num_samples - num_test
+    files = []
     splits = dict(zip(("train", "test"), split_combinations(num_train, num_test, np.random.default_rng(seed))))
-    progress = tqdm(total=num_samples, desc="Synthetic omni-modal data", unit="sample")
+    progress = tqdm(total=num_train + num_test, desc="Synthetic omni-modal data", unit="sample")
     for split_index, (split, combinations) in enumerate(splits.items()):
         with open(output_dir / f"{split}.jsonl", "w", encoding="utf-8") as file:
             for index, combination in enumerate(combinations):
@@ -430,8 +493,11 @@ def make_synthetic_dataset(
                     output_dir, f"{split}_{index:05d}", attributes, rng, image_size, num_video_frames, modalities
                 )
                 file.write(json.dumps(row) + "\n")
+                files += [row[BUILTIN_MODALITIES[modality].column] for modality in modalities]
                 progress.update()
+        files.append(f"{split}.jsonl")
     progress.close()
+    files.append("dataset_info.json")
 
     info = {
         "seed": seed,
@@ -447,16 +513,7 @@ def make_synthetic_dataset(
         "normal_encoding": "RGB = (n + 1) / 2 * 255 with x right, y up, z towards the camera",
         "attributes": {name: list(values) for name, values in ATTRIBUTES.items()},
         "caption_templates": list(CAPTION_TEMPLATES),
+        "files": sorted(files),
     }
-    info_file = output_dir / "dataset_info.json"
-    info_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return {
-        "output_dir": str(output_dir),
-        "train_file": str(output_dir / "train.jsonl"),
-        "test_file": str(output_dir / "test.jsonl"),
-        "info_file": str(info_file),
-        "num_train": num_train,
-        "num_test": num_test,
-        "modalities": list(modalities),
-        "seconds": time.perf_counter() - start,
-    }
+    (output_dir / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return files

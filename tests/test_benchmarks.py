@@ -91,3 +91,45 @@ def test_entry_point_smoke(tmp_path):
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     statuses = {goal["name"].split(",")[0]: goal["status"] for goal in summary["goals"]}
     assert statuses["cached vs recompute generation"] == "pending"
+
+
+def test_roofline_counts_of_a_decoding_step():
+    """The BERT-base decoding step over a 4-frame context (1,028 tokens) needs about 0.52 GFLOP and reads about
+    0.57 GB in fp32 at batch 1 (weights, context keys/values once per item); beams add rows, not context bytes."""
+    from benchmarks import roofline
+
+    shape = dict(hidden=768, intermediate=3072, layers=12, vocab=30522, context_length=1028, cached_tokens=20)
+    greedy = roofline.decoding_step_cost(items=1, rows=1, **shape)
+    assert round(greedy.flops / 1e9, 2) == 0.52 and round(greedy.bytes / 1e9, 2) == 0.57
+    beams = roofline.decoding_step_cost(items=1, rows=3, **shape)
+    three_rows = roofline.decoding_step_cost(items=3, rows=3, **shape)
+    assert beams.flops == three_rows.flops
+    context_bytes = 12 * 2 * 1028 * 768 * 4
+    assert three_rows.bytes - beams.bytes == 2 * context_bytes
+    bf16 = roofline.decoding_step_cost(items=1, rows=1, value_bytes=2, **shape)
+    assert bf16.bytes == pytest.approx(greedy.bytes / 2)
+
+    machine = {"fp32_gflops": 100.0, "read_gb_s": 50.0}
+    row = roofline.roofline_row("step", 0.1, greedy, machine)
+    assert row["bound_ms"] == pytest.approx(greedy.bytes / 50e9 * 1e3)  # bandwidth-bound at batch 1
+    assert row["fraction_of_bound"] == pytest.approx(row["bound_ms"] / 100)
+
+
+def test_roofline_of_the_attention_rows():
+    """Every tower of the attention benchmark gets a cost: ViT blocks from the shape, the text tower with its
+    cross-attention to the context."""
+    from benchmarks import roofline
+
+    results = {
+        "settings": {"context_length": 2056, "text_tokens": 40},
+        "rows": [
+            {"tower": "vision ViT-B", "shape": "768w/12h/3072mlp", "layers": 2, "batch": 4, "tokens": 257},
+            {"tower": "text + cross-attention", "shape": "768w/12h/3072ffn", "layers": 4, "batch": 8, "tokens": "40 (context 2056)"},
+        ],
+    }
+    (vit_row, vit), (_, text) = roofline.attention_rows_costs(results)
+    linear = 2 * 4 * 257 * (4 * 768 * 768 + 2 * 768 * 3072)
+    assert vit.flops == 2 * (linear + 4 * 4 * 257 * 257 * 768)
+    assert text.flops > roofline.encoder_cost(768, 3072, 4, 40, 8).flops
+    with pytest.raises(ValueError, match="unrecognised tower shape '768 wide'"):
+        roofline.attention_rows_costs({"settings": {"context_length": 0}, "rows": [{**vit_row, "shape": "768 wide"}]})

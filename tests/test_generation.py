@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
 
+from benchmarks.bench_generation import context_per_row
 from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel
 
 
@@ -253,6 +254,57 @@ def test_num_return_sequences(model):
     assert strip(beams[::3]) == strip(best)
     samples = model.generate(**inputs, num_beams=1, do_sample=True, top_k=5, num_return_sequences=2, max_new_tokens=5)
     assert samples.shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(num_beams=1),
+        dict(num_beams=3),
+        dict(num_beams=3, num_return_sequences=2),
+        dict(num_beams=3, question=True),
+        dict(num_beams=1, do_sample=True, top_k=5, num_return_sequences=2),
+    ],
+    ids=["greedy", "beams", "return-sequences", "question", "sampling"],
+)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_shared_context_equals_a_context_per_row(model, settings, use_cache):
+    """One context per item, read by all its rows, gives the tokens of Transformers' generic path (the context copied
+    per row, the whole cache reordered with the beams), cached or recomputed."""
+    settings = dict(settings, max_new_tokens=8, use_cache=use_cache, **knowledge_inputs("combined", seed=4))
+    if settings.pop("question", False):
+        settings["input_ids"] = torch.tensor([[CLS, 7, 8, SEP, PAD], [CLS, 20, 21, 22, SEP]])
+    torch.manual_seed(0)
+    shared = model.generate(**settings)
+    torch.manual_seed(0)
+    with context_per_row():
+        per_row = model.generate(**settings)
+    assert torch.equal(shared, per_row)
+
+
+def test_context_keys_and_values_are_kept_once_per_item(model):
+    """Beam search keeps the context's cross-attention keys/values once per item (not per beam): only the
+    self-attention cache has a row per beam."""
+    inputs = knowledge_inputs("video", batch_size=2)
+    output = model.generate(**inputs, num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
+    context_length = model.mico.get_multimodal_context(**inputs).shape[1]
+    for layer in range(model.config.text_config.num_hidden_layers):
+        cross = output.cache.cross_attention_cache.layers[layer]
+        assert cross.keys.shape[0] == cross.values.shape[0] == 2
+        assert cross.keys.shape[2] == context_length
+        assert output.cache.self_attention_cache.layers[layer].keys.shape[0] == 6
+    with context_per_row():  # Transformers' generic path copies them per beam
+        output = model.generate(**inputs, num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
+    assert output.cache.cross_attention_cache.layers[0].keys.shape[0] == 6
+
+
+def test_context_batch_must_divide_the_text_batch(model):
+    context = model.mico.get_multimodal_context(**knowledge_inputs("image", batch_size=2))
+    with pytest.raises(ValueError, match=r"the text batch \(3\) a multiple of items"):
+        model(input_ids=torch.full((3, 2), CLS), context=context)
+    rows = model(input_ids=torch.full((4, 2), CLS), context=context.repeat_interleave(2, dim=0)).logits
+    shared = model(input_ids=torch.full((4, 2), CLS), context=context).logits
+    torch.testing.assert_close(shared, rows, rtol=1e-5, atol=1e-5)
 
 
 def test_streamer_receives_the_tokens(model):

@@ -179,10 +179,22 @@ def test_refuses_non_empty_output_dir_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match=str(tmp_path)):
         make_synthetic_dataset(tmp_path, num_samples=4)
     make_synthetic_dataset(tmp_path, num_samples=4, overwrite=True)
-    (tmp_path / "video" / "stale.mp4").write_bytes(b"")
-    result = make_synthetic_dataset(tmp_path, num_samples=3, overwrite=True)
+    (tmp_path / "video" / "mine.mp4").write_bytes(b"user data")
+    result = make_synthetic_dataset(tmp_path, num_samples=3, modalities=["image"], overwrite=True)
     assert result["num_train"] + result["num_test"] == 3
-    assert not (tmp_path / "video" / "stale.mp4").exists() and (tmp_path / "notes.txt").exists()
+    # only the generator's own files were replaced: the user's files survive, no stale generated file does
+    assert (tmp_path / "video" / "mine.mp4").read_bytes() == b"user data" and (tmp_path / "notes.txt").exists()
+    assert sorted(path.name for path in (tmp_path / "video").iterdir()) == ["mine.mp4"]
+    assert not (tmp_path / "audio").exists() and len(list((tmp_path / "image").iterdir())) == 3
+    assert not [path for path in tmp_path.parent.iterdir() if ".partial-" in path.name]
+
+
+def test_overwrite_refuses_to_replace_a_file_it_did_not_create(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"id": "my own annotations"}\n')
+    with pytest.raises(FileExistsError, match="holds 'train.jsonl', which this generator did not create"):
+        make_synthetic_dataset(tmp_path, num_samples=3, modalities=["image"], overwrite=True)
+    assert (tmp_path / "train.jsonl").read_text() == '{"id": "my own annotations"}\n'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["train.jsonl"]
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from modeling_mico.finetuning import (
     save_and_publish,
     train_and_evaluate,
 )
+from modeling_mico.output_utils import prepare_training_output_dir
 
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ class DataArguments:
         metadata={"help": "media columns captioned: image, video, audio, or video audio (fused context)"},
     )
     num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
+    )
 
 
 @dataclass
@@ -70,7 +74,7 @@ def build_parser() -> HfArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     model_args, data_args, caption_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    push = prepare_run(training_args, data_args.overwrite_output_dir)
+    push = prepare_run(training_args, data_args.validation_file)
     training_args.prediction_loss_only = True  # evaluation scores generated captions, not the logits
     options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     model = MiCoForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **options)
@@ -95,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         processing_class=processor,
         generate_kwargs={"num_beams": caption_args.num_beams, "max_new_tokens": caption_args.max_new_tokens},
     )
-    metrics = train_and_evaluate(trainer)
+    inputs = (model_args.model_name_or_path, data_args.train_file, data_args.validation_file)
+    checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
+    metrics = train_and_evaluate(trainer, checkpoint)
     if trainer.last_captions:
         logger.info(f"captions of the first evaluation items: {trainer.last_captions[:3]}")
     save_and_publish(

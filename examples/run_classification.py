@@ -38,6 +38,7 @@ from modeling_mico.finetuning import (
     save_and_publish,
     train_and_evaluate,
 )
+from modeling_mico.output_utils import prepare_training_output_dir
 from modeling_mico.trainer_mico import EvalCollatorTrainer
 
 
@@ -66,7 +67,10 @@ class DataArguments:
     validation_file: str | None = field(default=None, metadata={"help": "the same, for evaluation"})
     label_column: str = field(default="label", metadata={"help": "label column of annotation files (dotted path)"})
     num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "write into a non-empty --output_dir"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
+    )
 
 
 @dataclass
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, finetune_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if model_args.modality not in HEADS:
         parser.error(f"--modality must be one of {sorted(HEADS)}, got {model_args.modality!r}")
-    push = prepare_run(training_args, data_args.overwrite_output_dir)
+    push = prepare_run(training_args, data_args.validation_file)
 
     model_class = HEADS[model_args.modality]
     modalities = [model_args.modality, *model_args.fused_modalities]
@@ -139,7 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=classification_compute_metrics(multi_label),
         optimizers=(optimizer, None),
     )
-    metrics = train_and_evaluate(trainer)
+    inputs = (model_args.model_name_or_path, data_args.train_file, data_args.validation_file)
+    checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
+    metrics = train_and_evaluate(trainer, checkpoint)
     save_and_publish(
         trainer,
         model,

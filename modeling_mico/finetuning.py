@@ -33,6 +33,7 @@ from .caption_metrics import caption_scores
 from .captioning import media_modality
 from .configuration_mico import MiCoConfig
 from .data import MiCoDataCollator
+from .output_utils import require_work
 from .pretraining_mico import mask_caption_tokens
 from .trainer_mico import EvalCollatorTrainer
 
@@ -407,34 +408,34 @@ class LoraArguments:
         return model
 
 
-def prepare_run(training_args: Any, overwrite_output_dir: bool) -> bool:
-    """Set-up shared by the fine-tuning scripts: the collator reads raw rows (`remove_unused_columns=False`),
-    logging, a non-empty `output_dir` refused unless `overwrite_output_dir`, the seed. Trainer's own Hub push is
-    switched off (the scripts push after writing the model card); returns whether to push."""
+def prepare_run(training_args: Any, validation_file: str | None) -> bool:
+    """Set-up shared by the fine-tuning scripts: a run with nothing to do is refused (`output_utils.require_work`),
+    the collator reads raw rows (`remove_unused_columns=False`), logging, the seed. Trainer's own Hub push is
+    switched off (the scripts push after writing the model card); returns whether to push. The output directory is
+    checked later, once model and data have loaded (`output_utils.prepare_training_output_dir`)."""
     import logging
 
     import transformers
 
+    require_work(training_args, validation_file)
     training_args.remove_unused_columns = False
     push, training_args.push_to_hub = training_args.push_to_hub, False
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    output_dir = training_args.output_dir
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite_output_dir:
-        raise FileExistsError(f"output directory {output_dir} is not empty; pass --overwrite_output_dir")
     transformers.set_seed(training_args.seed)
     return push
 
 
-def train_and_evaluate(trainer: Any) -> dict[str, float]:
-    """Evaluate (`pretrained_*` metrics), train, evaluate again (`eval_*`), as `trainer.args` asks; saves and returns
-    the metrics."""
+def train_and_evaluate(trainer: Any, checkpoint: str | None = None) -> dict[str, float]:
+    """Evaluate (`pretrained_*` metrics), train (resuming from `checkpoint`, see
+    `output_utils.prepare_training_output_dir`), evaluate again (`eval_*`), as `trainer.args` asks; saves and
+    returns the metrics."""
     args, metrics = trainer.args, {}
     evaluate = args.do_eval and trainer.eval_dataset is not None
     if evaluate:
         metrics.update(trainer.evaluate(metric_key_prefix="pretrained"))
     if args.do_train:
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
     if evaluate:

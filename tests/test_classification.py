@@ -362,7 +362,10 @@ def test_run_classification_end_to_end_with_lora_layer_decay_and_mocked_push(tmp
         and "model.safetensors" in pushed["files"]
         and "README.md" in pushed["files"]
     )
-    with pytest.raises(FileExistsError, match="is not empty; pass --overwrite_output_dir"):
+    with pytest.raises(
+        FileExistsError,
+        match="is not empty and holds no complete checkpoint to resume from; pass --overwrite_output_dir",
+    ):
         run_classification.main(argv)
     help_text = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "run_classification.py"), "--help"],

@@ -38,14 +38,15 @@ from benchmarks.common import Goal, machine_info, markdown_table, write_json  # 
 
 DEFAULT_OUTPUT_DIR = ROOT / "benchmarks" / "results"
 DEFAULT_MARKDOWN = ROOT / "benchmarks" / "RESULTS.md"
-BENCHMARKS = ("attention", "generation", "processing", "retrieval", "conversion")  # report order
-RUN_ORDER = ("attention", "processing", "retrieval", "conversion", "generation")  # the slowest last
+BENCHMARKS = ("attention", "generation", "processing", "retrieval", "conversion", "training")  # report order
+RUN_ORDER = ("attention", "processing", "retrieval", "conversion", "training", "generation")  # the slowest last
 TITLES = {
     "attention": "Attention: eager vs SDPA (CPU, float32)",
     "generation": "Caption generation: recompute vs key/value cache",
     "processing": "Processing",
     "retrieval": "Retrieval evaluation end to end",
     "conversion": "Conversion of a release-size checkpoint",
+    "training": "Training throughput: DDP, DeepSpeed ZeRO-2/3, FSDP2 and the shard pipeline (CPU)",
 }
 
 
@@ -63,7 +64,7 @@ def run_benchmark(name: str, mode: str, full_generation: bool = False, bounds: d
             raise
         return {"pending": f"benchmarks/bench_{name}.py is not present yet"}
     start = time.perf_counter()
-    if name in ("attention", "retrieval", "conversion"):
+    if name in ("attention", "retrieval", "conversion", "training"):
         results = module.run(quick=mode == "quick", smoke=mode == "smoke")
     elif name == "generation":
         results = module.run(quick=mode != "full" or not full_generation, machine=bounds)

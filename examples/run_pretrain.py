@@ -23,7 +23,9 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
 from modeling_mico.annotations import check_columns, load_annotation_dataset
 from modeling_mico.data import MiCoDataCollator
+from modeling_mico.engines import check_fsdp_request, prepare_deepspeed
 from modeling_mico.output_utils import prepare_training_output_dir, require_work
+from modeling_mico.sharded_data import ShardCollator, load_shards
 from modeling_mico.trainer_mico import EvalCollatorTrainer
 
 
@@ -46,12 +48,21 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: str = field(
+    train_file: str | None = field(
+        default=None,
         metadata={
             "help": "annotation file (.jsonl, .json, .csv, .parquet) or a 🤗 datasets folder (save_to_disk output or a "
-            "folder load_dataset reads) with Image / Audio / Video or path columns"
-        }
+            "folder load_dataset reads) with Image / Audio / Video or path columns; or give --train_shards"
+        },
     )
+    train_shards: str | None = field(
+        default=None,
+        metadata={
+            "help": "tar shards written by examples/write_shards.py, e.g. 'dir/shard-{000000..000099}.tar', streamed "
+            "(split over processes and DataLoader workers by shard; needs --max_steps)"
+        },
+    )
+    shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the --train_shards shuffle buffer"})
     validation_file: str | None = field(default=None, metadata={"help": "annotation file or datasets folder"})
     train_split: str | None = field(default=None, metadata={"help": "split of a datasets folder (--train_file)"})
     validation_split: str | None = field(
@@ -90,7 +101,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> MiCoFor
         config.vision_config.image_size = data_args.image_size
     if model_args.attn_implementation:
         config._attn_implementation = model_args.attn_implementation
-    return MiCoForPreTraining(config)
+    return MiCoForPreTraining._from_config(config)  # as AutoModel.from_config: ZeRO-3 partitions it while built
 
 
 def build_processor(model_args: ModelArguments, data_args: DataArguments, config: MiCoConfig) -> MiCoProcessor:
@@ -121,6 +132,9 @@ def main() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     require_work(training_args, data_args.validation_file)
+    check_fsdp_request(training_args)
+    if training_args.deepspeed:
+        prepare_deepspeed(training_args)
     set_seed(training_args.seed)
 
     model = build_model(model_args, data_args)
@@ -128,9 +142,17 @@ def main() -> None:
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
 
-    train_dataset = load_annotation_dataset(
-        data_args.train_file, streaming=data_args.streaming, config=model.config, split=data_args.train_split
-    )
+    if (data_args.train_file is None) == (data_args.train_shards is None):
+        raise ValueError("give exactly one of --train_file and --train_shards")
+    if data_args.train_shards:
+        if training_args.max_steps <= 0:
+            raise ValueError("--train_shards needs --max_steps (a stream has no length)")
+        train_dataset = load_shards(data_args.train_shards, data_args.shuffle_buffer, seed=training_args.seed)
+        training_args.accelerator_config.dispatch_batches = False  # every process reads its own shards
+    else:
+        train_dataset = load_annotation_dataset(
+            data_args.train_file, streaming=data_args.streaming, config=model.config, split=data_args.train_split
+        )
     eval_dataset = (
         load_annotation_dataset(
             data_args.validation_file,
@@ -149,9 +171,12 @@ def main() -> None:
         )
         for training in (True, False)
     )
-    inputs = (model_args.model_name_or_path, model_args.config_name, data_args.train_file, data_args.validation_file)
-    check_columns(train_dataset, data_args.modalities, data_args.train_file)  # requested columns: never dropped
+    train_source = data_args.train_file or data_args.train_shards
+    inputs = (model_args.model_name_or_path, model_args.config_name, train_source, data_args.validation_file)
+    check_columns(train_dataset, data_args.modalities, train_source)  # requested columns: never dropped
     checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
+    if data_args.train_shards:
+        train_collator = ShardCollator(train_collator)
 
     trainer = EvalCollatorTrainer(
         model=model,

@@ -15,8 +15,11 @@ from types import ModuleType
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForAudioClassification,
+    AutoModelForImageClassification,
     AutoModelForImageTextToText,
     AutoModelForPreTraining,
+    AutoModelForVideoClassification,
     AutoModelForZeroShotImageClassification,
 )
 
@@ -26,9 +29,13 @@ from .ecosystem import save_hook
 from .feature_extraction_mico import MiCoFeatureExtractor
 from .image_processing_mico import MiCoImageProcessor
 from .modeling_mico import (
+    MiCoForAudioClassification,
     MiCoForConditionalGeneration,
+    MiCoForDepthClassification,
+    MiCoForImageClassification,
     MiCoForPreTraining,
     MiCoForPreTrainingOutput,
+    MiCoForVideoClassification,
     MiCoForZeroShotClassification,
     MiCoModel,
     MiCoPreTrainedModel,
@@ -55,11 +62,21 @@ def _register_auto_classes() -> None:
     MiCoForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     AutoModelForZeroShotImageClassification.register(MiCoConfig, MiCoForZeroShotClassification, exist_ok=True)
     MiCoForZeroShotClassification.register_for_auto_class("AutoModelForZeroShotImageClassification")
+    classification = {
+        AutoModelForImageClassification: MiCoForImageClassification,
+        AutoModelForVideoClassification: MiCoForVideoClassification,
+        AutoModelForAudioClassification: MiCoForAudioClassification,
+    }
+    for auto_class, model_class in classification.items():
+        auto_class.register(MiCoConfig, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class.__name__)
     register_processing_auto_classes()
     register_pipelines()
     if save_hook not in MiCoPreTrainedModel.save_hooks:
         MiCoPreTrainedModel.save_hooks.append(save_hook)
-    install_original_checkpoint_support(AutoModel, AutoModelForPreTraining, AutoModelForImageTextToText)
+    install_original_checkpoint_support(
+        AutoModel, AutoModelForPreTraining, AutoModelForImageTextToText, *classification
+    )
 
 
 _register_auto_classes()
@@ -67,11 +84,13 @@ _register_auto_classes()
 # Modules of the package that are not needed to load a model or a processor: imported on first access.
 _LAZY_SUBMODULES = (
     "annotations",
+    "caption_metrics",
     "captioning",
     "convert_original",
     "data",
     "distributed",
     "evaluation",
+    "finetuning",
     "import_utils",
     "peft_utils",
     "retrieval",
@@ -91,9 +110,13 @@ def __getattr__(name: str) -> ModuleType:
 __all__ = [
     "MiCoConfig",
     "MiCoFeatureExtractor",
+    "MiCoForAudioClassification",
     "MiCoForConditionalGeneration",
+    "MiCoForDepthClassification",
+    "MiCoForImageClassification",
     "MiCoForPreTraining",
     "MiCoForPreTrainingOutput",
+    "MiCoForVideoClassification",
     "MiCoForZeroShotClassification",
     "MiCoImageProcessor",
     "MiCoProcessor",

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPooling,
     CausalLMOutputWithCrossAttentions,
+    SequenceClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.utils import ModelOutput, logging
@@ -1505,11 +1506,240 @@ class MiCoForZeroShotClassification(MiCoModel):
     """
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Classification heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+# Configuration fields of the classification heads that `from_pretrained` takes as keyword arguments.
+HEAD_CONFIG_KEYS = (
+    "num_labels",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "classifier_modalities",
+    "classifier_dropout",
+)
+
+
+class MiCoClassificationHeadBase(MiCoPreTrainedModel):
+    r"""
+    Shared plumbing of the classification heads: a [`MiCoModel`] (`self.mico`), the pooled features of the
+    modalities in `config.classifier_modalities` (default: the class's own modality; e.g. `["video", "audio"]` for
+    fused video+audio), each the class token of every frame averaged over frames ([`~MiCoModel.pool_tokens`], as the
+    contrastive heads pool), concatenated in that order, layer-normalised (`fc_norm`, as BEiT/EVA fine-tuning does),
+    then `dropout` (`config.classifier_dropout`, default 0) and a linear `classifier` to `config.num_labels` logits.
+
+    The loss follows `config.problem_type` (Transformers' `ForSequenceClassification` loss): cross-entropy for
+    `"single_label_classification"` (integer labels), binary cross-entropy for `"multi_label_classification"`
+    (float multi-hot labels, as AudioSet needs), MSE for `"regression"`; unset, it is inferred from the labels.
+
+    Any MiCo checkpoint (a [`MiCoModel`] / head-layout directory, or an original checkpoint through the package's
+    loader) loads into these classes: the encoder keeps its weights, `fc_norm` and `classifier` are new. The text
+    branch of `self.mico` is loaded but unused.
+    """
+
+    modality: str = ""
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+    # the head is new when loading an encoder checkpoint (not reported as missing)
+    _keys_to_ignore_on_load_missing = [r"^fc_norm\.", r"^classifier\."]
+    # PEFT renames adapter keys with this mapping on load: adapters trained on `MiCoModel` load onto these heads
+    _checkpoint_conversion_mapping = {r"^(?!mico\.|fc_norm\.|classifier\.)": "mico."}
+
+    def __init__(self, config: MiCoConfig):
+        super().__init__(config)
+        self.loss_type = "ForSequenceClassification"
+        self.mico = MiCoModel(config)
+        self.build_head()
+        self.post_init()
+
+    def build_head(self) -> None:
+        """(Re)create `fc_norm`, `dropout` and `classifier` for the configuration's modalities and labels."""
+        config = self.config
+        self.num_labels = config.num_labels
+        self.classifier_modalities = self.resolve_classifier_modalities(config)
+        width = config.vision_config.hidden_size * len(self.classifier_modalities)
+        self.fc_norm = nn.LayerNorm(width, eps=config.vision_config.layer_norm_eps)
+        self.dropout = nn.Dropout(getattr(config, "classifier_dropout", None) or 0.0)
+        self.classifier = nn.Linear(width, config.num_labels) if config.num_labels > 0 else nn.Identity()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load any MiCo checkpoint (see [`MiCoPreTrainedModel.from_pretrained`]; original checkpoints too). The head
+        settings `num_labels`, `id2label`, `label2id`, `problem_type`, `classifier_modalities` and
+        `classifier_dropout` given as keyword arguments update the loaded configuration; when they change the
+        head's shape (labels, modalities), the head is new (initialised), the encoder kept."""
+        overrides = {key: kwargs.pop(key) for key in HEAD_CONFIG_KEYS if key in kwargs}
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if overrides:
+            (loaded[0] if isinstance(loaded, tuple) else loaded).configure_head(**overrides)
+        return loaded
+
+    def configure_head(self, **settings) -> None:
+        """Update the head settings (`HEAD_CONFIG_KEYS`: `num_labels`, `id2label`, `label2id`, `problem_type`,
+        `classifier_modalities`, `classifier_dropout`) of the configuration; a new number of labels or new modalities
+        make a new, initialised head (on the encoder's device and dtype)."""
+        unknown = sorted(set(settings) - set(HEAD_CONFIG_KEYS))
+        if unknown:
+            raise TypeError(f"unknown head settings {unknown}; choose among {list(HEAD_CONFIG_KEYS)}")
+        before = (self.config.num_labels, list(self.classifier_modalities))
+        if "id2label" not in settings and settings.get("num_labels", before[0]) != before[0]:
+            settings["id2label"] = {i: f"LABEL_{i}" for i in range(settings["num_labels"])}
+        for key, value in settings.items():
+            setattr(self.config, key, value)
+        if (self.config.num_labels, self.resolve_classifier_modalities(self.config)) != before:
+            parameter = self.mico.temperature
+            self.build_head()
+            for module in (self.fc_norm, self.classifier):
+                module.apply(self._init_weights)
+                module.to(device=parameter.device, dtype=parameter.dtype)
+        else:
+            self.dropout.p = getattr(self.config, "classifier_dropout", None) or 0.0
+
+    @classmethod
+    def resolve_classifier_modalities(cls, config: MiCoConfig) -> list[str]:
+        """`config.classifier_modalities` (default `[cls.modality]`), checked: registry modalities of this
+        configuration, including the class's own, at most one per encoder (images or videos, not both)."""
+        names = list(getattr(config, "classifier_modalities", None) or [cls.modality])
+        specs = config.modality_specs
+        unknown = [name for name in names if name not in specs]
+        if unknown:
+            raise ValueError(
+                f"classifier_modalities {unknown} are not modalities of this model; choose among {list(specs)}"
+            )
+        if cls.modality not in names:
+            raise ValueError(
+                f"{cls.__name__} classifies {cls.modality!r}: classifier_modalities must include it, got {names}"
+            )
+        encoders = [specs[name].encoder for name in names]
+        if len(set(encoders)) != len(encoders) or len(set(names)) != len(names):
+            raise ValueError(
+                f"classifier_modalities {names} must name one modality per encoder (images or videos, not both)"
+            )
+        return names
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mico.vision_model.get_input_embeddings()
+
+    def pooled_features(self, inputs: Mapping[str, torch.Tensor], **kwargs) -> tuple[torch.Tensor, tuple, tuple]:
+        """The concatenated pooled features `(batch, modalities * vision_width)` of `inputs` (registry name ->
+        model input), with the towers' hidden states and attentions (when asked, modality after modality)."""
+        pooled, hidden_states, attentions = [], (), ()
+        for name in self.classifier_modalities:
+            output = self.mico.get_modality_features(name, inputs[name], **kwargs)
+            pooled.append(self.mico.pool_tokens(output.last_hidden_state))
+            hidden_states += output.hidden_states or ()
+            attentions += output.attentions or ()
+        return torch.cat(pooled, dim=-1), hidden_states, attentions
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        depth_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        r"""
+        Args:
+            pixel_values, pixel_values_videos, input_features, depth_values (`torch.FloatTensor`, *optional*):
+                The inputs of the modalities in `classifier_modalities` (as for [`MiCoModel`]; `<name>_values` of
+                configured extras go in `kwargs`). Exactly those must be given.
+            labels (`torch.Tensor`, *optional*):
+                `(batch_size,)` class indices or `(batch_size, num_labels)` class probabilities (single-label; soft
+                targets of mixup / cutmix), `(batch_size, num_labels)` multi-hot floats (multi-label) or
+                `(batch_size,)` / `(batch_size, num_labels)` floats (regression).
+
+        Returns:
+            [`SequenceClassifierOutput`]: `logits` `(batch_size, num_labels)`, `loss` when `labels` are given.
+        """
+        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
+        given = {name: values for name, (_, values) in self.mico.modality_inputs(named, kwargs).items()}
+        if set(given) != set(self.classifier_modalities):
+            specs = self.config.modality_specs
+            expected = [specs[name].input_name for name in self.classifier_modalities]
+            got = [specs[name].input_name for name in given]
+            raise ValueError(f"{type(self).__name__} takes {expected} (classifier_modalities), got {got}")
+        features, hidden_states, attentions = self.pooled_features(given, **kwargs)
+        logits = self.classifier(self.dropout(self.fc_norm(features)))
+        loss = None
+        if labels is not None and self.config.problem_type == "single_label_classification" and labels.dim() == 2:
+            loss = F.cross_entropy(logits, labels.to(logits.dtype))  # class probabilities (mixup / cutmix targets)
+        elif labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=hidden_states or None, attentions=attentions or None
+        )
+
+
+class MiCoForImageClassification(MiCoClassificationHeadBase):
+    r"""
+    MiCo image classification (`pixel_values`, `(batch, 3, H, W)`); `config.classifier_modalities=["image",
+    "depth"]` fuses depth maps too. See [`MiCoClassificationHeadBase`].
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_mico import MiCoConfig, MiCoForImageClassification
+    >>> config = MiCoConfig.from_preset("tiny", num_labels=3)
+    >>> model = MiCoForImageClassification(config).eval()
+    >>> model(pixel_values=torch.randn(2, 3, 64, 64), labels=torch.tensor([0, 2])).logits.shape
+    torch.Size([2, 3])
+
+    ```
+    """
+
+    modality = "image"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+
+class MiCoForVideoClassification(MiCoClassificationHeadBase):
+    r"""
+    MiCo video classification (`pixel_values_videos`, `(batch, frames, 3, H, W)`); `config.classifier_modalities=
+    ["video", "audio"]` fuses the soundtrack (`input_features`). See [`MiCoClassificationHeadBase`].
+    """
+
+    modality = "video"
+    main_input_name = "pixel_values_videos"
+    input_modalities = ("video", "audio")
+
+
+class MiCoForAudioClassification(MiCoClassificationHeadBase):
+    r"""
+    MiCo audio classification (`input_features`, spectrogram slices `(batch, slices, H, W)`); single- or multi-label
+    (`problem_type="multi_label_classification"`, as AudioSet). See [`MiCoClassificationHeadBase`].
+    """
+
+    modality = "audio"
+    main_input_name = "input_features"
+    input_modalities = ("audio",)
+
+
+class MiCoForDepthClassification(MiCoClassificationHeadBase):
+    r"""
+    MiCo depth-map classification (`depth_values`, as [`MiCoProcessor`] prepares depth maps). Transformers has no
+    Auto class or pipeline for depth classification: load it by class. See [`MiCoClassificationHeadBase`].
+    """
+
+    modality = "depth"
+    main_input_name = "depth_values"
+    input_modalities = ("image",)
+
+
 __all__ = [
+    "MiCoClassificationHeadBase",
+    "MiCoForAudioClassification",
     "MiCoForConditionalGeneration",
+    "MiCoForDepthClassification",
+    "MiCoForImageClassification",
     "MiCoForPreTraining",
     "MiCoForPreTrainingOutput",
     "MiCoForZeroShotClassification",
+    "MiCoForVideoClassification",
     "MiCoModel",
     "MiCoOutput",
     "MiCoPreTrainedModel",

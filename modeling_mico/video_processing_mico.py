@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
 
 from .image_processing_mico import (
     MiCoImageProcessor,
@@ -235,12 +236,18 @@ class MiCoVideoProcessor:
         generator: torch.Generator | None = None,
         image_size: int | None = None,
         return_frame_indices: bool = False,
+        do_sample_frames: bool = True,
+        return_tensors: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Videos -> `{"pixel_values_videos": (B, T, 3, S, S)}` (+ `"frame_indices"` (B, T) when asked).
 
         Sampling is deterministic at evaluation; in training it draws from `generator`, else from a generator
-        seeded with `seed`, else from torch's global RNG.
+        seeded with `seed`, else from torch's global RNG. `do_sample_frames` and `return_tensors` are the arguments
+        Transformers' `video-classification` pipeline passes: frames are always sampled (`False` is refused), and
+        with `return_tensors` the result is a `BatchFeature`.
         """
+        if not do_sample_frames:
+            raise ValueError("MiCoVideoProcessor always samples num_frames frames per video; do_sample_frames=False")
         num_frames = self.num_frames if num_frames is None else check_positive("num_frames", num_frames)
         training = self.training if training is None else bool(training)
         generator = generator if generator is not None else make_generator(seed)
@@ -248,7 +255,7 @@ class MiCoVideoProcessor:
         output = {"pixel_values_videos": pixels}
         if return_frame_indices:
             output["frame_indices"] = indices
-        return output
+        return BatchFeature(output, tensor_type=return_tensors) if return_tensors else output
 
     def sample(
         self,

@@ -152,6 +152,9 @@ def test_saved_checkpoint_ships_only_configuration_and_modeling_code(saved):
         "AutoModelForPreTraining": "modeling_mico.MiCoForPreTraining",
         "AutoModelForImageTextToText": "modeling_mico.MiCoForConditionalGeneration",
         "AutoModelForZeroShotImageClassification": "modeling_mico.MiCoForZeroShotClassification",
+        "AutoModelForImageClassification": "modeling_mico.MiCoForImageClassification",
+        "AutoModelForVideoClassification": "modeling_mico.MiCoForVideoClassification",
+        "AutoModelForAudioClassification": "modeling_mico.MiCoForAudioClassification",
     }
 
 

@@ -463,11 +463,13 @@ def retrieval_results(scores: RetrievalScores, ks: Sequence[int] = (1, 5, 10)) -
     return results
 
 
-def evaluate_retrieval(*args: Any, **kwargs: Any) -> dict[str, float]:
-    """Text<->item retrieval metrics of `model` on `rows`: `retrieval_results` of `score_retrieval`, which takes the
-    same arguments (`model, processor, rows, targets`, then `batch_size`, `rerank_top_k`, `skip_missing`, `source`,
-    `progress`)."""
-    return retrieval_results(score_retrieval(*args, **kwargs))
+def evaluate_retrieval(
+    model: torch.nn.Module, processor: MiCoProcessor, rows: Sequence[dict[str, Any]], targets: Sequence[str], **options
+) -> dict[str, float]:
+    """Text<->item retrieval metrics of `model` on `rows` for `targets`: `retrieval_results` of `score_retrieval`,
+    whose keyword `options` it takes (`batch_size`, `rerank_top_k`, `skip_missing`, `source`, `progress`,
+    `skip_broken`)."""
+    return retrieval_results(score_retrieval(model, processor, rows, targets, **options))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def classify_items(
     template = template or default_template(tuple(sorted(items[0], key=lambda name: name != "video")))
     if "{}" not in template:
         raise ValueError(f"template must contain '{{}}' for the label, got {template!r}")
-    media = embed_items(model, processor, list(items), batch_size, progress)
+    media, _ = embed_items(model, processor, list(items), batch_size, progress)
     text = embed_texts(model, processor, [template.format(label) for label in labels])
     logits = torch.from_numpy(media @ text.T) / model.temperature.detach().float().cpu()
     return logits.softmax(dim=-1).numpy()

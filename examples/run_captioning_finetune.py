@@ -23,6 +23,7 @@ from modeling_mico import MiCoForConditionalGeneration
 from modeling_mico.annotations import load_annotation_dataset
 from modeling_mico.evaluation import load_processor
 from modeling_mico.finetuning import (
+    FinetuneDataArguments,
     LoraArguments,
     MiCoCaptioningTrainer,
     MiCoCaptionMaskingCollator,
@@ -43,17 +44,10 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet) with captions"})
-    validation_file: str | None = field(default=None, metadata={"help": "annotation file to caption and score"})
+class DataArguments(FinetuneDataArguments):
     modalities: list[str] = field(
         default_factory=lambda: ["video"],
         metadata={"help": "media columns captioned: image, video, audio, or video audio (fused context)"},
-    )
-    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
     )
 
 

@@ -28,6 +28,7 @@ from modeling_mico import (
 )
 from modeling_mico.evaluation import load_processor
 from modeling_mico.finetuning import (
+    FinetuneDataArguments,
     LoraArguments,
     MiCoClassificationCollator,
     classification_compute_metrics,
@@ -62,15 +63,8 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    train_file: str = field(metadata={"help": "folder-per-class tree or annotation file"})
-    validation_file: str | None = field(default=None, metadata={"help": "the same, for evaluation"})
+class DataArguments(FinetuneDataArguments):
     label_column: str = field(default="label", metadata={"help": "label column of annotation files (dotted path)"})
-    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
-    )
 
 
 @dataclass

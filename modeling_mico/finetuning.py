@@ -384,6 +384,19 @@ def append_metrics_to_card(output_dir: str | os.PathLike, metrics: dict[str, flo
 
 
 @dataclass
+class FinetuneDataArguments:
+    """Command-line options (an `HfArgumentParser` dataclass) of the fine-tuning scripts' data and output folder."""
+
+    train_file: str = field(metadata={"help": "training data: an annotation file (or, for classification, a folder)"})
+    validation_file: str | None = field(default=None, metadata={"help": "the same, for evaluation"})
+    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
+    )
+
+
+@dataclass
 class LoraArguments:
     """Command-line options (an `HfArgumentParser` dataclass) of the fine-tuning scripts' LoRA adapter."""
 

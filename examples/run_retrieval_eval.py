@@ -8,7 +8,7 @@ On the synthetic data set (see examples/make_synthetic_dataset.py) with a model 
 Targets are the model's modalities (video, audio, image, depth, normal, declared ones such as thermal) and the fused
 combinations of its fused heads (va = video + audio, id = image + depth, ...): see `modeling_mico.evaluation`.
 Writes `retrieval_results.json` (keys such as `t2v/R@1`, `v2t/R@1`, `t2va/R@1`, `t2thermal/R@1`; percentages;
-matching-head re-ranked results under `itm/`), one `similarity_<target>.png` heat-map per target, and prints a Markdown
+matching-head re-ranked results under `itm/`), one `similarity_<target>.png` heat-map per target (with matplotlib), and prints a Markdown
 table. The output directory is written atomically, never inside the model directory or over the annotations;
 `--skip_broken` leaves out (and reports) items whose media cannot be decoded.
 """
@@ -30,6 +30,7 @@ from modeling_mico.evaluation import (
     score_retrieval,
     write_results,
 )
+from modeling_mico.import_utils import require
 from modeling_mico.output_utils import atomic_output, check_output_path
 from modeling_mico.retrieval import format_results_table, plot_similarity_heatmap
 
@@ -73,6 +74,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def heatmaps_available() -> bool:
+    """Whether matplotlib is there to draw the heat-maps. It is not part of the inference install (`pip install .`):
+    without it the results are written all the same and the missing pictures are announced, never a failure after
+    the retrieval has been computed."""
+    try:
+        require("matplotlib", "the similarity heat-maps")
+    except ImportError as missing:
+        print(f"heat-maps not drawn: matplotlib is not installed ({missing}); the retrieval results are complete")
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -100,10 +113,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         skip_broken=args.skip_broken,
     )
     results = retrieval_results(scores)
+    draw = heatmaps_available()
     first_captions = scores.first_caption_rows()
     with atomic_output(args.output_dir, inputs, args.overwrite_output_dir, "--overwrite_output_dir") as partial:
         write_results(results, partial / "retrieval_results.json")
-        for target, similarity in scores.similarity.items():
+        for target, similarity in scores.similarity.items() if draw else ():
             plot_similarity_heatmap(
                 similarity[first_captions].to(torch.float32),
                 partial / f"similarity_{target}.png",

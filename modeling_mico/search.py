@@ -42,7 +42,7 @@ def require_faiss() -> Any:
     try:
         import faiss
     except ImportError as error:
-        raise ImportError("search needs FAISS: pip install faiss-cpu (or mico-transformers[ecosystem])") from error
+        raise ImportError("search needs FAISS: pip install faiss-cpu (a dependency of mico-transformers)") from error
     return faiss
 
 

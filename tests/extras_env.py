@@ -15,12 +15,18 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import os
 import re
+import sys
 import sysconfig
-import tomllib
 from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the dev extra installs tomli there
+    import tomli as tomllib
 
 
 ROOT = Path(__file__).resolve().parents[1]

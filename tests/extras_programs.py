@@ -43,10 +43,11 @@ class UndeclaredImportFinder(importlib.abc.MetaPathFinder):
         if path is not None or name not in MISSING_NAMES:
             return None
         caller = sys._getframe(1)
-        while caller is not None and ("importlib" in caller.f_code.co_filename or caller.f_code.co_filename == "<frozen>"):
+        while caller is not None and "importlib" in caller.f_code.co_filename:  # the import machinery's frames
             caller = caller.f_back
         filename = Path(caller.f_code.co_filename).resolve() if caller is not None else None
-        if filename is not None and filename.is_file() and not any(library in filename.parents for library in LIBRARIES):
+        ours = filename is not None and filename.is_file() and not any(lib in filename.parents for lib in LIBRARIES)
+        if ours:
             raise ModuleNotFoundError(
                 f"undeclared import {name!r} by {filename}: it is not in the dependency closure of "
                 f"mico-transformers{'' if self.extra == 'base' else f'[{self.extra}]'} (pyproject.toml)",
@@ -70,7 +71,8 @@ def run(script: str, *arguments: str) -> None:
 def synthetic_data(work: Path) -> Path:
     data = work / "synthetic"
     if not data.exists():
-        run("examples/make_synthetic_dataset.py", "--output_dir", str(data), "--num_samples", "12", "--image_size", "32")
+        run("examples/make_synthetic_dataset.py", "--output_dir", str(data), "--num_samples", "12",
+            "--image_size", "32")  # fmt: skip
     return data
 
 
@@ -84,7 +86,8 @@ def base(work: Path) -> None:
         "--output_file", str(work / "captions.jsonl"), "--num_beams", "2", "--max_new_tokens", "3")  # fmt: skip
     index = ["--model_name_or_path", model, "--index_dir", str(work / "index")]
     run("examples/run_search.py", "index", *index, "--inputs", str(MEDIA))
-    run("examples/run_search.py", "query", *index, "--text", "a dog", "--media", str(MEDIA / "test.jpeg"), "--top_k", "2")
+    run("examples/run_search.py", "query", *index, "--text", "a dog", "--media", str(MEDIA / "test.jpeg"),
+        "--top_k", "2")  # fmt: skip
     run("examples/run_zero_shot_classification.py", "--model_name_or_path", model, "--inputs",
         str(data / "test.jsonl"), "--modalities", "image", "--label_column", "attributes.color",
         "--output_file", str(work / "zero_shot.jsonl"))  # fmt: skip

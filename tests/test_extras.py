@@ -27,9 +27,7 @@ def run_in_extra(extra: str, tmp_path: Path, script: Path | None = None) -> subp
     everything = build_site(tmp_path / "site-all", set(site_distributions()))
     work = tmp_path / f"work-{extra}"
     work.mkdir()
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))
-    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
     env.update(
         PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]),
         PYTHONNOUSERSITE="1",

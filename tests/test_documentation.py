@@ -267,3 +267,20 @@ def test_documented_commands_run(page, tmp_path):
             timeout=600,
         )
         assert result.returncode == 0, f"{page}: `{command}` failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+def test_model_page_api_reference_names_what_the_package_exports():
+    """Every `[[autodoc]] Name` of the model page is exported by `modeling_mico` with the methods listed under it, and
+    every public model class is listed."""
+    import modeling_mico
+
+    page = (ROOT / "docs" / "model_doc" / "mico.md").read_text()
+    entries = re.findall(r"\[\[autodoc\]\] (\w+)\n((?:    - \w+\n)*)", page)
+    assert len(entries) >= 15
+    for name, methods in entries:
+        assert hasattr(modeling_mico, name), f"modeling_mico has no {name}"
+        for method in re.findall(r"- (\w+)", methods):
+            assert callable(getattr(getattr(modeling_mico, name), method, None)), f"{name} has no method {method}"
+    listed = {name for name, _ in entries}
+    models = {name for name in dir(modeling_mico) if name.startswith("MiCoFor") and not name.endswith("Output")}
+    assert models <= listed, models - listed

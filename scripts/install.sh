@@ -45,7 +45,7 @@ if [ -n "$EXTRAS" ]; then TARGET=".[$EXTRAS]"; fi
 
 # pip's output without its "Requirement already satisfied" lines, which are counted instead.
 pip_install() {
-    python -m pip install --progress-bar on "$@" 2>&1 | awk '
+    PYTHONUNBUFFERED=1 python -m pip install --progress-bar on "$@" 2>&1 | awk '
         /^Requirement already satisfied/ { kept++; next }
         { print "    " $0; fflush() }
         END { if (kept) printf "    (%d requirements already satisfied)\n", kept }'
@@ -53,8 +53,11 @@ pip_install() {
 
 echo "[1/2] PyTorch: $TORCH_SPEC into $(python -c 'import sys; print(sys.prefix)')"
 start=$SECONDS
-if python -m pip install --no-index --quiet "$TORCH_SPEC" > /dev/null 2>&1; then
-    echo "    $(python -c 'import torch; print(f"torch {torch.__version__}")') (installed, or a wheel on disk; no index)"
+# torch itself without an index (already installed, or a wheel in pip's find-links); its own dependencies (filelock,
+# sympy, ...) are ordinary packages, taken from pip's usual indexes once that build is in place.
+if python -m pip install --no-index --no-deps --quiet "$TORCH_SPEC" > /dev/null 2>&1; then
+    echo "    torch from this machine (already installed, or a wheel pip finds without an index), then its dependencies"
+    pip_install "$TORCH_SPEC"
 else
     case "$TORCH_INDEX" in
         cpu) index=https://download.pytorch.org/whl/cpu ;;
@@ -64,7 +67,7 @@ else
     echo "    from $index ($TORCH_INDEX build; set TORCH_INDEX to choose)"
     pip_install "$TORCH_SPEC" --index-url "$index"
 fi
-echo "    done in $((SECONDS - start)) s"
+echo "    $(python -c 'import torch; print(f"torch {torch.__version__}")'), done in $((SECONDS - start)) s"
 
 echo "[2/2] mico-transformers$([ -n "$EXTRAS" ] && echo "[$EXTRAS]") (editable, from $PWD) and its dependencies"
 start=$SECONDS

@@ -4,7 +4,7 @@
 
 `EXTRA` is `base` (`pip install .`: conversion, captioning, search, zero-shot, retrieval evaluation, synthetic data),
 `train` (`[train]`: pretraining, PEFT, classification and captioning fine-tuning, tar shards), `ecosystem`
-(sentence-transformers) or `dev` (collecting the test suite). Every program runs through `runpy` with its own
+(sentence-transformers) or `dev` (collecting the test suite, running two of its modules). Every program runs through `runpy` with its own
 `sys.argv`, exactly as `python examples/<program>.py ...`. An import, by this repository's code, of a package the
 environment does not hold fails at once with `undeclared import '<name>'`.
 """
@@ -132,12 +132,17 @@ def ecosystem(work: Path) -> None:
 
 
 def dev(work: Path) -> None:
-    """The test suite: pytest collects (imports) every test module and conftest."""
+    """The test suite: pytest collects (imports) every test module and conftest, then runs the fast tests of two
+    modules that need no subprocess (which would leave this environment): annotations and the benchmarks."""
     import pytest
 
     code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", str(ROOT / "tests")])
     if code != 0:
         raise RuntimeError(f"pytest could not collect the test suite (exit {code})")
+    modules = [str(ROOT / "tests" / name) for name in ("test_annotations.py", "test_benchmarks.py")]
+    code = pytest.main(["-q", "-m", "not slow", "-p", "no:cacheprovider", *modules])
+    if code != 0:
+        raise RuntimeError(f"the tests of {modules} failed in the [dev] environment (exit {code})")
 
 
 PROGRAMS = {"base": base, "train": train, "ecosystem": ecosystem, "dev": dev}

@@ -80,3 +80,21 @@ def test_each_extra_runs_its_programs_with_only_its_packages(extra, tmp_path):
         results = json.loads((tmp_path / "work-base" / "retrieval" / "retrieval_results.json").read_text())
         assert results["num_items"] > 0 and "t2va/R@1" in results
         assert "heat-maps not drawn: matplotlib is not installed" in result.stdout + result.stderr
+
+
+def test_retrieval_heatmaps_degrade_to_a_message_without_matplotlib(monkeypatch, capsys):
+    """The inference install has no matplotlib: the retrieval script announces the missing heat-maps instead of
+    failing after the retrieval was computed (the slow test above runs the whole script that way)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_retrieval_eval", ROOT / "examples" / "run_retrieval_eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.heatmaps_available()
+
+    def missing(module: str, feature: str):
+        raise ImportError(f"{feature} needs the `matplotlib` package, which is not installed")
+
+    monkeypatch.setattr(script, "require", missing)
+    assert not script.heatmaps_available()
+    assert capsys.readouterr().out.startswith("heat-maps not drawn: matplotlib is not installed (the similarity")

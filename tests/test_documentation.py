@@ -231,7 +231,7 @@ def test_commands_run_by_other_tests_name_every_option(page, start, test):
     source = _function_sources(test)
     for _, command in (item for item in COMMANDS if item[0] == page and item[1].startswith(start)):
         words = shlex.split(command)
-        script = next(Path(word).name for word in words if word.endswith(".py"))
+        script = next(Path(word).name for word in words if word.endswith((".py", ".sh")))
         assert Path(script).stem in source, f"{test} does not run {script}"
         missing = [word for word in words if word.startswith("--") and f'"{word}"' not in source]
         assert not missing, f"{test} runs {script} without {missing}, which {page} gives"

@@ -41,6 +41,7 @@ DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "training.json"
 ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
 # rows per process and timed steps per size: base is ~100x the work of tiny and is run at one row, one timed step
 WORKLOAD = {"tiny": (4, 3), "base": (1, 1)}
+PRELOAD = ["torch", "transformers", "deepspeed", "modeling_mico", "modeling_mico.engines"]
 
 
 def _free_port() -> int:
@@ -130,7 +131,12 @@ def measure_engine(engine: str, size: str, processes: int, batch: int, steps: in
     """Samples/s and peak memory of `steps` timed steps of `engine` on `processes` spawned CPU processes."""
     results = mp.Manager().dict()
     start = time.perf_counter()
-    mp.spawn(_worker, args=(processes, _free_port(), engine, size, batch, steps, results), nprocs=processes)
+    # forked by a server that imported the libraries once (`PRELOAD`): a run does not pay their import, and the
+    # workers do not inherit this process's thread pools (a plain fork after torch ran ops here could hang)
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    args = (processes, _free_port(), engine, size, batch, steps, results)
+    mp.start_processes(_worker, args=args, nprocs=processes, start_method="forkserver")
     wall = time.perf_counter() - start
     seconds = max(results[rank]["seconds"] for rank in range(processes))
     return {

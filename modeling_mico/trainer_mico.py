@@ -47,15 +47,23 @@ def retrieval_compute_metrics(
 
 
 class CollatorEpochCallback(TrainerCallback):
-    """Tells a seeded collator (`set_epoch`) the epoch as each begins, so that its per-row draws change per epoch
-    and a run resumed mid-epoch uses the epoch it stopped in."""
+    """Tells a seeded collator (`set_epoch`) the Trainer's epoch as each begins, so that its per-row draws change per
+    epoch and a run resumed mid-epoch uses the epoch it stopped in."""
 
     def __init__(self, collator):
         self.collator = collator
+        self.epoch = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # epochs already done when resuming: the Trainer's state.epoch is epoch + steps done / steps per epoch
+        # (exactly epoch + 1 after an epoch's last step)
+        self.epoch = math.floor(state.epoch or 0)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        # the Trainer sets state.epoch = epoch + steps done / steps per epoch (exactly epoch + 1 after its last step)
-        self.collator.set_epoch(math.floor(state.epoch or 0))
+        self.collator.set_epoch(self.epoch)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.epoch += 1  # a stream that ends before max_steps starts the next epoch with state.epoch below 1
 
 
 class EvalCollatorTrainer(Trainer):

@@ -143,9 +143,13 @@ def test_the_trainer_stamps_rows_and_sets_the_epoch_of_a_seeded_collator(tmp_pat
     )
     assert trainer.train_dataset[2][ROW_POSITION] == "2"
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CollatorEpochCallback))
-    for epoch, expected in ((0.0, 0), (0.75, 0), (2.0, 2)):  # Trainer's state.epoch: epoch + steps done / steps
-        callback.on_epoch_begin(args, TrainerState(epoch=epoch), TrainerControl())
-        assert collator._epoch.value == expected
+    for resumed_at, expected in ((0.0, [0, 1]), (0.75, [0, 1]), (2.0, [2, 3])):  # state.epoch: epoch + steps/epoch
+        state, control = TrainerState(epoch=resumed_at), TrainerControl()
+        callback.on_train_begin(args, state, control)
+        for epoch in expected:
+            callback.on_epoch_begin(args, state, control)
+            assert collator._epoch.value == epoch
+            callback.on_epoch_end(args, state, control)
     unseeded = EvalCollatorTrainer(model=model, args=args, train_dataset=load_annotation_dataset(annotations))
     assert ROW_POSITION not in unseeded.train_dataset[0]
 

@@ -100,6 +100,7 @@ def documented_commands() -> list[tuple[str, str]]:
 COMMANDS = documented_commands()
 
 # Commands whose own test runs them: (page, the command's start, "tests/file.py::test_name").
+TORCHRUN = "torchrun --nproc_per_node 2 examples/run_pretrain.py --model_name_or_path runs/init"
 RUN_BY_TESTS = [
     ("docs/ecosystem.md", "python examples/run_search.py index", "tests/test_search.py::test_run_search_command_line"),
     ("docs/ecosystem.md", "python examples/run_search.py query", "tests/test_search.py::test_run_search_command_line"),
@@ -120,12 +121,17 @@ RUN_BY_TESTS = [
     ),
     (
         "docs/training.md",
-        "torchrun --nproc_per_node 2 examples/run_pretrain.py --config_name tiny",
-        "tests/test_pretraining.py::test_run_pretrain_script_on_synthetic_data",
+        f"{TORCHRUN} --train_file data/synthetic/train.jsonl --output_dir runs/ddp --",
+        "tests/test_distributed_engines.py::test_ddp_resumed_on_two_processes_logs_the_uninterrupted_losses",
     ),
     (
         "docs/training.md",
-        "torchrun --nproc_per_node 2 examples/run_pretrain.py --model_name_or_path runs/init",
+        f"{TORCHRUN} --train_file data/synthetic/train.jsonl --output_dir runs/ddp-resumed",
+        "tests/test_distributed_engines.py::test_ddp_resumed_on_two_processes_logs_the_uninterrupted_losses",
+    ),
+    (
+        "docs/training.md",
+        f"{TORCHRUN} --train_file data/synthetic/train.jsonl --output_dir runs/zero3",
         "tests/test_distributed_engines.py::test_deepspeed_zero_matches_ddp_resumes_and_converts_to_a_model_directory",
     ),
     (
@@ -135,8 +141,8 @@ RUN_BY_TESTS = [
     ),
     (
         "docs/training.md",
-        "python examples/run_pretrain.py --model_name_or_path runs/init --train_shards",
-        "tests/test_shards.py::test_streaming_run_killed_after_a_checkpoint_resumes_like_an_uninterrupted_run",
+        f"{TORCHRUN} --train_shards",
+        "tests/test_shards.py::test_streaming_run_on_two_processes_killed_after_a_checkpoint_resumes_like_an_uninterrupted_run",
     ),
 ]
 

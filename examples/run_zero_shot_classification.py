@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Zero-shot classification of media files with your own labels: each file (or a video with its same-named sound
-clip, through the fused head) is scored against every label written into a prompt template, as the model was
-trained (cosine similarity / temperature, softmax over the labels); one JSON line per item goes to --output_file and
-a summary line (items, accuracy where the labels are known, chance) to stdout. --inputs is a folder (one sub-folder
-per class gives the true labels) or an annotation file (JSON / JSON lines, media columns named by --modalities, the
-true label in --label_column, e.g. attributes.color).
+"""Zero-shot classification of media files with your own labels. Reads a MiCo model (--model_name_or_path) and
+--inputs: a folder (one sub-folder per class gives the true labels) or an annotation file (JSON / JSON lines, media
+columns named by --modalities, the true label in --label_column, e.g. attributes.color). Each item (a video with its
+same-named sound clip goes through the fused head) is scored against every label written into a prompt template, as
+the model was trained (cosine similarity / temperature, softmax over the labels). Writes one JSON line per item
+(item, label, predicted, scores) to --output_file (default outputs/zero_shot.jsonl; an existing file is replaced only
+with --overwrite) and prints a summary line (items, accuracy where the labels are known, chance).
 
-    python examples/run_zero_shot_classification.py --model_name_or_path runs/tiny --labels red green blue \
-        --inputs data/test.jsonl --modalities image --label_column attributes.color --output_file predictions.jsonl
+    python examples/run_zero_shot_classification.py --model_name_or_path outputs/pretrain \\
+        --labels red green blue --inputs outputs/synthetic/test.jsonl --modalities image \\
+        --label_column attributes.color
 """
 
 from __future__ import annotations
@@ -17,14 +19,11 @@ import json
 import os
 from pathlib import Path
 
-from modeling_mico import MiCoModel
-from modeling_mico.captioning import resolve_device
-from modeling_mico.evaluation import load_processor
-from modeling_mico.zero_shot import accuracy, classify_items, load_labelled_items
+from modeling_mico_cli import default_output, script_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="MiCo directory or Hub repository")
     parser.add_argument("--inputs", required=True, help="a folder (one sub-folder per class) or an annotation file")
     parser.add_argument("--labels", nargs="+", default=None, help="candidate labels (default: the class folders)")
@@ -33,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--template", default=None, help="prompt template with {} for the label (default per modality)"
     )
-    parser.add_argument("--output_file", required=True, help="JSON lines: item, label, predicted, scores")
+    parser.add_argument(
+        "--output_file", default=default_output("zero_shot.jsonl"), help="JSON lines: item, label, predicted, scores"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
@@ -42,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from modeling_mico import MiCoModel
+    from modeling_mico.captioning import resolve_device
+    from modeling_mico.evaluation import load_processor
+    from modeling_mico.zero_shot import accuracy, classify_items, load_labelled_items
+
     output = Path(args.output_file)
     if output.exists() and not args.overwrite:
         raise SystemExit(f"--output_file {output} exists; pass --overwrite to replace it")

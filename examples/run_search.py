@@ -22,8 +22,11 @@ from modeling_mico_cli import HelpFormatter, default_output, script_parser
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    index = commands.add_parser("index", help="embed media files into a search index", formatter_class=HelpFormatter)
-    query = commands.add_parser("query", help="rank the indexed items for text and media queries", formatter_class=HelpFormatter)
+    summaries = {"index": "embed media files into a search index", "query": "rank the indexed items for queries"}
+    index, query = (
+        commands.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+        for name, summary in summaries.items()
+    )
     for command in (index, query):
         command.add_argument("--model_name_or_path", required=True, help="MiCo directory or Hub repository")
         command.add_argument("--index_dir", default=default_output("search_index"), help="the search index (a folder)")

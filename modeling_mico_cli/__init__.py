@@ -46,12 +46,12 @@ def default_output(name: str) -> str:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Shows the defaults that say something (not `None`, `False` or suppressed), fills prose paragraphs to the
+    """Shows the defaults that say something (not `None`, `False`, `[]` or suppressed), fills prose paragraphs to the
     terminal's width and keeps indented lines (example commands) and lists as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        unsaid = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        unsaid = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
         if action.required:
             return f"{help_text} (required)"
         if unsaid or "%(default)" in help_text:

@@ -17,7 +17,6 @@ from modeling_mico_cli import (
     help_parser,
     parse_training_args,
     script_parser,
-    training_parser,
 )
 
 
@@ -104,9 +103,9 @@ def test_examples_keep_their_lines_in_help(helps):
 def test_help_lists_exactly_options_the_parser_accepts(script):
     """The --help of a Trainer script (built without Transformers) shows the options `HfArgumentParser` parses, with
     the same defaults and choices."""
-    loaded = module(script)
-    shown = {action.dest: action for action in help_parser(loaded.__doc__, loaded.ARGUMENTS)._actions}
-    parsed = {action.dest: action for action in training_parser(loaded.__doc__, loaded.ARGUMENTS, "x")._actions}
+    command_line = module(script).COMMAND_LINE
+    shown = {action.dest: action for action in help_parser(command_line.doc, command_line.arguments)._actions}
+    parsed = {action.dest: action for action in command_line.parser()._actions}
     for dest, action in shown.items():
         if dest in ("help", "help_all"):
             continue
@@ -116,9 +115,8 @@ def test_help_lists_exactly_options_the_parser_accepts(script):
 
 
 def test_help_all_lists_training_arguments(capsys):
-    loaded = module("examples/run_pretrain.py")
     with pytest.raises(SystemExit, match="^0$"):
-        parse_training_args(loaded.__doc__, loaded.ARGUMENTS, loaded.OUTPUT_DIR, ["--help_all"])
+        module("examples/run_pretrain.py").COMMAND_LINE.parse(["--help_all"])
     text = capsys.readouterr().out
     own, training = text.split("🤗 TrainingArguments options:")
     assert "\n  --train_shards" in own and "\n  --learning_rate" not in own
@@ -126,34 +124,33 @@ def test_help_all_lists_training_arguments(capsys):
 
 
 def test_training_options_parse_from_the_command_line_and_a_json_file(tmp_path):
-    loaded = module("examples/run_pretrain.py")
+    command_line = module("examples/run_pretrain.py").COMMAND_LINE
     argv = ["--config_name", "tiny", "--train_file", "a.jsonl", "--modalities", "video", "audio", "--do_train"]
-    model_args, data_args, training_args = parse_training_args(loaded.__doc__, loaded.ARGUMENTS, "outputs/x", argv)
+    model_args, data_args, training_args = command_line.parse(argv)
     assert (model_args.config_name, data_args.train_file, data_args.modalities) == (
         "tiny",
         "a.jsonl",
         ["video", "audio"],
     )
-    assert training_args.do_train and training_args.output_dir == "outputs/x"  # not Transformers' "trainer_output"
+    assert training_args.do_train and training_args.output_dir == "outputs/pretrain"  # not "trainer_output"
     options = tmp_path / "options.json"
     options.write_text(json.dumps({"config_name": "tiny", "train_file": "a.jsonl", "learning_rate": 0.01}))
-    _, data_args, training_args = parse_training_args(loaded.__doc__, loaded.ARGUMENTS, "outputs/x", [str(options)])
+    _, data_args, training_args = parse_training_args(
+        command_line.doc, command_line.arguments, "outputs/x", [str(options)]
+    )
     assert (data_args.train_file, training_args.learning_rate, training_args.output_dir) == (
         "a.jsonl",
         0.01,
         "outputs/x",
     )
     given = ["--train_file", "a.jsonl", "--output_dir", str(tmp_path / "run")]
-    assert parse_training_args(loaded.__doc__, loaded.ARGUMENTS, "outputs/x", given)[2].output_dir == str(
-        tmp_path / "run"
-    )
+    assert command_line.parse(given)[2].output_dir == str(tmp_path / "run")
 
 
 def test_classification_refuses_an_unknown_modality_by_name(capsys):
-    loaded = module("examples/run_classification.py")
+    argv = ["--model_name_or_path", "m", "--train_file", "t", "--modality", "smell"]
     with pytest.raises(SystemExit, match="^2$"):
-        parse_training_args(loaded.__doc__, loaded.ARGUMENTS, "x", ["--model_name_or_path", "m", "--train_file",
-                                                                     "t", "--modality", "smell"])  # fmt: skip
+        module("examples/run_classification.py").COMMAND_LINE.parse(argv)
     assert "argument --modality: invalid choice: 'smell'" in capsys.readouterr().err
 
 
@@ -180,7 +177,7 @@ def test_default_outputs_of_the_other_scripts():
         "outputs/shards"
     )
     for script in TRAINER_SCRIPTS:
-        assert module(script).OUTPUT_DIR.startswith("outputs/")
+        assert module(script).COMMAND_LINE.output_dir.startswith("outputs/")
 
 
 @pytest.mark.parametrize("script", ["scripts/install.sh", "scripts/test.sh"])

@@ -67,7 +67,7 @@ def to_markdown(results: dict) -> str:
     """The results as a Markdown table and a line on the goal."""
     table = ["| script | --help s | lines |", "| --- | ---: | ---: |"]
     table += [f"| {row['script']} | {row['help_s']:.2f} | {row['help_lines']} |" for row in results["rows"]]
-    table += [f"| `python -c \"{name}\"` | {seconds:.2f} | |" for name, seconds in results["baselines_s"].items()]
+    table += [f'| `python -c "{name}"` | {seconds:.2f} | |' for name, seconds in results["baselines_s"].items()]
     verdict = "met" if results["goal_met"] else "missed"
     return (
         "\n".join(table)

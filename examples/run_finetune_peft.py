@@ -36,11 +36,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RetrievalDataArguments(PretrainingDataArguments):
     retrieval_targets: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "retrieval reported at evaluation: the model's modalities and fused targets such as va "
-            "(default: every target whose columns are loaded)"
-        },
+        default=None, metadata={"help": "retrieval reported at evaluation, e.g. image va (default: every loaded one)"}
     )
 
 
@@ -103,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     config = model.config
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
     processor.check_matches(config)
+
     def collator(training: bool):
         return MiCoDataCollator(processor, data_args.modalities, training=training, config=config)
 

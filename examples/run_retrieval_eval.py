@@ -22,7 +22,9 @@ from modeling_mico_cli import default_output, script_parser
 
 
 logger = logging.getLogger(__name__)
-ANNOTATION_FORMATS = "auto (from the extension and content) or one of modeling_mico.annotations.FORMATS: mico, msrvtt, ..."
+ANNOTATION_FORMATS = (
+    "auto (from the extension and content) or one of modeling_mico.annotations.FORMATS: mico, msrvtt, ..."
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -44,5 +44,7 @@ def main(output_dir: str) -> int:
 
 if __name__ == "__main__":
     parser = script_parser(__doc__)
-    parser.add_argument("output_dir", nargs="?", default=default_output("main_job"), help="the main job's output folder")
+    parser.add_argument(
+        "output_dir", nargs="?", default=default_output("main_job"), help="the main job's output folder"
+    )
     sys.exit(main(parser.parse_args().output_dir))

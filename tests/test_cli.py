@@ -5,12 +5,14 @@ importing torch, Transformers or the package; the Trainer scripts' options parse
 import argparse
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_cli
 from modeling_mico_cli import (
     HelpFormatter,
     arguments_for,
@@ -21,9 +23,7 @@ from modeling_mico_cli import (
 
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(
-    str(path.relative_to(REPO)) for pattern in ("examples/*.py", "conversion/*.py") for path in REPO.glob(pattern)
-)
+SCRIPTS = bench_cli.scripts(REPO)
 TRAINER_SCRIPTS = [
     "examples/run_captioning_finetune.py",
     "examples/run_classification.py",
@@ -218,11 +218,44 @@ def test_script_docstrings_are_required():
 
 
 def test_help_benchmark_reports_every_script_against_the_goal(monkeypatch):
-    from benchmarks import bench_cli
-
-    monkeypatch.setattr(bench_cli, "_seconds", lambda command: (0.5 if "--help" in command else 4.0, "usage: x\n"))
+    monkeypatch.setattr(
+        bench_cli, "_seconds", lambda command, root: (0.5 if "--help" in command else 4.0, "usage: x\n")
+    )
     results = bench_cli.run(quick=True)
     assert [row["script"] for row in results["rows"]] == SCRIPTS and results["repeats"] == 3
     assert results["goal_met"] and results["baselines_s"]["import modeling_mico"] == 4.0
     text = bench_cli.to_markdown(results)
     assert "| examples/run_pretrain.py | 0.50 | 1 |" in text and "goal < 2 s: met" in text
+
+
+def test_the_command_line_page_lists_every_script_and_its_commands_run(tmp_path, monkeypatch, capsys):
+    """docs/command-line.md: every script is in its table; each command of its bash blocks runs (the --help ones) or
+    parses (the JSON options file, written as the page shows it)."""
+    import runpy
+    import shlex
+
+    page = (REPO / "docs" / "command-line.md").read_text()
+    assert all(f"`{script}`" in page for script in SCRIPTS)
+    commands = [
+        shlex.split(line) for block in re.findall(r"```bash\n(.*?)```", page, re.S) for line in block.splitlines()
+    ]
+    assert len(commands) == 7
+    monkeypatch.chdir(tmp_path)
+    for words in commands:
+        script = str(REPO / words[1])
+        if words[0] == "bash":
+            completed = subprocess.run(words[:1] + [script, *words[2:]], capture_output=True, text=True, timeout=60)
+            assert completed.returncode == 0 and completed.stdout.startswith("usage: bash"), words
+        elif words[-1].endswith(".json"):
+            (tmp_path / words[-1]).write_text(re.search(r"`(\{.*?\})`", page, re.S).group(1).replace("\n", " "))
+            model_args, data_args, training_args = module(words[1]).COMMAND_LINE.parse(words[2:])
+            assert (model_args.config_name, data_args.train_file, training_args.max_steps) == (
+                "tiny",
+                "outputs/synthetic/train.jsonl",
+                50,
+            )
+        else:
+            monkeypatch.setattr(sys, "argv", [script, *words[2:]])
+            with pytest.raises(SystemExit, match="^0$"):
+                runpy.run_path(script, run_name="__main__")
+            assert capsys.readouterr().out.startswith("usage: "), words

@@ -160,10 +160,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a streamed data set has no length)")
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
     def collator(training: bool):
         collate = MiCoDataCollator(
-            processor, data_args.modalities, training=training, skip_broken=data_args.skip_broken, config=model.config
+            processor,
+            data_args.modalities,
+            training=training,
+            skip_broken=data_args.skip_broken,
+            config=model.config,
+            seed=data_seed if training else None,  # per-row draws: a resumed run repeats them
         )
         return ShardCollator(collate) if training and data_args.train_shards else collate
 

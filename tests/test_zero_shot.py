@@ -35,7 +35,7 @@ def saved(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("synthetic") / "data"
-    make_synthetic_dataset(output, num_samples=8, num_test=4, modalities=("image", "audio"))
+    make_synthetic_dataset(output, num_samples=8, num_test=4, modalities=("image", "video", "audio"))
     return output
 
 
@@ -137,9 +137,10 @@ def test_attribute_table_script(saved, data, tmp_path, capsys):
     spec.loader.exec_module(cli)
     output = tmp_path / "zero_shot.jsonl"
     arguments = ["--model_name_or_path", str(saved), "--inputs", str(data / "test.jsonl"), "--attributes"]
-    summary = cli.main([*arguments, "--modalities", "image", "--prompts_per_label", "2", "--output_file", str(output)])
+    summary = cli.main([*arguments, "--modalities", "image", "video+audio", "--output_file", str(output)])
     written = [json.loads(line) for line in output.read_text().splitlines()]
     assert written == summary["rows"] and {row["attribute"] for row in written} >= {"color", "shape", "pitch"}
+    assert {row["modality"] for row in written} == {"image", "video+audio"}
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| modality | attribute | accuracy | chance | items |"
     assert table[2] == "| image | {attribute} | {accuracy:.3f} | {chance:.3f} | 4 |".format(**written[0])

@@ -217,6 +217,14 @@ class MiCoCaptioningPipeline(MiCoPipelineMixin, Pipeline):
     # Generation parameters a call may pass directly (as at construction, where the base class sets them aside).
     GENERATION_KEYS = frozenset(key for key in vars(GenerationConfig()) if not key.startswith("_"))
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not self.model.can_generate():
+            raise ValueError(
+                f"{self.task or type(self).__name__} needs a captioning model (MiCoForConditionalGeneration, "
+                f"AutoModelForImageTextToText), got {type(self.model).__name__}"
+            )
+
     def _sanitize_parameters(
         self,
         modality: str | None = None,

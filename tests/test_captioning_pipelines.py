@@ -11,7 +11,7 @@ import torch
 from test_loading import BLOCK_PACKAGE, run_python
 from transformers import pipeline
 
-from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoProcessor
+from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel, MiCoProcessor
 from modeling_mico.captioning import caption_files
 from modeling_mico.pipelines_mico import CAPTIONING_TASKS, MiCoCaptioningPipeline
 
@@ -124,6 +124,8 @@ def test_captioning_pipeline_refuses_bad_arguments(model, processor):
         captioner(VIDEO, question="")
     with pytest.raises(TypeError, match=r"MiCoCaptioningPipeline got unexpected arguments \['candidate_labels'\]"):
         captioner(VIDEO, candidate_labels=["a dog"])
+    with pytest.raises(ValueError, match="video-to-text needs a captioning model .* got MiCoModel"):
+        pipeline("video-to-text", model=MiCoModel(model.config), processor=processor)
     multimodal = pipeline("multimodal-to-text", model=model, processor=processor)
     with pytest.raises(ValueError, match=r"say which modality the input is: modality=\.\.\."):
         multimodal(IMAGE)

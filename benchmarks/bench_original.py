@@ -93,16 +93,20 @@ MODES = {
 }
 
 
-def build_model(mode: Mode, seed: int = 0) -> MiCoForConditionalGeneration:
-    """The package's captioning model at the mode's sizes, with every parameter drawn as for the parity fixture:
-    Linear/conv weights N(0, 1/fan_in), biases (q/v biases included) N(0, 0.1), LayerNorm weights 1 + N(0, 0.1),
-    embedding tables N(0, 0.25), other tensors N(0, 0.04), temperature 0.05."""
-    config = MiCoConfig(
+def build_config(mode: Mode) -> MiCoConfig:
+    """The configuration of the mode's sizes: 224 px images in 14 px patches, 4 video frames, no dropout."""
+    return MiCoConfig(
         vision_config={**mode.vision, "image_size": 224, "patch_size": 14},
         text_config={**mode.text, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
         knowledge_modalities={"vision": NUM_FRAMES, "audio": 3, "depth": 2},
     )
-    model = MiCoForConditionalGeneration(config).eval()
+
+
+def build_model(mode: Mode, seed: int = 0) -> MiCoForConditionalGeneration:
+    """The package's captioning model at the mode's sizes, with every parameter drawn as for the parity fixture:
+    Linear/conv weights N(0, 1/fan_in), biases (q/v biases included) N(0, 0.1), LayerNorm weights 1 + N(0, 0.1),
+    embedding tables N(0, 0.25), other tensors N(0, 0.04), temperature 0.05."""
+    model = MiCoForConditionalGeneration(build_config(mode)).eval()
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -183,9 +187,8 @@ class OriginalProcess:
         self.stderr = open(workdir / "original_stderr.log", "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
         command = [str(original_python), str(DRIVER), "--original_repo", str(original_repo)]
         command += ["--workdir", str(workdir), "--threads", str(threads)]
-        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
         self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True
         )
         self.ready = self._reply("starting the original code")
         if self.ready["missing"] or self.ready["unexpected"]:

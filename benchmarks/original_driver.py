@@ -104,10 +104,10 @@ class Driver:
         checkpoint, model_cfg = load_from_pretrained_dir(os.path.join(workdir, "repo"))
         torch.manual_seed(0)
         self.model = MiCo.from_pretrained(model_cfg, checkpoint).eval()
-        missing, unexpected = self.model.load_state_dict(checkpoint, strict=False)
+        expected, given = set(self.model.state_dict()), set(checkpoint)
         self.load_report = {  # all but the tensors MiCo never uses, which the package does not store
-            "missing": [key for key in missing if not key.startswith(UNUSED)],
-            "unexpected": [key for key in unexpected if not key.startswith(UNUSED)],
+            "missing": sorted(key for key in expected - given if not key.startswith(UNUSED)),
+            "unexpected": sorted(key for key in given - expected if not key.startswith(UNUSED)),
         }
         self.inputs = dict(np.load(os.path.join(workdir, "inputs.npz")))
 

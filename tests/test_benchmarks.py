@@ -31,14 +31,24 @@ def test_goals_from_results():
         "generation": {"rows": [{"num_beams": 1, "speedup": 9.0}, {"num_beams": 3, "speedup": 4.0}]},
         "processing": {"decode": {"speedup": 3.5}},
         "conversion": {"runs": [{"peak_rss_ratio": 0.99}, {"peak_rss_ratio": 0.3}]},
+        "original": {
+            "rows": [
+                {"path": "greedy caption, batch 1", "speedup": 12.0},
+                {"path": "3-beam caption, batch 4", "speedup": 11.0},
+                {"path": "ViT 1408 wide", "speedup": 1.1},
+                {"path": "video preprocessing, test.mp4, 4 frames", "speedup": 1.7},
+                {"path": "video preprocessing, test.mp4, 8 frames", "speedup": 1.4},
+            ]
+        },
     }
     goals = run_all.evaluate_goals(results)
-    assert [goal.value for goal in goals] == [1.1, 4.0, 3.5, 0.99]
-    assert [goal.met for goal in goals] == [True, False, True, True]
+    assert [goal.value for goal in goals] == [1.1, 4.0, 3.5, 11.0, 1.4, 0.99]
+    assert [goal.met for goal in goals] == [True, False, True, True, False, True]
 
     pending = run_all.evaluate_goals({"generation": {"pending": "not written"}, "conversion": {"skipped": "disk"}})
-    assert [goal.met for goal in pending] == [None] * 4
-    assert [goal.note for goal in pending] == ["not run (--only)", "not written", "not run (--only)", "disk"]
+    assert [goal.met for goal in pending] == [None] * 6
+    not_run = "not run (--only)"
+    assert [goal.note for goal in pending] == [not_run, "not written", not_run, not_run, not_run, "disk"]
 
 
 def test_release_checkpoint_layout_matches_the_original_keys():

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 
@@ -47,15 +46,17 @@ UNUSED = (
 )
 
 
-def apply_patches(model_cfg: dict) -> None:
-    """P1-P4 above, for the configuration in `model_cfg` (the original's `hps.json` entry)."""
+def apply_patches(model_cfg: dict, workdir: str) -> None:
+    """P1-P4 above, for the configuration in `model_cfg` (the original's `hps.json` entry); P1's file is written in
+    `workdir`."""
     import decord
     import model.mico as mico
     import model.videoprocessor as videoprocessor
     from model import evaclip
     from transformers.models.bert.configuration_bert import BertConfig
 
-    configs = tempfile.mkdtemp(prefix="mico-original-configs-")
+    configs = os.path.join(workdir, "model_configs")
+    os.makedirs(configs)
     with open(os.path.join(configs, "EVA01-CLIP-g-14.json"), "w", encoding="utf-8") as handle:
         json.dump(model_cfg["evaclip_model_cfg"], handle)
     evaclip.add_model_config(configs)
@@ -100,7 +101,7 @@ class Driver:
 
         self.workdir = workdir
         with open(os.path.join(workdir, "repo", "log", "hps.json"), encoding="utf-8") as handle:
-            apply_patches(json.load(handle)["model_cfg"])
+            apply_patches(json.load(handle)["model_cfg"], workdir)
         checkpoint, model_cfg = load_from_pretrained_dir(os.path.join(workdir, "repo"))
         torch.manual_seed(0)
         self.model = MiCo.from_pretrained(model_cfg, checkpoint).eval()

@@ -227,12 +227,6 @@ class OriginalProcess:
         self.stderr.close()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def alternate(original: Callable[[], float], package: Callable[[], float], repeats: int, warmup: int) -> dict:
     """Run the original and the package alternately; medians and the median of per-pair speed-ups."""
     for _ in range(warmup):

@@ -71,7 +71,7 @@ TITLES = {
     "processing": "Processing",
     "retrieval": "Retrieval evaluation end to end",
     "conversion": "Conversion of a release-size checkpoint",
-    "training": "Training throughput: DDP, DeepSpeed ZeRO-2/3, FSDP2 and the shard pipeline (CPU)",
+    "training": "Training throughput: DDP, DeepSpeed ZeRO-1/2/3, FSDP2 and the shard pipeline (CPU)",
     "original": "Side by side with the original MiCo code",
 }
 

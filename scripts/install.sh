@@ -4,14 +4,15 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-Usage: bash scripts/install.sh [--help]
+usage: bash scripts/install.sh [--help]
 
 Installs PyTorch, then this checkout in editable mode with the extras in EXTRAS (default `dev`: training, the
 ecosystem integrations and the test tools), into the `python` on PATH (activate a virtual environment first to keep
-it apart). Each step prints a line, pip's downloads and its summary. It takes about 2 minutes on 2 CPU cores with the
-packages on a local mirror (measured 1 min 45 s into an empty virtual environment, 1 min 40 s with everything already
-installed; several times longer while other jobs load the cores); on a new machine add the download of about 1 GB
-(PyTorch's CPU build is 192 MB; the dev environment takes 2.0 GB on disk).
+it apart); in the checkout it writes only the package's .egg-info folder. Each step prints a line, pip's downloads
+and its summary. It takes about 2 minutes on 2 CPU cores with the packages on a local mirror (measured 1 min 45 s
+into an empty virtual environment, 1 min 40 s with everything already installed; several times longer while other
+jobs load the cores); on a new machine add the download of about 1 GB (PyTorch's CPU build is 192 MB; the dev
+environment takes 2.0 GB on disk).
 
 PyTorch (pip's plain `pip install torch` takes the multi-GB CUDA build on Linux, even on a machine without a GPU):
   1. a torch that satisfies TORCH_SPEC is already installed: it is kept;

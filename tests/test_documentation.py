@@ -144,6 +144,16 @@ RUN_BY_TESTS = [
         f"{TORCHRUN} --train_shards",
         "tests/test_shards.py::test_streaming_run_on_two_processes_killed_after_a_checkpoint_resumes_like_an_uninterrupted_run",
     ),
+    (
+        "docs/command-line.md",
+        "python examples/run_pretrain.py pretrain.json",
+        "tests/test_cli.py::test_training_options_parse_from_the_command_line_and_a_json_file",
+    ),
+    (
+        "docs/performance.md",
+        "python -m benchmarks --only original",
+        "tests/test_bench_original.py::test_side_by_side_run_reports_ratios_and_catches_differing_outputs",
+    ),
 ]
 
 # Commands that cannot run inside the test suite, and the check that stands for them.
@@ -237,7 +247,8 @@ def test_commands_run_by_other_tests_name_every_option(page, start, test):
     source = _function_sources(test)
     for _, command in (item for item in COMMANDS if item[0] == page and item[1].startswith(start)):
         words = shlex.split(command)
-        script = next(Path(word).name for word in words if word.endswith((".py", ".sh")))
+        scripts = [Path(word).name for word in words if word.endswith((".py", ".sh"))]
+        script = scripts[0] if scripts else words[words.index("-m") + 1]  # a file, or `python -m module`
         assert Path(script).stem in source, f"{test} does not run {script}"
         missing = [word for word in words if word.startswith("--") and f'"{word}"' not in source]
         assert not missing, f"{test} runs {script} without {missing}, which {page} gives"

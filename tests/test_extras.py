@@ -95,6 +95,6 @@ def test_retrieval_heatmaps_degrade_to_a_message_without_matplotlib(monkeypatch,
     def missing(module: str, feature: str):
         raise ImportError(f"{feature} needs the `matplotlib` package, which is not installed")
 
-    monkeypatch.setattr(script, "require", missing)
+    monkeypatch.setattr("modeling_mico.import_utils.require", missing)
     assert not script.heatmaps_available()
     assert capsys.readouterr().out.startswith("heat-maps not drawn: matplotlib is not installed (the similarity")

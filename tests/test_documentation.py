@@ -106,8 +106,13 @@ RUN_BY_TESTS = [
     ("docs/ecosystem.md", "python examples/run_search.py query", "tests/test_search.py::test_run_search_command_line"),
     (
         "docs/ecosystem.md",
-        "python examples/run_zero_shot_classification.py",
+        "python examples/run_zero_shot_classification.py --model_name_or_path runs/tiny --inputs classes/",
         "tests/test_zero_shot.py::test_class_folders_give_the_labels_and_the_script_reports_accuracy",
+    ),
+    (
+        "docs/ecosystem.md",
+        "python examples/run_zero_shot_classification.py --model_name_or_path runs/tiny --attributes",
+        "tests/test_zero_shot.py::test_attribute_table_script",
     ),
     (
         "docs/processing.md",

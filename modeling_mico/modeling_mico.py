@@ -384,6 +384,7 @@ class MiCoVisionModel(MiCoPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["MiCoVisionEncoderLayer", "MiCoVisionEmbeddings"]
+    _can_compile_fullgraph = True  # tests/test_performance.py::test_towers_compile_with_fullgraph
 
     def __init__(self, config: MiCoVisionConfig):
         super().__init__(config)

@@ -310,6 +310,7 @@ class MiCoTextPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # tests/test_performance.py::test_towers_compile_with_fullgraph
     _can_record_outputs = {
         "hidden_states": MiCoTextLayer,
         "attentions": OutputRecorder(MiCoTextSelfAttention, index=1),

@@ -1,13 +1,14 @@
-"""Decoding machinery of `generate`: the preallocated self-attention cache, fused projections and their bit-identity
-with Transformers' generic decoding path (`benchmarks.bench_generation.decoding_variant`)."""
+"""Speed options and machinery: the preallocated self-attention cache and fused projections of `generate` (bit-identical
+to Transformers' generic decoding path, `benchmarks.bench_generation.decoding_variant`), `torch.compile` of the towers
+with `fullgraph=True`, and the precision benchmark's smoke mode."""
 
 import pytest
 import torch
 from test_generation import knowledge_inputs, tiny_config
 from transformers.cache_utils import DynamicLayer
 
-from benchmarks.bench_generation import DECODING_VARIANTS, decoding_variant
-from modeling_mico import MiCoForConditionalGeneration
+from benchmarks.bench_generation import BIT_IDENTICAL_VARIANTS, decoding_variant
+from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel
 from modeling_mico.generation_mico import PreallocatedCache, PreallocatedLayer
 from modeling_mico.modeling_mico_text import fused_projections
 
@@ -74,18 +75,23 @@ def test_generate_decodes_into_a_preallocated_cache(model):
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_decoding_variants_give_bit_identical_logits(model, num_beams):
     """One context per item, the preallocated cache and fused projections change no bit of the logits against
-    Transformers' generic path."""
+    Transformers' generic path; the benchmark's transposed-weights experiment changes only the last bits."""
     inputs = knowledge_inputs("combined", seed=4)
     outputs = {}
-    for variant in DECODING_VARIANTS:
-        with decoding_variant(variant):
+    for variant in (*BIT_IDENTICAL_VARIANTS, "transposed weights"):
+        with decoding_variant(variant, model):
             outputs[variant] = model.generate(
                 **inputs, num_beams=num_beams, max_new_tokens=8, output_logits=True, return_dict_in_generate=True
             )
     reference = outputs.pop("generic")
     for variant, output in outputs.items():
         assert torch.equal(output.sequences, reference.sequences), variant
-        assert all(torch.equal(a, b) for a, b in zip(output.logits, reference.logits, strict=True)), variant
+        logits = torch.stack(output.logits)
+        if variant == "transposed weights":
+            torch.testing.assert_close(logits, torch.stack(reference.logits), rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(logits, torch.stack(reference.logits)), variant
+    assert not any("forward" in vars(module) for module in model.modules())  # the experiment is undone
 
 
 def test_fused_projections_are_bit_identical_and_scoped(model):
@@ -103,3 +109,44 @@ def test_fused_projections_are_bit_identical_and_scoped(model):
             fused = model(input_ids=ids, context=context).logits
     assert torch.equal(fused, separate)
     assert attention.fused_projection is None and list(model.state_dict()) == keys
+
+
+@pytest.mark.slow
+def test_towers_compile_with_fullgraph():
+    """`_can_compile_fullgraph` holds for both towers: `torch.compile(fullgraph=True)` traces them without a graph
+    break and agrees with eager float32."""
+    torch.manual_seed(0)
+    model = MiCoModel(MiCoConfig.from_preset("tiny")).eval()
+    images = torch.randn(2, 3, 64, 64)
+    ids = torch.randint(1000, 2000, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    context = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        for tower, inputs in (
+            (model.vision_model, dict(pixel_values=images)),
+            (model.text_model, dict(input_ids=ids, attention_mask=mask, encoder_hidden_states=context)),
+        ):
+            assert type(tower)._can_compile_fullgraph
+            compiled = torch.compile(tower, fullgraph=True)
+            torch.testing.assert_close(
+                compiled(**inputs).last_hidden_state, tower(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5
+            )
+
+
+def test_precision_benchmark_smoke():
+    """The precision benchmark times fp32, bf16 and autocast side by side and reports their agreement with fp32 (the
+    compiled variants are exercised by `test_towers_compile_with_fullgraph`)."""
+    from benchmarks import bench_precision
+
+    machine = {"fp32_gflops": 100.0, "bf16_gflops": 200.0, "read_gb_s": 10.0}
+    results = bench_precision.run(smoke=True, machine=machine, variants=("fp32", "bf16", "autocast"))
+    assert [tower["tower"] for tower in results["towers"]] == ["vision", "text + cross-attention"]
+    for tower in results["towers"]:
+        rows = {row["variant"]: row for row in tower["variants"]}
+        assert list(rows) == ["fp32", "bf16", "autocast"]
+        assert rows["fp32"]["hidden_rel_l2"] == 0.0 and rows["fp32"]["speedup"] == 1.0
+        assert 0.0 < rows["bf16"]["hidden_rel_l2"] < 0.05 and 0.0 < rows["autocast"]["hidden_rel_l2"] < 0.05
+        assert rows["bf16"]["roofline"]["dtype"] == "bf16" and rows["fp32"]["compile_s"] is None
+    assert "| autocast |" in bench_precision.to_markdown(results)
+    with pytest.raises(ValueError, match="variants must start with the fp32 reference"):
+        bench_precision.run(smoke=True, machine=machine, variants=("bf16",))

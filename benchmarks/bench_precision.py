@@ -7,6 +7,9 @@ Two towers with random weights, each run in five variants rotated in one process
 * the text tower at BERT-base width reading a 2,056-token context through cross-attention (matching), over a
   40-token caption batch.
 
+The sizes and repeats of each mode are `benchmarks/bench_attention.py`'s, so that both benchmarks time the same
+shapes.
+
 Variants: `fp32` (the default), `bf16` (`model.to(torch.bfloat16)`: weights and activations), `autocast`
 (float32 weights, `torch.autocast("cpu", dtype=torch.bfloat16)`), `compile` (`torch.compile(tower, fullgraph=True)`,
 float32) and `compile bf16`. For each: median seconds per forward, the speed-up over fp32 (median of per-round
@@ -23,7 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +37,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from benchmarks.bench_attention import MODES, Settings  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, run_cli  # noqa: E402
 from benchmarks.roofline import ROOFLINE_HEADER, encoder_cost, measure_machine, roofline_row, roofline_table_rows  # noqa: E402
 from modeling_mico.configuration_mico import MiCoTextConfig, MiCoVisionConfig  # noqa: E402
@@ -46,28 +50,6 @@ BF16_VARIANTS = ("bf16", "autocast", "compile bf16")
 VIT_G = {"hidden_size": 1408, "num_attention_heads": 16, "intermediate_size": 6144}
 BERT_BASE = {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}
 TINY = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Sizes of one benchmark mode."""
-
-    vision_layers: int
-    vision_batch: int
-    image_size: int
-    text_layers: int
-    text_batch: int
-    text_tokens: int
-    context_length: int
-    repeats: int
-    tiny: bool = False
-
-
-MODES = {
-    "full": Settings(4, 4, 224, 4, 8, 40, 2056, 5),
-    "quick": Settings(2, 2, 224, 2, 4, 40, 1028, 2),
-    "smoke": Settings(1, 2, 28, 1, 2, 8, 16, 1, tiny=True),
-}
 
 
 def vision_tower(settings: Settings) -> tuple[torch.nn.Module, Callable[[torch.nn.Module, torch.dtype], object], dict]:

@@ -438,6 +438,9 @@ def test_flash_attention_limits_are_explicit(model):
 # the parameters the overrides rely on, for the supported Transformers range (pyproject: transformers>=5.0,<6).
 PINNED_GENERATION_API = {
     "_prepare_generation_config": ["self", "generation_config"],
+    "_prepare_cache_for_generation": [
+        "self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length",
+    ],
     "_beam_search": ["self", "input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus"],
     "_update_finished_beams": [
         "self", "sequences", "topk_running_sequences", "beam_scores", "topk_log_probs", "beam_indices",

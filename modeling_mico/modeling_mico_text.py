@@ -126,6 +126,11 @@ class MiCoTextAttentionBase(nn.Module):
         active (the same values, bit for bit, as one product per projection), else one per projection."""
         if self.fused_projection is None:
             return tuple(self.split_heads(getattr(self, name), states) for name in projections)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_projections is for inference: its concatenated weights are detached, so no gradient would "
+                "reach the projections; run under torch.no_grad() or torch.inference_mode()"
+            )
         fused = F.linear(states, *self.fused_projection).view(*states.shape[:-1], len(projections), -1, self.head_dim)
         return tuple(part.transpose(1, 2) for part in fused.unbind(-3))
 
@@ -140,8 +145,9 @@ def fused_projections(model: nn.Module) -> Iterator[None]:
     """Within the block, every text attention module of `model` projects with one matrix product: query, key and
     value together for self-attention, key and value of the context for cross-attention. The concatenated weights are
     built on entry and dropped on exit (the modules' parameters and state-dict keys are untouched; weights changed
-    inside the block are not seen). In float32 every output column is the same reduction as with separate
-    products, so the results are bit-identical (`tests/test_generation.py`); `generate` decodes inside it."""
+    inside the block are not seen). Inference only: a forward pass with gradients enabled inside the block raises a
+    `RuntimeError`. In float32 every output column is the same reduction as with separate products, so the results
+    are bit-identical (`tests/test_performance.py`); `generate` decodes inside it."""
     modules = [module for module in model.modules() if isinstance(module, MiCoTextAttentionBase)]
     try:
         with torch.no_grad():

@@ -109,6 +109,8 @@ def test_fused_projections_are_bit_identical_and_scoped(model):
             fused = model(input_ids=ids, context=context).logits
     assert torch.equal(fused, separate)
     assert attention.fused_projection is None and list(model.state_dict()) == keys
+    with fused_projections(model), pytest.raises(RuntimeError, match="fused_projections is for inference"):
+        model(input_ids=ids, context=context)  # gradients enabled: refused rather than silently detached
 
 
 @pytest.mark.slow

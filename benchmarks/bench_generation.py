@@ -1,15 +1,17 @@
 """Caption generation speed: the key/value cache against the original scheme (recompute the whole prefix every
-step), and the decoding step against the machine's roofline, before and after keeping one context per item.
+step), and the decoding step against the machine's roofline in three decoding variants.
 
 A BERT-base-size text decoder (12 layers, 768 wide, vocab 30,522, random weights, float32) cross-attends to a context
-of 4 frames x 257 tokens. Two measurements, each alternating its two variants in one process:
+of 4 frames x 257 tokens. Measurements, each rotating its variants in one process:
 
 * whole captions of exactly 40 new tokens (`[SEP]` suppressed), recompute vs cached, greedy and 3 beams;
 * the time of one decoding step (median step of a caption, the first step, which projects the context, excluded) at
-  batch 1, 3 and 4, greedy and 3 beams: *before* (the generic Transformers path: the context copied per beam and the
-  whole cache, context keys/values included, reordered between beams) vs *after* (the package: one context per item,
-  only the self-attention cache reordered), with the step's FLOP and byte bounds (`benchmarks/roofline.py`); and the
-  same step in bfloat16 (weights and activations) with its agreement with float32.
+  batch 1, 3 and 4, greedy and 3 beams, in the variants of `DECODING_VARIANTS`: *generic* (Transformers' path: the
+  context copied per beam, the whole `DynamicCache`, context keys/values included, reordered between beams),
+  *shared context* (one context per item) and *package* (also a preallocated self-attention cache and fused
+  projections: the default), with the step's FLOP and byte bounds (`benchmarks/roofline.py`);
+* the same step in bfloat16 (weights and activations) with its agreement with float32, and bfloat16 against float32
+  on the parity fixture (features and caption tokens).
 
     python benchmarks/bench_generation.py [--quick] [--output benchmarks/results/generation.json]
 """
@@ -22,7 +24,7 @@ import copy
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers.generation import GenerationMixin, StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
+import modeling_mico.modeling_mico  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, paired_times, write_json  # noqa: E402
 from benchmarks.roofline import (  # noqa: E402
     ROOFLINE_HEADER,
@@ -43,6 +46,7 @@ from benchmarks.roofline import (  # noqa: E402
     roofline_table_rows,
 )
 from modeling_mico import MiCoConfig, MiCoForConditionalGeneration  # noqa: E402
+from modeling_mico.modeling_mico_text import fused_projections  # noqa: E402
 
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "generation.json"
@@ -64,25 +68,82 @@ def build_model() -> MiCoForConditionalGeneration:
     return MiCoForConditionalGeneration(config).eval()
 
 
+DECODING_VARIANTS = {
+    # name: (one context per item, preallocated self-attention cache, fused projections, transposed weights)
+    "generic": (False, False, False, False),
+    "shared context": (True, False, False, False),
+    "package": (True, True, True, False),
+    "transposed weights": (True, True, True, True),
+}
+BIT_IDENTICAL_VARIANTS = ("generic", "shared context", "package")
+
+
 @contextlib.contextmanager
-def context_per_row() -> Iterator[None]:
-    """Decode as Transformers does for a generic model (the *before* of this benchmark): the context copied for every
-    beam / returned sequence and the whole cache, the context's keys/values included, reordered between beams."""
+def decoding_variant(name: str, model: MiCoForConditionalGeneration | None = None) -> Iterator[None]:
+    """Decode as the variant `name` of `DECODING_VARIANTS` (the package's default is `"package"`):
+
+    * without one context per item, Transformers' generic path: the context copied for every beam / returned
+      sequence and the whole cache, the context's keys/values included, reordered between beams;
+    * without the preallocated cache, Transformers' `DynamicCache` (grown by concatenation every step);
+    * without fused projections, one matrix product each for query, key and value;
+    * with transposed weights (an experiment, not in the package; needs `model`): every linear layer of `model`'s
+      text tower and LM head multiplies by a contiguous `(in, out)` copy of its weight (`addmm` without a transposed
+      operand, a different BLAS kernel for the few rows of a decoding step; results differ in the last bits)."""
+    share_context, preallocate, fuse, transpose = DECODING_VARIANTS[name]
 
     def reorder_everything(cache, beam_idx):
         cache.reorder_cache(beam_idx)
         return cache
 
-    saved = (
-        MiCoForConditionalGeneration.__dict__["_expand_inputs_for_generation"],
-        MiCoForConditionalGeneration._reorder_cache,
-    )
-    MiCoForConditionalGeneration._expand_inputs_for_generation = GenerationMixin._expand_inputs_for_generation
-    MiCoForConditionalGeneration._reorder_cache = staticmethod(reorder_everything)
+    cls = MiCoForConditionalGeneration
+    overrides = {}
+    if not share_context:
+        overrides["_expand_inputs_for_generation"] = GenerationMixin._expand_inputs_for_generation
+        overrides["_reorder_cache"] = staticmethod(reorder_everything)
+    if not preallocate:
+        overrides["_prepare_cache_for_generation"] = GenerationMixin._prepare_cache_for_generation
+    saved = {attribute: cls.__dict__.get(attribute) for attribute in overrides}
+    saved_fusion = modeling_mico.modeling_mico.fused_projections
+    for attribute, value in overrides.items():
+        setattr(cls, attribute, value)
+    if not fuse:
+        modeling_mico.modeling_mico.fused_projections = lambda text_model: contextlib.nullcontext()
+    elif transpose:
+        modeling_mico.modeling_mico.fused_projections = transposed_fused_projections
+    linears = [] if not transpose else [
+        module for part in (model.mico.text_model, model.lm_head) for module in part.modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
     try:
+        for linear in linears:
+            weight = linear.weight.detach().t().contiguous().t()  # (out, in) view of an (in, out) matrix
+            linear.forward = partial(torch.nn.functional.linear, weight=weight, bias=linear.bias)
         yield
     finally:
-        MiCoForConditionalGeneration._expand_inputs_for_generation, MiCoForConditionalGeneration._reorder_cache = saved
+        for linear in linears:
+            del linear.forward
+        for attribute, value in saved.items():
+            if value is None:
+                delattr(cls, attribute)
+            else:
+                setattr(cls, attribute, value)
+        modeling_mico.modeling_mico.fused_projections = saved_fusion
+
+
+@contextlib.contextmanager
+def transposed_fused_projections(text_model: torch.nn.Module) -> Iterator[None]:
+    """`fused_projections` whose concatenated weights are views of contiguous `(in, out)` matrices."""
+    with fused_projections(text_model):
+        for module in text_model.modules():
+            if getattr(module, "fused_projection", None) is not None:
+                weight, bias = module.fused_projection
+                module.fused_projection = (weight.t().contiguous().t(), bias)
+        yield
+
+
+def generic_decoding() -> contextlib.AbstractContextManager:
+    """Transformers' generic decoding path (see `decoding_variant`), the reference of the package's tokens."""
+    return decoding_variant("generic")
 
 
 class StepClock(StoppingCriteria):
@@ -100,10 +161,10 @@ class StepClock(StoppingCriteria):
         return statistics.median(later - earlier for earlier, later in zip(self.times[1:], self.times[2:]))
 
 
-def step_seconds(model, context: torch.Tensor, num_beams: int, per_row: bool = False) -> float:
-    """Median decoding step of a `STEP_TOKENS`-token caption of every item of `context`."""
+def step_seconds(model, context: torch.Tensor, num_beams: int, variant: str = "package") -> float:
+    """Median decoding step of a `STEP_TOKENS`-token caption of every item of `context`, decoded as `variant`."""
     clock = StepClock()
-    with context_per_row() if per_row else contextlib.nullcontext():
+    with decoding_variant(variant, model):
         model.generate(
             context=context,
             num_beams=num_beams,
@@ -114,14 +175,19 @@ def step_seconds(model, context: torch.Tensor, num_beams: int, per_row: bool = F
     return clock.step_s()
 
 
-def alternate(first, second, repeats: int) -> tuple[float, float, float]:
-    """Medians of two step timings run alternately, and the median of their per-pair ratios (first / second)."""
-    pairs = [(first(), second()) for _ in range(repeats)]
-    return (
-        statistics.median(a for a, _ in pairs),
-        statistics.median(b for _, b in pairs),
-        statistics.median(a / b for a, b in pairs),
-    )
+def rotate(timers: dict[str, Callable[[], float]], repeats: int, reference: str) -> dict[str, dict[str, float]]:
+    """Run the `timers` in turn `repeats` times (after one untimed round); per timer the median seconds and the median
+    over rounds of `reference`'s time divided by the timer's (its speed-up over `reference`)."""
+    for timer in timers.values():
+        timer()
+    rounds = [{name: timer() for name, timer in timers.items()} for _ in range(repeats)]
+    return {
+        name: {
+            "seconds": statistics.median(times[name] for times in rounds),
+            "speedup": statistics.median(times[reference] / times[name] for times in rounds),
+        }
+        for name in timers
+    }
 
 
 def step_case(model, items: int, beams: int, value_bytes: int = 4) -> tuple[torch.Tensor, object, str]:
@@ -143,27 +209,48 @@ def step_case(model, items: int, beams: int, value_bytes: int = 4) -> tuple[torc
 
 
 def step_rows(model, machine: dict, repeats: int) -> list[dict]:
-    """Before / after ms per step of every (items, beams) case, with the step's roofline."""
+    """ms per step of every (items, beams) case in every decoding variant (rotated), with the package's roofline."""
     rows = []
     for items, beams in STEP_CASES:
         context, cost, label = step_case(model, items, beams)
-        step_seconds(model, context, beams), step_seconds(model, context, beams, per_row=True)  # warm-up
-        before, after, speedup = alternate(
-            partial(step_seconds, model, context, beams, per_row=True),
-            partial(step_seconds, model, context, beams),
+        timings = rotate(
+            {variant: partial(step_seconds, model, context, beams, variant) for variant in DECODING_VARIANTS},
             repeats,
+            reference="generic",
         )
+        package = timings["package"]["seconds"]
+        logits = {}
+        for variant in ("package", "transposed weights"):
+            with decoding_variant(variant, model):
+                logits[variant] = model.generate(
+                    context=context, num_beams=beams, max_new_tokens=STEP_TOKENS, output_logits=True,
+                    return_dict_in_generate=True,
+                )
+        reference, transposed = logits["package"], logits["transposed weights"]
         rows.append(
             {
                 "items": items,
                 "num_beams": beams,
-                "before_ms": before * 1e3,
-                "after_ms": after * 1e3,
-                "speedup": speedup,
-                "roofline": roofline_row(label, after, cost, machine),
+                **{f"{variant}_ms": timing["seconds"] * 1e3 for variant, timing in timings.items()},
+                "speedup": timings["package"]["speedup"],
+                "speedup_over_shared_context": timings["shared context"]["seconds"] / package,
+                "transposed_speedup": package / timings["transposed weights"]["seconds"],
+                "transposed_same_tokens": torch.equal(reference.sequences, transposed.sequences),
+                "transposed_max_logit_difference": max(
+                    float((a - b).abs().max()) for a, b in zip(reference.logits, transposed.logits)
+                ),
+                "roofline": roofline_row(label, package, cost, machine),
             }
         )
     return rows
+
+
+def beams_vs_rows(steps: list[dict]) -> float | None:
+    """A 3-beam step of one item over a greedy step of 3 items (package), `None` without both cases."""
+    times = {(row["items"], row["num_beams"]): row["package_ms"] for row in steps}
+    if (1, 3) not in times or (3, 1) not in times:
+        return None
+    return times[(1, 3)] / times[(3, 1)]
 
 
 def bf16_rows(model, machine: dict, repeats: int) -> list[dict]:
@@ -172,10 +259,13 @@ def bf16_rows(model, machine: dict, repeats: int) -> list[dict]:
     rows = []
     for items, beams in BF16_CASES:
         context, cost, label = step_case(model, items, beams, value_bytes=2)
-        step_seconds(half, context, beams)  # warm-up
-        fp32, bf16, speedup = alternate(
-            partial(step_seconds, model, context, beams), partial(step_seconds, half, context, beams), repeats
+        timings = rotate(
+            {"fp32": partial(step_seconds, model, context, beams), "bf16": partial(step_seconds, half, context, beams)},
+            repeats,
+            reference="fp32",
         )
+        fp32, bf16 = timings["fp32"]["seconds"], timings["bf16"]["seconds"]
+        speedup = timings["bf16"]["speedup"]
         settings = dict(num_beams=beams, max_new_tokens=STEP_TOKENS)
         tokens = model.generate(context=context, **settings), half.generate(context=context, **settings)
         rows.append(
@@ -337,28 +427,42 @@ def to_markdown(results: dict) -> str:
     parts = [markdown_table(header, captions)]
     if "steps" in results:
         steps = [
-            case_cells(row, row["before_ms"], row["after_ms"], row["roofline"]["bound_ms"])
-            + [f"{row['speedup']:.2f}x", f"{row['roofline']['fraction_of_bound']:.2f}"]
+            case_cells(row, *(row[f"{variant}_ms"] for variant in DECODING_VARIANTS), row["roofline"]["bound_ms"])
+            + [
+                f"{row['speedup']:.2f}x",
+                f"{row['speedup_over_shared_context']:.2f}x",
+                f"{row['roofline']['fraction_of_bound']:.2f}",
+                f"{row['transposed_speedup']:.2f}x",
+                f"{'yes' if row['transposed_same_tokens'] else 'NO'}, {row['transposed_max_logit_difference']:.1e}",
+            ]
             for row in results["steps"]
         ]
+        ratio = beams_vs_rows(results["steps"])
         bf16 = [
             case_cells(row, row["fp32_ms"], row["bf16_ms"])
             + [f"{row['speedup']:.2f}x", f"{row['roofline']['fraction_of_bound']:.2f}", f"{row['same_tokens']:.0%}"]
             for row in results["bf16"]
         ]
         parts += [
-            f"Decoding step ({results['settings']['step_tokens']}-token captions, median step; before: context and "
-            "cross-attention keys/values copied and reordered per beam, after: one per item). "
-            + machine_line(results["bounds"]),
+            f"Decoding step ({results['settings']['step_tokens']}-token captions, median step; variants rotated in "
+            "one process: *generic* = Transformers' path (context and its cross-attention keys/values copied per "
+            "beam and reordered with the whole `DynamicCache`), *shared context* = one context per item, *package* = "
+            "also a preallocated self-attention cache and fused q/k/v and context k/v projections, the default; "
+            "bit-identical to generic), *transposed weights* = package with every text linear layer multiplying by a "
+            "contiguous (in, out) weight copy (an experiment, not bit-identical). "
+            + machine_line(results["bounds"])
+            + (f" A 3-beam step of one item costs {ratio:.2f}x a greedy step of 3 items." if ratio else ""),
             markdown_table(
                 [
                     "batch",
                     "decoding",
-                    "before ms/step",
-                    "after ms/step",
+                    *(f"{variant} ms/step" for variant in DECODING_VARIANTS),
                     "bound ms",
-                    "speed-up (median of pairs)",
-                    "fraction of bound",
+                    "package vs generic",
+                    "package vs shared context",
+                    "package fraction of bound",
+                    "transposed vs package",
+                    "transposed: same tokens, max logit difference",
                 ],
                 steps,
             ),

@@ -15,6 +15,9 @@ Goals (ratios measured in the same run, so they do not depend on the machine's s
 
 * SDPA at least matches eager attention on CPU at ViT-g width (eager time / SDPA time >= 1);
 * cached caption generation is at least 5x faster than recomputing the prefix (40 tokens, 3 beams);
+* a greedy decoding step at batch 1 and at batch 4 is within 1.5x of its roofline bound (fraction >= 0.67; the
+  bounds are measured at the start of the run), and a 3-beam step of one item costs no more than a greedy step of 3
+  items;
 * decoding the 4 sampled frames of tests/fixtures/media/test.mp4 is at least 3x faster than decoding all frames;
 * media decoding takes at most 30 % of an end-to-end retrieval evaluation at the tiny size;
 * the conversion's peak resident memory is at most 1.3x the checkpoint size;
@@ -41,15 +44,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks import bench_attention, bench_conversion, bench_original, roofline  # noqa: E402
+from benchmarks import bench_attention, bench_conversion, bench_generation, bench_original, roofline  # noqa: E402
 from benchmarks.common import Goal, machine_info, markdown_table, write_json  # noqa: E402
 
 
 DEFAULT_OUTPUT_DIR = ROOT / "benchmarks" / "results"
+DECODING_BOUND_FRACTION = 1 / 1.5  # a decoding step within 1.5x of max(FLOP bound, byte bound)
 DEFAULT_MARKDOWN = ROOT / "benchmarks" / "RESULTS.md"
 BENCHMARKS = (
     "attention",
     "generation",
+    "precision",
     "processing",
     "retrieval",
     "conversion",
@@ -63,11 +68,13 @@ RUN_ORDER = (
     "conversion",
     "training",
     "original",
+    "precision",
     "generation",
 )  # slowest last
 TITLES = {
     "attention": "Attention: eager vs SDPA (CPU, float32)",
     "generation": "Caption generation: recompute vs key/value cache",
+    "precision": "bfloat16 and torch.compile of the towers (CPU)",
     "processing": "Processing",
     "retrieval": "Retrieval evaluation end to end",
     "conversion": "Conversion of a release-size checkpoint",
@@ -97,6 +104,8 @@ def run_benchmark(
     start = time.perf_counter()
     if name in ("attention", "retrieval", "conversion", "training"):
         results = module.run(quick=mode == "quick", smoke=mode == "smoke")
+    elif name == "precision":
+        results = module.run(quick=mode == "quick", smoke=mode == "smoke", machine=bounds)
     elif name == "original":
         results = module.run(**original, quick=mode == "quick", smoke=mode == "smoke")
     elif name == "generation":
@@ -115,6 +124,21 @@ def decoding_share(results: dict) -> float | None:
 def generation_speedup(results: dict) -> float | None:
     """Cached vs recompute speedup of 3-beam search (benchmarks/bench_generation.py), `None` when not measured."""
     return next((row["speedup"] for row in results["rows"] if row["num_beams"] == 3), None)
+
+
+def step_bound_fraction(items: int) -> Callable[[dict], float | None]:
+    """The fraction of its roofline bound reached by the package's greedy decoding step at batch `items`."""
+
+    def extract(results: dict) -> float | None:
+        rows = [row for row in results.get("steps", []) if (row["items"], row["num_beams"]) == (items, 1)]
+        return rows[0]["roofline"]["fraction_of_bound"] if rows else None
+
+    return extract
+
+
+def beams_vs_rows(results: dict) -> float | None:
+    """A 3-beam decoding step of one item over a greedy step of 3 items (`bench_generation.beams_vs_rows`)."""
+    return bench_generation.beams_vs_rows(results.get("steps", []))
 
 
 def _measured(results: dict, name: str, extract: Callable[[dict], float | None]) -> tuple[float | None, str]:
@@ -140,6 +164,11 @@ def evaluate_goals(results: dict) -> list[Goal]:
             True,
         ),
         ("cached vs recompute generation, 40 tokens, 3 beams", "generation", generation_speedup, 5.0, True),
+        ("decoding step at batch 1 (greedy): fraction of its roofline bound", "generation", step_bound_fraction(1),
+         DECODING_BOUND_FRACTION, True, ""),
+        ("decoding step at batch 4 (greedy): fraction of its roofline bound", "generation", step_bound_fraction(4),
+         DECODING_BOUND_FRACTION, True, ""),
+        ("3-beam decoding step / greedy step of 3 items", "generation", beams_vs_rows, 1.0, False),
         ("sampled (4 frames) vs full decode of test.mp4", "processing", lambda r: r["decode"]["speedup"], 3.0, True),
         (
             "decoding share of an end-to-end retrieval evaluation (tiny model)",

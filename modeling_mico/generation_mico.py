@@ -1,8 +1,12 @@
 """Caption decoding of the MiCo release: its default generation settings and the beam scoring of Transformers 4.31,
 which the release ran on, grafted onto the beam search of current Transformers.
 
-The mixin overrides private methods of [`~generation.GenerationMixin`] (`_prepare_generation_config`, `_beam_search`,
-`_update_finished_beams`, `_check_early_stop_heuristic`) and uses `_gather_beams`; `tests/test_generation.py` pins
+Decoding keeps the self-attention keys/values in a [`PreallocatedCache`] sized for the whole caption (no growth by
+concatenation per step).
+
+The mixin overrides private methods of [`~generation.GenerationMixin`] (`_prepare_generation_config`,
+`_prepare_cache_for_generation`, `_beam_search`, `_update_finished_beams`, `_check_early_stop_heuristic`) and uses
+`_gather_beams`; `tests/test_generation.py` pins
 their names and signatures for the supported Transformers range (`transformers>=5.0,<6`), so that an upgrade that
 changes them fails loudly instead of silently scoring beams differently.
 """
@@ -12,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.generation import GenerationConfig, GenerationMixin
 
 from .configuration_mico import MiCoConfig
@@ -34,6 +39,103 @@ def default_generation_config(config: MiCoConfig) -> GenerationConfig:
     )
     generation_config.length_penalty_includes_prompt = True
     return generation_config
+
+
+class PreallocatedLayer(DynamicLayer):
+    """Keys/values of one layer in buffers allocated once for `capacity` positions: `update` writes the new positions
+    in place (a [`DynamicLayer`] concatenates, copying everything cached at every step), `crop` only shortens the valid
+    length, and a beam reorder gathers the valid rows into a second buffer that is then swapped in. `keys` / `values`
+    are views of the valid positions, `(batch, heads, length, head_dim)`. Outgrowing `capacity` doubles it."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._allocate(key_states, value_states, self.capacity)
+        self.is_initialized = True
+
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        """Fresh buffers (and spares for reordering) of `capacity` positions shaped like the given states."""
+        batch, heads, _, _ = key_states.shape
+        self.capacity = capacity
+        self._buffers = [
+            tensor.new_empty(batch, heads, capacity, tensor.shape[-1])
+            for tensor in (key_states, value_states, key_states, value_states)
+        ]
+        self._set_views()
+
+    def _set_views(self) -> None:
+        self.keys = self._buffers[0][:, :, : self.length]
+        self.values = self._buffers[1][:, :, : self.length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            keys, values = self.keys, self.values
+            self._allocate(key_states, value_states, max(end, 2 * self.capacity))
+            self._buffers[0][:, :, : self.length].copy_(keys)
+            self._buffers[1][:, :, : self.length].copy_(values)
+        self._buffers[0][:, :, self.length : end].copy_(key_states)
+        self._buffers[1][:, :, self.length : end].copy_(value_states)
+        self.length = end
+        self._set_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` positions (a negative count, as [`DynamicLayer.crop`] takes)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of positions to remove, got {tokens_to_remove}")
+        self.length = max(self.length + tokens_to_remove, 0)
+        if self.is_initialized:
+            self._set_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Gather the rows `beam_idx` (valid positions only) into the spare buffers and swap them in."""
+        if self.length == 0:
+            return
+        beam_idx = beam_idx.to(self.device)
+        keys, values, spare_keys, spare_values = self._buffers
+        torch.index_select(self.keys, 0, beam_idx, out=spare_keys[:, :, : self.length])
+        torch.index_select(self.values, 0, beam_idx, out=spare_values[:, :, : self.length])
+        self._buffers = [spare_keys, spare_values, keys, values]
+        self._set_views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._replace_rows(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._replace_rows(lambda tensor: tensor[indices])
+
+    def _replace_rows(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Rebuild the buffers from `transform` of the valid keys/values (contrastive search changes the batch)."""
+        if self.length == 0:
+            return
+        keys, values = transform(self.keys), transform(self.values)
+        self._allocate(keys, values, self.capacity)
+        self._buffers[0][:, :, : self.length].copy_(keys)
+        self._buffers[1][:, :, : self.length].copy_(values)
+
+
+class PreallocatedCache(DynamicCache):
+    """A [`DynamicCache`] whose layers are [`PreallocatedLayer`]s of `capacity` positions (allocated at their first
+    update, with the batch, heads and dtype of what they receive)."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        Cache.__init__(self, layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
 
 
 @dataclass
@@ -80,6 +182,30 @@ class MiCoGenerationMixin(GenerationMixin):
         if includes_prompt is not None:
             generation_config.length_penalty_includes_prompt = includes_prompt
         return generation_config, model_kwargs
+
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: GenerationConfig,
+        model_kwargs: dict,
+        generation_mode,
+        batch_size: int,
+        max_cache_length: int,
+    ) -> None:
+        """Without a user cache or `cache_implementation`, decode into an [`EncoderDecoderCache`] of a
+        [`PreallocatedCache`] for the self-attention (room for `max_cache_length` tokens and the probe token the
+        model appends) and a [`DynamicCache`] for the context's keys/values, written once."""
+        if (
+            model_kwargs.get("cache") is not None
+            or generation_config.use_cache is False
+            or generation_config.cache_implementation is not None
+        ):
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        num_layers = self.config.get_text_config(decoder=True).num_hidden_layers
+        model_kwargs["cache"] = EncoderDecoderCache(
+            PreallocatedCache(num_layers, max_cache_length + 2), DynamicCache()
+        )
 
     def _beam_search(self, input_ids: torch.LongTensor, *args, generation_config: GenerationConfig, **kwargs):
         """Transformers' beam search with the release's scoring (unless `length_penalty_includes_prompt=False`);
@@ -170,4 +296,4 @@ class MiCoGenerationMixin(GenerationMixin):
         return is_early_stop_heuristic_unsatisfied & ~done
 
 
-__all__ = ["MiCoGenerationMixin", "default_generation_config"]
+__all__ = ["MiCoGenerationMixin", "PreallocatedCache", "PreallocatedLayer", "default_generation_config"]

@@ -36,6 +36,7 @@ from .modeling_mico_text import (
     MiCoTextModel,
     MiCoTextSelfAttention,
     eager_attention_forward,
+    fused_projections,
 )
 from .pretraining_mico import contrastive_loss, mask_caption_tokens, sample_hard_negatives
 
@@ -383,6 +384,7 @@ class MiCoVisionModel(MiCoPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["MiCoVisionEncoderLayer", "MiCoVisionEmbeddings"]
+    _can_compile_fullgraph = True  # tests/test_performance.py::test_towers_compile_with_fullgraph
 
     def __init__(self, config: MiCoVisionConfig):
         super().__init__(config)
@@ -1439,13 +1441,14 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             input_ids = torch.cat([input_ids.to(start.device), start], dim=1)
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.to(start.device), torch.ones_like(start)], dim=1)
-        return super().generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            context=context,
-            prefix_length=prefix_length,
-            **generate_kwargs,
-        )
+        with fused_projections(self.mico.text_model):  # one matrix product for q/k/v, one for the context's k/v
+            return super().generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                context=context,
+                prefix_length=prefix_length,
+                **generate_kwargs,
+            )
 
     # ---- hooks of GenerationMixin -----------------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """PyTorch MiCo text branch: a BERT whose every layer carries a cross-attention block over the multimodal context, and
 its masked-language-model head (as BLIP keeps `modeling_blip_text.py`)."""
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
@@ -110,13 +112,57 @@ class MiCoTextAttentionBase(nn.Module):
         self.key = nn.Linear(key_value_size, config.hidden_size)
         self.value = nn.Linear(key_value_size, config.hidden_size)
 
+    # the projections that `fused_projections` concatenates into one matrix product, in this order
+    fusable_projections: tuple[str, ...] = ()
+    # (weight, bias) of those projections concatenated along the outputs, while `fused_projections` is active
+    fused_projection: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def split_heads(self, projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
         """`projection(states)` split into heads: `(batch, heads, length, head_dim)`."""
         return projection(states).view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
 
+    def project_fused(self, projections: tuple[str, ...], states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The `projections` of `states`, each split into heads: one matrix product when `fused_projections` is
+        active (the same values, bit for bit, as one product per projection), else one per projection."""
+        if self.fused_projection is None:
+            return tuple(self.split_heads(getattr(self, name), states) for name in projections)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_projections is for inference: its concatenated weights are detached, so no gradient would "
+                "reach the projections; run under torch.no_grad() or torch.inference_mode()"
+            )
+        fused = F.linear(states, *self.fused_projection).view(*states.shape[:-1], len(projections), -1, self.head_dim)
+        return tuple(part.transpose(1, 2) for part in fused.unbind(-3))
+
+    def concatenated_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights and biases of `fusable_projections` concatenated along the outputs."""
+        layers = [getattr(self, name) for name in self.fusable_projections]
+        return torch.cat([layer.weight for layer in layers]), torch.cat([layer.bias for layer in layers])
+
+
+@contextlib.contextmanager
+def fused_projections(model: nn.Module) -> Iterator[None]:
+    """Within the block, every text attention module of `model` projects with one matrix product: query, key and
+    value together for self-attention, key and value of the context for cross-attention. The concatenated weights are
+    built on entry and dropped on exit (the modules' parameters and state-dict keys are untouched; weights changed
+    inside the block are not seen). Inference only: a forward pass with gradients enabled inside the block raises a
+    `RuntimeError`. In float32 every output column is the same reduction as with separate products, so the results
+    are bit-identical (`tests/test_performance.py`); `generate` decodes inside it."""
+    modules = [module for module in model.modules() if isinstance(module, MiCoTextAttentionBase)]
+    try:
+        with torch.no_grad():
+            for module in modules:
+                module.fused_projection = module.concatenated_projection()
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("fused_projection", None)
+
 
 class MiCoTextSelfAttention(MiCoTextAttentionBase):
     """Self-attention over the text; keys/values of processed tokens go to `cache` when one is given."""
+
+    fusable_projections = ("query", "key", "value")
 
     def forward(
         self,
@@ -126,9 +172,7 @@ class MiCoTextSelfAttention(MiCoTextAttentionBase):
         is_causal: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = self.split_heads(self.query, hidden_states)
-        key = self.split_heads(self.key, hidden_states)
-        value = self.split_heads(self.value, hidden_states)
+        query, key, value = self.project_fused(self.fusable_projections, hidden_states)
         if cache is not None:
             self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
             key, value = self_cache.update(key, value, self.layer_idx)
@@ -143,6 +187,7 @@ class MiCoTextCrossAttention(MiCoTextAttentionBase):
     what the rows share is computed, stored and read once instead of copied per row."""
 
     key_value_size_attribute = "encoder_hidden_size"
+    fusable_projections = ("key", "value")
 
     def forward(
         self,
@@ -160,8 +205,7 @@ class MiCoTextCrossAttention(MiCoTextAttentionBase):
             layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
             key, value = layer_cache.keys, layer_cache.values
         else:
-            key = self.split_heads(self.key, encoder_hidden_states)
-            value = self.split_heads(self.value, encoder_hidden_states)
+            key, value = self.project_fused(self.fusable_projections, encoder_hidden_states)
             if cache is not None:
                 key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
@@ -272,6 +316,7 @@ class MiCoTextPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # tests/test_performance.py::test_towers_compile_with_fullgraph
     _can_record_outputs = {
         "hidden_states": MiCoTextLayer,
         "attentions": OutputRecorder(MiCoTextSelfAttention, index=1),
@@ -463,4 +508,4 @@ class MiCoTextModel(MiCoTextPreTrainedModel):
         )
 
 
-__all__ = ["MiCoLMHead", "MiCoTextModel", "MiCoTextPreTrainedModel"]
+__all__ = ["MiCoLMHead", "MiCoTextModel", "MiCoTextPreTrainedModel", "fused_projections"]

@@ -34,7 +34,15 @@ def test_goal_met(value, target, higher_is_better, met):
 def test_goals_from_results():
     results = {
         "attention": {"rows": [{"tower": "vision ViT-B", "speedup": 0.5}, {"tower": "vision ViT-g", "speedup": 1.1}]},
-        "generation": {"rows": [{"num_beams": 1, "speedup": 9.0}, {"num_beams": 3, "speedup": 4.0}]},
+        "generation": {
+            "rows": [{"num_beams": 1, "speedup": 9.0}, {"num_beams": 3, "speedup": 4.0}],
+            "steps": [
+                {"items": 1, "num_beams": 1, "package_ms": 20.0, "roofline": {"fraction_of_bound": 0.7}},
+                {"items": 3, "num_beams": 1, "package_ms": 40.0, "roofline": {"fraction_of_bound": 0.5}},
+                {"items": 1, "num_beams": 3, "package_ms": 30.0, "roofline": {"fraction_of_bound": 0.5}},
+                {"items": 4, "num_beams": 1, "package_ms": 50.0, "roofline": {"fraction_of_bound": 0.6}},
+            ],
+        },
         "processing": {"decode": {"speedup": 3.5}},
         "retrieval": {"stages": [{"stage": "decoding", "share": 0.2}, {"stage": "re-ranking", "share": 0.8}]},
         "conversion": {"runs": [{"peak_rss_ratio": 0.99}, {"peak_rss_ratio": 0.3}]},
@@ -49,14 +57,14 @@ def test_goals_from_results():
         },
     }
     goals = run_all.evaluate_goals(results)
-    assert [goal.value for goal in goals] == [1.1, 4.0, 3.5, 0.2, 11.0, 1.4, 0.99]
-    assert [goal.met for goal in goals] == [True, False, True, True, True, False, True]
-    assert [goal.unit for goal in goals] == ["x"] * 3 + [""] + ["x"] * 3
+    assert [goal.value for goal in goals] == [1.1, 4.0, 0.7, 0.6, 0.75, 3.5, 0.2, 11.0, 1.4, 0.99]
+    assert [goal.met for goal in goals] == [True, False, True, False, True, True, True, True, False, True]
+    assert [goal.unit for goal in goals] == ["x", "x", "", "", "x", "x", "", "x", "x", "x"]
 
     pending = run_all.evaluate_goals({"generation": {"pending": "not written"}, "conversion": {"skipped": "disk"}})
-    assert [goal.met for goal in pending] == [None] * 7
+    assert [goal.met for goal in pending] == [None] * 10
     not_run = "not run (--only)"
-    assert [goal.note for goal in pending] == [not_run, "not written", not_run, not_run, not_run, not_run, "disk"]
+    assert [goal.note for goal in pending] == [not_run] + ["not written"] * 4 + [not_run] * 4 + ["disk"]
 
 
 def test_release_checkpoint_layout_matches_the_original_keys():

@@ -12,7 +12,7 @@ from conftest import tiny_config_kwargs
 from transformers import AutoModelForImageTextToText
 from transformers.generation.streamers import BaseStreamer
 
-from benchmarks.bench_generation import context_per_row
+from benchmarks.bench_generation import generic_decoding
 from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel
 
 
@@ -276,7 +276,7 @@ def test_shared_context_equals_a_context_per_row(model, settings, use_cache):
     torch.manual_seed(0)
     shared = model.generate(**settings)
     torch.manual_seed(0)
-    with context_per_row():
+    with generic_decoding():
         per_row = model.generate(**settings)
     assert torch.equal(shared, per_row)
 
@@ -292,7 +292,7 @@ def test_context_keys_and_values_are_kept_once_per_item(model):
         assert cross.keys.shape[0] == cross.values.shape[0] == 2
         assert cross.keys.shape[2] == context_length
         assert output.cache.self_attention_cache.layers[layer].keys.shape[0] == 6
-    with context_per_row():  # Transformers' generic path copies them per beam
+    with generic_decoding():  # Transformers' generic path copies them per beam
         output = model.generate(**inputs, num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
     assert output.cache.cross_attention_cache.layers[0].keys.shape[0] == 6
 
@@ -438,6 +438,9 @@ def test_flash_attention_limits_are_explicit(model):
 # the parameters the overrides rely on, for the supported Transformers range (pyproject: transformers>=5.0,<6).
 PINNED_GENERATION_API = {
     "_prepare_generation_config": ["self", "generation_config"],
+    "_prepare_cache_for_generation": [
+        "self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length",
+    ],
     "_beam_search": ["self", "input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus"],
     "_update_finished_beams": [
         "self", "sequences", "topk_running_sequences", "beam_scores", "topk_log_probs", "beam_indices",

@@ -1,0 +1,154 @@
+"""Speed options and machinery: the preallocated self-attention cache and fused projections of `generate` (bit-identical
+to Transformers' generic decoding path, `benchmarks.bench_generation.decoding_variant`), `torch.compile` of the towers
+with `fullgraph=True`, and the precision benchmark's smoke mode."""
+
+import pytest
+import torch
+from test_generation import knowledge_inputs, tiny_config
+from transformers.cache_utils import DynamicLayer
+
+from benchmarks.bench_generation import BIT_IDENTICAL_VARIANTS, decoding_variant
+from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel
+from modeling_mico.generation_mico import PreallocatedCache, PreallocatedLayer
+from modeling_mico.modeling_mico_text import fused_projections
+
+
+@pytest.fixture(scope="module")
+def model() -> MiCoForConditionalGeneration:
+    torch.manual_seed(0)
+    return MiCoForConditionalGeneration(tiny_config()).eval()
+
+
+def states(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, length, 4, generator=generator), torch.randn(batch, 2, length, 4, generator=generator)
+
+
+def test_preallocated_layer_equals_a_dynamic_layer():
+    """Updates, crops, beam reorders, growth past the capacity and batch edits give the keys/values of Transformers'
+    `DynamicLayer`; updates write into the same buffers (no reallocation) while the capacity holds."""
+    preallocated, dynamic = PreallocatedLayer(capacity=6), DynamicLayer()
+    steps = [
+        ("update", states(3, 3, 0)),
+        ("crop", -1),
+        ("update", states(3, 2, 1)),
+        ("reorder", torch.tensor([2, 0, 0])),
+        ("crop", -1),
+        ("update", states(3, 2, 2)),
+        ("update", states(3, 3, 3)),  # 8 positions: past the capacity of 6
+        ("reorder", torch.tensor([1, 1, 2])),
+        ("repeat", 2),
+        ("select", torch.tensor([5, 0, 3])),
+    ]
+    for step, argument in steps:
+        for layer in (preallocated, dynamic):
+            if step == "update":
+                keys, _ = layer.update(*argument)
+                if layer is preallocated:
+                    written = keys
+            elif step == "crop":
+                layer.crop(argument)
+            elif step == "reorder":
+                layer.reorder_cache(argument)
+            elif step == "repeat":
+                layer.batch_repeat_interleave(argument)
+            else:
+                layer.batch_select_indices(argument)
+        assert preallocated.get_seq_length() == dynamic.get_seq_length(), step
+        assert torch.equal(preallocated.keys, dynamic.keys) and torch.equal(preallocated.values, dynamic.values), step
+        if step == "update" and preallocated.capacity == 6:
+            assert written.data_ptr() == preallocated._buffers[0].data_ptr()
+    assert preallocated.capacity == 12  # doubled once
+    with pytest.raises(ValueError, match="crop takes a negative number of positions to remove, got 2"):
+        preallocated.crop(2)
+
+
+def test_generate_decodes_into_a_preallocated_cache(model):
+    inputs = knowledge_inputs("video", batch_size=2)
+    output = model.generate(**inputs, num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
+    self_cache = output.cache.self_attention_cache
+    assert isinstance(self_cache, PreallocatedCache)
+    assert {layer.capacity for layer in self_cache.layers} == {1 + 6 + 1}  # [CLS], 6 tokens, the [MASK] probe
+    assert self_cache.get_seq_length() == output.sequences.shape[1] - 1  # real tokens only; the last is not fed back
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_decoding_variants_give_bit_identical_logits(model, num_beams):
+    """One context per item, the preallocated cache and fused projections change no bit of the logits against
+    Transformers' generic path; the benchmark's transposed-weights experiment changes only the last bits."""
+    inputs = knowledge_inputs("combined", seed=4)
+    outputs = {}
+    for variant in (*BIT_IDENTICAL_VARIANTS, "transposed weights"):
+        with decoding_variant(variant, model):
+            outputs[variant] = model.generate(
+                **inputs, num_beams=num_beams, max_new_tokens=8, output_logits=True, return_dict_in_generate=True
+            )
+    reference = outputs.pop("generic")
+    for variant, output in outputs.items():
+        assert torch.equal(output.sequences, reference.sequences), variant
+        logits = torch.stack(output.logits)
+        if variant == "transposed weights":
+            torch.testing.assert_close(logits, torch.stack(reference.logits), rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(logits, torch.stack(reference.logits)), variant
+    assert not any("forward" in vars(module) for module in model.modules())  # the experiment is undone
+
+
+def test_fused_projections_are_bit_identical_and_scoped(model):
+    """Inside `fused_projections` every attention module projects with one concatenated matrix; outside, the
+    modules are as before (no fused weights kept, state dict unchanged)."""
+    context = model.mico.get_multimodal_context(**knowledge_inputs("audio"))
+    ids = torch.randint(110, 160, (2, 5), generator=torch.Generator().manual_seed(0))
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        separate = model(input_ids=ids, context=context).logits
+        with fused_projections(model):
+            attention = model.mico.text_model.encoder.layer[0].attention.self
+            weight, bias = attention.fused_projection
+            assert weight.shape == (3 * attention.query.out_features, attention.query.in_features)
+            fused = model(input_ids=ids, context=context).logits
+    assert torch.equal(fused, separate)
+    assert attention.fused_projection is None and list(model.state_dict()) == keys
+    with fused_projections(model), pytest.raises(RuntimeError, match="fused_projections is for inference"):
+        model(input_ids=ids, context=context)  # gradients enabled: refused rather than silently detached
+
+
+@pytest.mark.slow
+def test_towers_compile_with_fullgraph():
+    """`_can_compile_fullgraph` holds for both towers: `torch.compile(fullgraph=True)` traces them without a graph
+    break and agrees with eager float32."""
+    torch.manual_seed(0)
+    model = MiCoModel(MiCoConfig.from_preset("tiny")).eval()
+    images = torch.randn(2, 3, 64, 64)
+    ids = torch.randint(1000, 2000, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    context = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        for tower, inputs in (
+            (model.vision_model, dict(pixel_values=images)),
+            (model.text_model, dict(input_ids=ids, attention_mask=mask, encoder_hidden_states=context)),
+        ):
+            assert type(tower)._can_compile_fullgraph
+            compiled = torch.compile(tower, fullgraph=True)
+            torch.testing.assert_close(
+                compiled(**inputs).last_hidden_state, tower(**inputs).last_hidden_state, rtol=1e-5, atol=1e-5
+            )
+
+
+def test_precision_benchmark_smoke():
+    """The precision benchmark times fp32, bf16 and autocast side by side and reports their agreement with fp32 (the
+    compiled variants are exercised by `test_towers_compile_with_fullgraph`)."""
+    from benchmarks import bench_precision
+
+    machine = {"fp32_gflops": 100.0, "bf16_gflops": 200.0, "read_gb_s": 10.0}
+    results = bench_precision.run(smoke=True, machine=machine, variants=("fp32", "bf16", "autocast"))
+    assert [tower["tower"] for tower in results["towers"]] == ["vision", "text + cross-attention"]
+    for tower in results["towers"]:
+        rows = {row["variant"]: row for row in tower["variants"]}
+        assert list(rows) == ["fp32", "bf16", "autocast"]
+        assert rows["fp32"]["hidden_rel_l2"] == 0.0 and rows["fp32"]["speedup"] == 1.0
+        assert 0.0 < rows["bf16"]["hidden_rel_l2"] < 0.05 and 0.0 < rows["autocast"]["hidden_rel_l2"] < 0.05
+        assert rows["bf16"]["roofline"]["dtype"] == "bf16" and rows["fp32"]["compile_s"] is None
+    assert "| autocast |" in bench_precision.to_markdown(results)
+    with pytest.raises(ValueError, match="variants must start with the fp32 reference"):
+        bench_precision.run(smoke=True, machine=machine, variants=("bf16",))

@@ -145,6 +145,13 @@ class Budget:
     def fits(self, seconds: float) -> bool:
         return self.left() >= seconds
 
+    def admits(self, record: dict, seconds: float) -> bool:
+        """Whether a configuration needing `seconds` still fits; if not, its `record` is marked skipped."""
+        if not self.fits(seconds):
+            record["status"] = "skipped (time budget)"
+            return False
+        return True
+
 
 def stub_missing_media_backends() -> list[str]:
     """`decord`/`soundfile` are only needed to decode media, which this benchmark never does; where they cannot be
@@ -437,8 +444,7 @@ def run_vit_inference(sizes, device, results, save, budget, model_fp32) -> None:
                 if importlib.util.find_spec(package) is None:
                     record.update(status="not installed", error=f"package `{package}` not importable")
                     continue
-            if not budget.fits(25 if batch > 64 else 12):
-                record["status"] = "skipped (time budget)"
+            if not budget.admits(record, 25 if batch > 64 else 12):
                 continue
 
             def measure(batch=batch, pixels=pixels, implementation=implementation, backend=backend) -> dict:
@@ -520,8 +526,7 @@ def run_vit_training(sizes, device, results, save, budget, model_fp32) -> None:
             "gradient_checkpointing": checkpointing,
         }
         section["rows"].append(record)
-        if not budget.fits(20):
-            record["status"] = "skipped (time budget)"
+        if not budget.admits(record, 20):
             continue
 
         def measure(checkpointing=checkpointing) -> dict:
@@ -553,7 +558,7 @@ def run_vit_training(sizes, device, results, save, budget, model_fp32) -> None:
 
     record = {"name": "AdamW step (fused on cuda), fp32 states"}
     section["optimizer"] = record
-    if budget.fits(10):
+    if budget.admits(record, 10):
 
         def measure_optimizer() -> dict:
             train_step()
@@ -576,8 +581,6 @@ def run_vit_training(sizes, device, results, save, budget, model_fp32) -> None:
             }
 
         attempt(record, measure_optimizer, device)
-    else:
-        record["status"] = "skipped (time budget)"
     model.zero_grad(set_to_none=True)
     model.eval()
     save()
@@ -646,8 +649,7 @@ def run_decoding(sizes, device, results, save, budget) -> None:
                     "batch": batch,
                 }
                 section["rows"].append(record)
-                if not budget.fits(12):
-                    record["status"] = "skipped (time budget)"
+                if not budget.admits(record, 12):
                     continue
                 context = contexts[batch].to(dtype)
 
@@ -852,6 +854,17 @@ def table_section(title: str, intro: str, records: list[dict], columns: dict[str
     return ["", f"### {title}", "", *([intro, ""] if intro else []), records_table(records, columns)]
 
 
+def describe_vision_tower(model: dict) -> str:
+    """The measured vision tower in words: its shape, tokens, parameters and FLOPs per image."""
+    cfg = model.get("config", {})
+    return (
+        f"{cfg.get('hidden_size')} wide, {cfg.get('num_hidden_layers')} blocks, {cfg.get('num_attention_heads')} "
+        f"heads, MLP {cfg.get('intermediate_size')}, {model.get('tokens')} tokens; "
+        f"{model.get('parameters', 0) / 1e6:,.0f} M parameters; {fmt(model.get('gflop_per_image'))} GFLOP per "
+        f"image (attention {100 * model.get('attention_share', 0):.1f} %)"
+    )
+
+
 def to_markdown(results: dict) -> str:
     info = results["machine"]
     title = info.get("gpu") or info["device"]
@@ -891,14 +904,9 @@ def to_markdown(results: dict) -> str:
         )
     vit = results.get("vit_inference") or {}
     if vit.get("rows"):
-        model = vit.get("model", {})
-        cfg = model.get("config", {})
         lines += table_section(
             "Vision tower inference (bf16)",
-            f"{cfg.get('hidden_size')} wide, {cfg.get('num_hidden_layers')} blocks, {cfg.get('num_attention_heads')} "
-            f"heads, MLP {cfg.get('intermediate_size')}, {model.get('tokens')} tokens; "
-            f"{model.get('parameters', 0) / 1e6:,.0f} M parameters; {fmt(model.get('gflop_per_image'))} GFLOP per "
-            f"image (attention {100 * model.get('attention_share', 0):.1f} %). MFU: against the measured bf16 matmul "
+            f"{describe_vision_tower(vit.get('model', {}))}. MFU: against the measured bf16 matmul "
             "ceiling. Error: relative L2 distance to an fp32 forward (IEEE matmuls, math attention) of the same "
             "batch. Peak: `torch.cuda.max_memory_allocated`; resident: allocated before the run (weights of the fp32 "
             "reference and bf16 models, inputs).",

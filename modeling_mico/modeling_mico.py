@@ -1728,6 +1728,7 @@ class MiCoForDepthClassification(MiCoClassificationHeadBase):
 
 __all__ = [
     "MiCoClassificationHeadBase",
+    "MiCoContextKwargs",
     "MiCoForAudioClassification",
     "MiCoForConditionalGeneration",
     "MiCoForDepthClassification",
@@ -1736,6 +1737,7 @@ __all__ = [
     "MiCoForPreTrainingOutput",
     "MiCoForZeroShotClassification",
     "MiCoForVideoClassification",
+    "MiCoModalityKwargs",
     "MiCoModel",
     "MiCoOutput",
     "MiCoPreTrainedModel",

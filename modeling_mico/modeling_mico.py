@@ -65,12 +65,15 @@ class MiCoModalityKwargs(TransformersKwargs, total=False):
         Audio: fbank spectrogram slices, as [`MiCoFeatureExtractor`] prepares them.
     depth_values (`torch.FloatTensor` of shape `(batch_size, frames, 3, height, width)`):
         Depth maps, as [`MiCoProcessor`] prepares them.
+    normal_values (`torch.FloatTensor` of shape `(batch_size, frames, 3, height, width)`):
+        Surface-normal maps (a built-in modality that configurations enable with a `normal` knowledge modality).
     """
 
     pixel_values: torch.FloatTensor
     pixel_values_videos: torch.FloatTensor
     input_features: torch.FloatTensor
     depth_values: torch.FloatTensor
+    normal_values: torch.FloatTensor
 
 
 class MiCoContextKwargs(MiCoModalityKwargs, total=False):

@@ -46,7 +46,7 @@ TITLES = {
     "processing": "Processing",
     "retrieval": "Retrieval evaluation end to end",
     "conversion": "Conversion of a release-size checkpoint",
-    "training": "Training throughput: DDP, DeepSpeed ZeRO-2/3, FSDP2 and the shard pipeline (CPU)",
+    "training": "Training throughput: DDP, DeepSpeed ZeRO-1/2/3, FSDP2 and the shard pipeline (CPU)",
 }
 
 

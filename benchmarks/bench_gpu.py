@@ -89,6 +89,8 @@ FULL = {
     "compile_limit_s": 60,
     "compile_timeout_s": 150,
 }
+# The smoke run's vision and text towers share one shape.
+SMOKE_TOWER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 SMOKE = {
     **FULL,
     "matmul_n": 256,
@@ -96,7 +98,7 @@ SMOKE = {
     "matmul_iters": 2,
     "copy_bytes": 8 * 2**20,
     "copy_iters": 2,
-    "vision": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=56),
+    "vision": dict(SMOKE_TOWER, image_size=56),
     "vit_batches": (2,),
     "vit_iters": {2: 2},
     "vit_warmup": 1,
@@ -104,14 +106,7 @@ SMOKE = {
     "train_iters": 2,
     "train_warmup": 1,
     "optimizer_iters": 2,
-    "text": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        vocab_size=1024,
-    ),
+    "text": dict(SMOKE_TOWER, max_position_embeddings=64, vocab_size=1024),
     "decode_vision": dict(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56
     ),

@@ -89,6 +89,8 @@ FULL = {
     "compile_limit_s": 60,
     "compile_timeout_s": 150,
 }
+# The smoke run's vision and text towers share one shape.
+SMOKE_TOWER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 SMOKE = {
     **FULL,
     "matmul_n": 256,
@@ -96,7 +98,7 @@ SMOKE = {
     "matmul_iters": 2,
     "copy_bytes": 8 * 2**20,
     "copy_iters": 2,
-    "vision": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=56),
+    "vision": dict(SMOKE_TOWER, image_size=56),
     "vit_batches": (2,),
     "vit_iters": {2: 2},
     "vit_warmup": 1,
@@ -104,14 +106,7 @@ SMOKE = {
     "train_iters": 2,
     "train_warmup": 1,
     "optimizer_iters": 2,
-    "text": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        vocab_size=1024,
-    ),
+    "text": dict(SMOKE_TOWER, max_position_embeddings=64, vocab_size=1024),
     "decode_vision": dict(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56
     ),
@@ -144,6 +139,13 @@ class Budget:
 
     def fits(self, seconds: float) -> bool:
         return self.left() >= seconds
+
+    def admits(self, record: dict, seconds: float) -> bool:
+        """Whether a configuration needing `seconds` still fits; if not, its `record` is marked skipped."""
+        if not self.fits(seconds):
+            record["status"] = "skipped (time budget)"
+            return False
+        return True
 
 
 def stub_missing_media_backends() -> list[str]:
@@ -437,8 +439,7 @@ def run_vit_inference(sizes, device, results, save, budget, model_fp32) -> None:
                 if importlib.util.find_spec(package) is None:
                     record.update(status="not installed", error=f"package `{package}` not importable")
                     continue
-            if not budget.fits(25 if batch > 64 else 12):
-                record["status"] = "skipped (time budget)"
+            if not budget.admits(record, 25 if batch > 64 else 12):
                 continue
 
             def measure(batch=batch, pixels=pixels, implementation=implementation, backend=backend) -> dict:
@@ -520,8 +521,7 @@ def run_vit_training(sizes, device, results, save, budget, model_fp32) -> None:
             "gradient_checkpointing": checkpointing,
         }
         section["rows"].append(record)
-        if not budget.fits(20):
-            record["status"] = "skipped (time budget)"
+        if not budget.admits(record, 20):
             continue
 
         def measure(checkpointing=checkpointing) -> dict:
@@ -553,7 +553,7 @@ def run_vit_training(sizes, device, results, save, budget, model_fp32) -> None:
 
     record = {"name": "AdamW step (fused on cuda), fp32 states"}
     section["optimizer"] = record
-    if budget.fits(10):
+    if budget.admits(record, 10):
 
         def measure_optimizer() -> dict:
             train_step()
@@ -576,8 +576,6 @@ def run_vit_training(sizes, device, results, save, budget, model_fp32) -> None:
             }
 
         attempt(record, measure_optimizer, device)
-    else:
-        record["status"] = "skipped (time budget)"
     model.zero_grad(set_to_none=True)
     model.eval()
     save()
@@ -646,8 +644,7 @@ def run_decoding(sizes, device, results, save, budget) -> None:
                     "batch": batch,
                 }
                 section["rows"].append(record)
-                if not budget.fits(12):
-                    record["status"] = "skipped (time budget)"
+                if not budget.admits(record, 12):
                     continue
                 context = contexts[batch].to(dtype)
 
@@ -852,6 +849,17 @@ def table_section(title: str, intro: str, records: list[dict], columns: dict[str
     return ["", f"### {title}", "", *([intro, ""] if intro else []), records_table(records, columns)]
 
 
+def describe_vision_tower(model: dict) -> str:
+    """The measured vision tower in words: its shape, tokens, parameters and FLOPs per image."""
+    cfg = model.get("config", {})
+    return (
+        f"{cfg.get('hidden_size')} wide, {cfg.get('num_hidden_layers')} blocks, {cfg.get('num_attention_heads')} "
+        f"heads, MLP {cfg.get('intermediate_size')}, {model.get('tokens')} tokens; "
+        f"{model.get('parameters', 0) / 1e6:,.0f} M parameters; {fmt(model.get('gflop_per_image'))} GFLOP per "
+        f"image (attention {100 * model.get('attention_share', 0):.1f} %)"
+    )
+
+
 def to_markdown(results: dict) -> str:
     info = results["machine"]
     title = info.get("gpu") or info["device"]
@@ -891,14 +899,9 @@ def to_markdown(results: dict) -> str:
         )
     vit = results.get("vit_inference") or {}
     if vit.get("rows"):
-        model = vit.get("model", {})
-        cfg = model.get("config", {})
         lines += table_section(
             "Vision tower inference (bf16)",
-            f"{cfg.get('hidden_size')} wide, {cfg.get('num_hidden_layers')} blocks, {cfg.get('num_attention_heads')} "
-            f"heads, MLP {cfg.get('intermediate_size')}, {model.get('tokens')} tokens; "
-            f"{model.get('parameters', 0) / 1e6:,.0f} M parameters; {fmt(model.get('gflop_per_image'))} GFLOP per "
-            f"image (attention {100 * model.get('attention_share', 0):.1f} %). MFU: against the measured bf16 matmul "
+            f"{describe_vision_tower(vit.get('model', {}))}. MFU: against the measured bf16 matmul "
             "ceiling. Error: relative L2 distance to an fp32 forward (IEEE matmuls, math attention) of the same "
             "batch. Peak: `torch.cuda.max_memory_allocated`; resident: allocated before the run (weights of the fp32 "
             "reference and bf16 models, inputs).",

@@ -9,6 +9,9 @@ modules (`data`, `evaluation`, `retrieval`, ...) are imported on first attribute
 optional back-ends (`decord`, `soundfile`, `av`, `matplotlib`) only by the features that need them.
 """
 
+# The MiCo classes imported below are the package's public names; `__all__` is built from them.
+# ruff: noqa: F401
+
 import importlib
 from types import ModuleType
 
@@ -107,24 +110,5 @@ def __getattr__(name: str) -> ModuleType:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "MiCoConfig",
-    "MiCoFeatureExtractor",
-    "MiCoForAudioClassification",
-    "MiCoForConditionalGeneration",
-    "MiCoForDepthClassification",
-    "MiCoForImageClassification",
-    "MiCoForPreTraining",
-    "MiCoForPreTrainingOutput",
-    "MiCoForVideoClassification",
-    "MiCoForZeroShotClassification",
-    "MiCoImageProcessor",
-    "MiCoProcessor",
-    "MiCoVideoProcessor",
-    "MiCoModel",
-    "MiCoPreTrainedModel",
-    "MiCoTextConfig",
-    "MiCoTextModel",
-    "MiCoVisionConfig",
-    "MiCoVisionModel",
-]
+# The public names are the MiCo classes imported above (configurations, processors, models).
+__all__ = sorted(name for name in dict(globals()) if name.startswith("MiCo"))

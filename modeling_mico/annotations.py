@@ -40,7 +40,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,17 @@ def _filter_split(rows: list[Row], split: str | None, source: _Source) -> list[R
 
 
 # ----------------------------------------------------------------------------------------------------- JSON formats
+
+
+def nested_value(row: Mapping[str, Any], path: str, where: str, what: str = "column") -> Any:
+    """`row[path]`, where a dotted path reads nested objects (`attributes.shape` is `row["attributes"]["shape"]`); a
+    missing key is a `ValueError` naming `where`, the `what` and the row's keys."""
+    value: Any = row
+    for key in path.split("."):
+        if not isinstance(value, Mapping) or key not in value:
+            raise ValueError(f"{where} has no {what} {path!r} (keys: {sorted(row)})")
+        value = value[key]
+    return value
 
 
 def _read_json_or_lines(path: Path) -> Any:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,62 +195,70 @@ class EncodedItems:
         )
 
 
-@torch.no_grad()
-def encode_texts(
-    model: torch.nn.Module, processor: MiCoProcessor, texts: Sequence[str], batch_size: int = 16, progress: bool = True
-) -> EncodedTexts:
-    """Tokenize and embed every caption once, in batches."""
-    device = model.device
-    embeds, ids, masks = [], [], []
-    for start in tqdm(range(0, len(texts), batch_size), desc="Encoding texts", disable=not progress):
-        tokens = processor(text=list(texts[start : start + batch_size]), return_tensors="pt")
-        features = model.get_text_features(
-            tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        ).pooler_output
-        embeds.append(F.normalize(features.float(), dim=-1).cpu())
-        ids.append(tokens["input_ids"])
-        masks.append(tokens["attention_mask"])
-    return EncodedTexts(torch.cat(embeds), torch.cat(ids), torch.cat(masks))
+@dataclass
+class RetrievalEncoder:
+    """Encodes the captions and the items of a retrieval evaluation: `model` (a `MiCoModel`, on its device and
+    dtype) and `processor`, `batch_size` captions or items per forward pass, tqdm progress bars unless `progress` is
+    off; with `skip_broken`, items with an undecodable media file are listed instead of raising."""
 
+    model: torch.nn.Module
+    processor: MiCoProcessor
+    batch_size: int = 16
+    progress: bool = True
+    skip_broken: bool = False
 
-@torch.no_grad()
-def encode_items(
-    model: torch.nn.Module,
-    processor: MiCoProcessor,
-    rows: Sequence[dict[str, Any]],
-    modalities: Sequence[str],
-    batch_size: int = 16,
-    keep_context: bool = False,
-    progress: bool = True,
-    skip_broken: bool = False,
-) -> EncodedItems:
-    """Decode and encode every item's media once per modality (registry name; the row's `ModalitySpec.column`):
-    the ViT runs once and feeds both the pooled features and (with `keep_context`, for matching re-ranking) the
-    bridged multimodal context, cached on the CPU. An undecodable file raises `BrokenMediaError` naming it; with
-    `skip_broken` its row is listed in `broken` instead (its features are zeros)."""
-    device, dtype = model.device, model.dtype
-    specs = model.config.modality_specs
-    encoded = EncodedItems()
-    for name in modalities:
-        spec = specs[name]
-        pooled, contexts = [], []
-        for start in tqdm(range(0, len(rows), batch_size), desc=f"Encoding {name}", disable=not progress):
-            chunk = rows[start : start + batch_size]
-            kept, values = decode_media(processor, spec, [row[spec.column] for row in chunk], skip_broken)
-            encoded.broken.update(start + i for i in range(len(chunk)) if i not in kept)
-            if values is None:
-                continue
-            indices = torch.tensor([start + i for i in kept])
-            tokens = model.encode_modality(name, _to_model(values, device, dtype))
-            pooled.append((indices, model.pool_tokens(tokens).cpu()))
+    def batches(self, total: int, what: str) -> Iterable[int]:
+        """Start indices of the batches over `total` entries, with a progress bar `Encoding <what>`."""
+        return tqdm(range(0, total, self.batch_size), desc=f"Encoding {what}", disable=not self.progress)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> EncodedTexts:
+        """Tokenize and embed every caption once, in batches."""
+        device = self.model.device
+        embeds, ids, masks = [], [], []
+        for start in self.batches(len(texts), "texts"):
+            tokens = self.processor(text=list(texts[start : start + self.batch_size]), return_tensors="pt")
+            features = self.model.get_text_features(
+                tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            ).pooler_output
+            embeds.append(F.normalize(features.float(), dim=-1).cpu())
+            ids.append(tokens["input_ids"])
+            masks.append(tokens["attention_mask"])
+        return EncodedTexts(torch.cat(embeds), torch.cat(ids), torch.cat(masks))
+
+    @torch.no_grad()
+    def items(
+        self, rows: Sequence[dict[str, Any]], modalities: Sequence[str], keep_context: bool = False
+    ) -> EncodedItems:
+        """Decode and encode every item's media once per modality (registry name; the row's `ModalitySpec.column`):
+        the ViT runs once and feeds both the pooled features and (with `keep_context`, for matching re-ranking) the
+        bridged multimodal context, cached on the CPU. An undecodable file raises `BrokenMediaError` naming it; with
+        `skip_broken` its row is listed in `broken` instead (its features are zeros)."""
+        model = self.model
+        device, dtype = model.device, model.dtype
+        specs = model.config.modality_specs
+        encoded = EncodedItems()
+        for name in modalities:
+            spec = specs[name]
+            pooled, contexts = [], []
+            for start in self.batches(len(rows), name):
+                chunk = rows[start : start + self.batch_size]
+                media = [row[spec.column] for row in chunk]
+                kept, values = decode_media(self.processor, spec, media, self.skip_broken)
+                encoded.broken.update(start + i for i in range(len(chunk)) if i not in kept)
+                if values is None:
+                    continue
+                indices = torch.tensor([start + i for i in kept])
+                tokens = model.encode_modality(name, _to_model(values, device, dtype))
+                pooled.append((indices, model.pool_tokens(tokens).cpu()))
+                if keep_context:
+                    contexts.append((indices, model.context_from_tokens(spec.encoder, tokens).cpu()))
+            if not pooled:
+                raise BrokenMediaError(f"none of the {len(rows)} {name} files could be decoded")
+            encoded.pooled[name] = _scatter(pooled, len(rows))
             if keep_context:
-                contexts.append((indices, model.context_from_tokens(spec.encoder, tokens).cpu()))
-        if not pooled:
-            raise BrokenMediaError(f"none of the {len(rows)} {name} files could be decoded")
-        encoded.pooled[name] = _scatter(pooled, len(rows))
-        if keep_context:
-            encoded.contexts[name] = _scatter(contexts, len(rows))
-    return encoded
+                encoded.contexts[name] = _scatter(contexts, len(rows))
+        return encoded
 
 
 def _scatter(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], total: int) -> torch.Tensor:
@@ -408,23 +416,15 @@ def score_retrieval(
     if not targets:
         raise ValueError("no retrieval target left to evaluate")
     check_distinct_items(config, rows, target_modalities(config, targets), source)
-    encoded = encode_items(
-        model,
-        processor,
-        rows,
-        target_modalities(config, targets),
-        batch_size,
-        keep_context=bool(rerank_top_k),
-        progress=progress,
-        skip_broken=skip_broken,
-    )
+    encoder = RetrievalEncoder(model, processor, batch_size, progress, skip_broken)
+    encoded = encoder.items(rows, target_modalities(config, targets), keep_context=bool(rerank_top_k))
     if encoded.broken:
         logger.warning(f"left out {len(encoded.broken)} of {len(rows)} items with an undecodable file")
         kept = [index for index in range(len(rows)) if index not in encoded.broken]
         rows, encoded = [rows[index] for index in kept], encoded.without(kept)
     texts, text_to_item = flatten_captions(rows)
     scores = RetrievalScores(text_to_item)
-    encoded_texts = encode_texts(model, processor, texts, batch_size, progress)
+    encoded_texts = encoder.texts(texts)
     specs = config.modality_specs
     for target, parts in resolve_targets(config, targets).items():
         with torch.no_grad():
@@ -511,11 +511,10 @@ def write_results(results: dict[str, float], path: str | os.PathLike) -> None:
 
 
 __all__ = [
+    "RetrievalEncoder",
     "RetrievalScores",
     "batch_retrieval_embeddings",
     "check_distinct_items",
-    "encode_items",
-    "encode_texts",
     "evaluate_retrieval",
     "load_processor",
     "resolve_targets",

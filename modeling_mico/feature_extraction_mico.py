@@ -16,7 +16,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -26,9 +26,17 @@ from transformers.feature_extraction_sequence_utils import SequenceFeatureExtrac
 from transformers.feature_extraction_utils import BatchFeature
 
 from .configuration_mico import BUILTIN_MODALITIES
-from .image_processing_mico import check_file, check_finite, check_positive, first_set, map_batch, media_bytes
+from .image_processing_mico import (
+    check_file,
+    check_finite,
+    check_positive,
+    check_settings,
+    first_set,
+    map_batch,
+    media_bytes,
+)
 from .import_utils import require
-from .video_processing_mico import make_generator, sample_segments
+from .video_processing_mico import MiCoSamplingSettings, sample_segments, sampling
 
 
 SAMPLING_RATE = 16000
@@ -246,6 +254,27 @@ def spectrogram_slices(
     return fbank[: total * target_length].reshape(total, target_length, -1)[chosen]
 
 
+class MiCoAudioSettings(MiCoSamplingSettings, total=False):
+    r"""
+    Per-call settings of [`MiCoFeatureExtractor`] (and of [`MiCoProcessor`]); each overrides the saved one for the
+    call, and `training` / `seed` / `generator` drive the slice sampling ([`MiCoSamplingSettings`]).
+
+    sampling_rate (`int`):
+        Rate of array clips (required for them); files and 🤗 Datasets values carry theirs.
+    num_mel_bins (`int`):
+        Kaldi mel bins before the resize to `feature_size`.
+    num_slices (`int`):
+        Slices sampled per clip (one per segment).
+    target_length (`int`):
+        Frames (10 ms each) per slice.
+    """
+
+    sampling_rate: int
+    num_mel_bins: int
+    num_slices: int
+    target_length: int
+
+
 class MiCoFeatureExtractor(SequenceFeatureExtractor):
     r"""
     Audio feature extractor of MiCo: each clip becomes `num_slices` normalised log-mel spectrogram slices of
@@ -314,43 +343,32 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
     def __call__(
         self,
         audio: AudioLike | list[AudioLike],
-        sampling_rate: int | None = None,
+        *,
         return_tensors: str | None = "pt",
-        **settings: Any,
+        **settings: Unpack[MiCoAudioSettings],
     ) -> BatchFeature:
         """Clips (paths, arrays with `sampling_rate`, dicts, or a list of them) -> `input_features`.
 
-        An array is one clip, (samples,), (channels, samples) or (samples, channels); pass a list for a batch. `settings`
-        (`num_mel_bins`, `num_slices`, `target_length`, `training`, `seed`, `generator`) override the saved ones
-        for this call, see [`~MiCoFeatureExtractor.slices`].
+        An array is one clip, (samples,), (channels, samples) or (samples, channels); pass a list for a batch.
+        `settings` ([`MiCoAudioSettings`]: `sampling_rate`, `num_mel_bins`, `num_slices`, `target_length`,
+        `training`, `seed`, `generator`) override the saved ones for this call, see [`~MiCoFeatureExtractor.slices`].
         """
-        features = self.slices(audio, sampling_rate=sampling_rate, **settings)
-        return BatchFeature({"input_features": features}, tensor_type=return_tensors)
+        return BatchFeature({"input_features": self.slices(audio, **settings)}, tensor_type=return_tensors)
 
     def slices(
-        self,
-        audio: AudioLike | list[AudioLike],
-        *,
-        sampling_rate: int | None = None,
-        num_mel_bins: int | None = None,
-        num_slices: int | None = None,
-        target_length: int | None = None,
-        training: bool | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        what: str = "audio",
+        self, audio: AudioLike | list[AudioLike], *, what: str = "audio", **settings: Unpack[MiCoAudioSettings]
     ) -> torch.Tensor:
         """Clips -> spectrogram slices (B, num_slices, target_length, feature_size); errors name items `what[i]`.
 
         Slice sampling is deterministic at evaluation; in training it draws from `generator`, else from a
         generator seeded with `seed`, else from torch's global RNG.
         """
-        training = self.training if training is None else bool(training)
-        generator = generator if generator is not None else make_generator(seed)
-        num_mel_bins = first_set(check_positive("num_mel_bins", num_mel_bins), self.num_mel_bins)
-        num_slices = first_set(check_positive("num_slices", num_slices), self.num_slices, DEFAULT_NUM_SLICES)
-        target_length = first_set(check_positive("target_length", target_length), self.target_length)
-        check_positive("sampling_rate", sampling_rate)
+        settings = check_settings(settings, MiCoAudioSettings, "MiCoFeatureExtractor")
+        training, generator = sampling(settings, self.training)
+        sampling_rate = settings.get("sampling_rate")
+        num_mel_bins = first_set(settings.get("num_mel_bins"), self.num_mel_bins)
+        num_slices = first_set(settings.get("num_slices"), self.num_slices, DEFAULT_NUM_SLICES)
+        target_length = first_set(settings.get("target_length"), self.target_length)
         single = is_single_clip(audio)
         clips = [audio] if single else list(audio)
         if not clips:
@@ -364,4 +382,4 @@ class MiCoFeatureExtractor(SequenceFeatureExtractor):
         return torch.stack(map_batch(clips, process, what))
 
 
-__all__ = ["MiCoFeatureExtractor"]
+__all__ = ["MiCoAudioSettings", "MiCoFeatureExtractor"]

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import EvalPrediction
 
-from .annotations import is_present
+from .annotations import is_present, nested_value
 from .caption_metrics import caption_scores
 from .captioning import media_modality
 from .configuration_mico import MiCoConfig
@@ -40,16 +40,6 @@ from .trainer_mico import EvalCollatorTrainer, train_and_evaluate
 # --------------------------------------------------------------------------------------------------------------------
 # Classification data
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _field(row: dict, path: str, where: str) -> Any:
-    """`row[path]`, where a dotted path reads nested objects (`attributes.shape`)."""
-    value: Any = row
-    for key in path.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise ValueError(f"{where} has no label column {path!r} (keys: {sorted(row)})")
-        value = value[key]
-    return value
 
 
 def load_classification_rows(
@@ -104,7 +94,7 @@ def load_classification_rows(
     rows = []
     for index, record in enumerate(records):
         where = f"{path} row {index}"
-        row = {"label": _field(record, label_column, where)}
+        row = {"label": nested_value(record, label_column, where, "label column")}
         for name in modalities:
             column = specs[name].column
             if not is_present(record.get(column)):

@@ -117,6 +117,23 @@ def check_positive(name: str, value: Any) -> int | None:
     return int(value)
 
 
+# Per-call processor settings that are sizes, counts or rates: positive integers.
+POSITIVE_SETTINGS = frozenset(
+    {"sampling_rate", "num_frames", "num_mel_bins", "num_slices", "target_length", "image_size", "max_length"}
+)
+
+
+def check_settings(settings: Mapping[str, Any], accepted: type, where: str) -> dict[str, Any]:
+    """The per-call `settings` of a processor, checked against the `TypedDict` that declares them (`accepted`): a
+    name it does not declare is a `TypeError` naming it; sizes, counts and rates must be positive integers."""
+    unknown = sorted(set(settings) - set(accepted.__annotations__))
+    if unknown:
+        raise TypeError(f"{where} got unexpected arguments {unknown}; it takes {sorted(accepted.__annotations__)}")
+    return {
+        name: check_positive(name, value) if name in POSITIVE_SETTINGS else value for name, value in settings.items()
+    }
+
+
 def media_bytes(value: Mapping, what: str) -> tuple[io.BytesIO | str, str | None]:
     """A 🤗 Datasets media value stored undecoded, `{"path": ..., "bytes": ...}` -> (its bytes as a file object, or
     its path; the path for messages and extension checks). Bytes win over the path, as in `datasets`."""

@@ -6,6 +6,7 @@ exposes the projection API; the head classes compose it (`self.mico`) with the l
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_mico import SUBTITLE, MiCoConfig, MiCoVisionConfig, ModalitySpec
+from .configuration_mico import BUILTIN_MODALITIES, SUBTITLE, MiCoConfig, MiCoVisionConfig, ModalitySpec
 from .distributed import all_gather_no_grad, all_gather_with_grad, present_everywhere
 from .generation_mico import MiCoGenerationMixin, default_generation_config
 from .modeling_mico_text import (
@@ -45,16 +46,55 @@ logger = logging.get_logger(__name__)
 
 # Keyword arguments that reach the towers (output_attentions, output_hidden_states, attention-kernel arguments).
 TOWER_KWARGS = frozenset(TransformersKwargs.__annotations__)
+# Model inputs of the built-in modalities: recognised (and refused by name) even where a configuration lacks them.
+BUILTIN_INPUT_NAMES = frozenset(spec.input_name for spec in BUILTIN_MODALITIES.values())
 
 
-def explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values) -> dict[str, torch.Tensor | None]:
-    """The modality inputs that forward methods name explicitly (the release's); extras come as `<name>_values`."""
-    return {
-        "pixel_values": pixel_values,
-        "pixel_values_videos": pixel_values_videos,
-        "input_features": input_features,
-        "depth_values": depth_values,
-    }
+class MiCoModalityKwargs(TransformersKwargs, total=False):
+    r"""
+    The modality inputs, as keyword arguments of every MiCo model (`forward`, `generate`, the feature methods): the
+    model inputs of the built-in registry modalities below, and `<name>_values` of configured extra modalities
+    (`normal_values`, `thermal_values`, ...) likewise; an input the configuration does not have is refused by name.
+    Transformers' keyword arguments (`output_attentions`, `output_hidden_states`) reach the towers where a method
+    returns their outputs.
+
+    pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+        Images (or `(batch_size, frames, 3, height, width)`), as [`MiCoImageProcessor`] prepares them.
+    pixel_values_videos (`torch.FloatTensor` of shape `(batch_size, frames, 3, height, width)`):
+        Video frames, as [`MiCoVideoProcessor`] prepares them.
+    input_features (`torch.FloatTensor` of shape `(batch_size, slices, height, width)`):
+        Audio: fbank spectrogram slices, as [`MiCoFeatureExtractor`] prepares them.
+    depth_values (`torch.FloatTensor` of shape `(batch_size, frames, 3, height, width)`):
+        Depth maps, as [`MiCoProcessor`] prepares them.
+    normal_values (`torch.FloatTensor` of shape `(batch_size, frames, 3, height, width)`):
+        Surface-normal maps (a built-in modality that configurations enable with a `normal` knowledge modality).
+    """
+
+    pixel_values: torch.FloatTensor
+    pixel_values_videos: torch.FloatTensor
+    input_features: torch.FloatTensor
+    depth_values: torch.FloatTensor
+    normal_values: torch.FloatTensor
+
+
+class MiCoContextKwargs(MiCoModalityKwargs, total=False):
+    r"""
+    [`MiCoModalityKwargs`] plus the subtitle, the text modality that only enters the multimodal context and the fused
+    heads (letter `s` in task names).
+
+    subtitle_input_ids (`torch.LongTensor` of shape `(batch_size, subtitle_length)`):
+        Tokenized subtitles.
+    subtitle_attention_mask (`torch.Tensor` of shape `(batch_size, subtitle_length)`):
+        Their padding mask.
+    """
+
+    subtitle_input_ids: torch.LongTensor
+    subtitle_attention_mask: torch.Tensor
+
+
+def pop_subtitle(kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`subtitle_input_ids` and `subtitle_attention_mask` taken out of `kwargs` (`None` when not given)."""
+    return kwargs.pop("subtitle_input_ids", None), kwargs.pop("subtitle_attention_mask", None)
 
 
 def check_batch_sizes(inputs: Mapping[str, torch.Tensor | None]) -> None:
@@ -117,6 +157,7 @@ class MiCoVisionAttention(nn.Module):
         # calling the `qkv` module (not its weight) keeps adapters such as LoRA on it in the computation
         qkv = self.qkv(hidden_states) + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         query, key, value = qkv.view(batch_size, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # the dispatch stands in this module: Transformers reads it here to allow `set_attn_implementation`
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -525,19 +566,18 @@ class MiCoModel(MiCoPreTrainedModel):
 
     # ---- registry inputs ------------------------------------------------------------------------------------------
 
-    def modality_inputs(
-        self, named: Mapping[str, torch.Tensor | None], kwargs: dict, strict: bool = True
-    ) -> dict[str, tuple[ModalitySpec, torch.Tensor]]:
-        """The modality inputs given, by registry name and in context order: the `named` ones plus `<name>_values` of
-        configured extras popped out of `kwargs`. An input this configuration does not take is refused by name, as
-        are two inputs of one encoder (images and videos); with `strict`, any keyword argument left that is not a
-        Transformers keyword argument (`output_attentions`, ...) is a `TypeError`."""
+    def modality_inputs(self, kwargs: dict, strict: bool = True) -> dict[str, tuple[ModalitySpec, torch.Tensor]]:
+        """The modality inputs given ([`MiCoModalityKwargs`]), by registry name and in context order, popped out of
+        `kwargs`. An input this configuration does not take is refused by name, as are two inputs of one encoder
+        (images and videos); with `strict`, any keyword argument left that is not a Transformers keyword argument
+        (`output_attentions`, ...) is a `TypeError`."""
         specs = self.config.modality_specs
         input_names = {spec.input_name for spec in specs.values()}
-        given = dict(named)
-        for key in list(kwargs):
-            if key in input_names or key.endswith("_values"):
-                given[key] = kwargs.pop(key)
+        given = {
+            key: kwargs.pop(key)
+            for key in list(kwargs)
+            if key in input_names or key in BUILTIN_INPUT_NAMES or key.endswith("_values")
+        }
         if strict:
             unexpected = sorted(key for key in kwargs if key not in TOWER_KWARGS)
             if unexpected:
@@ -758,27 +798,23 @@ class MiCoModel(MiCoPreTrainedModel):
         return self.get_modality_features("depth", depth_values, **kwargs)
 
     @can_return_tuple
-    def get_fused_features(
-        self,
-        subtitle_input_ids: torch.Tensor | None = None,
-        subtitle_attention_mask: torch.Tensor | None = None,
-        **inputs: torch.Tensor,
-    ) -> BaseModelOutputWithPooling:
+    def get_fused_features(self, **inputs: Unpack[MiCoContextKwargs]) -> BaseModelOutputWithPooling:
         r"""
         Fused-head features of exactly the inputs given: video+audio -> `va`, image+depth -> `id`, video+subtitle ->
         `vs`, video+audio+subtitle -> `vas` (heads come from `config.fused_heads`).
 
         Args:
-            subtitle_input_ids, subtitle_attention_mask (`torch.Tensor`, *optional*): the subtitle.
-            inputs: registry inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `<name>_values`, ...).
+            inputs ([`MiCoContextKwargs`]): modality inputs (`pixel_values`, `pixel_values_videos`, `input_features`,
+                `<name>_values`, ...) and the subtitle (`subtitle_input_ids`, `subtitle_attention_mask`).
 
         Returns:
             [`BaseModelOutputWithPooling`]: `pooler_output` is the fused projection `(batch_size, projection_dim)`
             (before L2 normalisation); there is no single tower's `last_hidden_state`.
         """
+        subtitle_input_ids, subtitle_attention_mask = pop_subtitle(inputs)
         pooled = {
             spec.encoder: self.pool_tokens(self._encode(spec, values).last_hidden_state)
-            for spec, values in self.modality_inputs({}, inputs).values()
+            for spec, values in self.modality_inputs(inputs).values()
         }
         if subtitle_input_ids is not None:
             pooled[SUBTITLE] = self.encode_text(subtitle_input_ids, subtitle_attention_mask)[:, 0]
@@ -790,20 +826,18 @@ class MiCoModel(MiCoPreTrainedModel):
         """Subtitle context: the bridge over all token positions (padding included) plus the type embedding."""
         return self.context_from_tokens(SUBTITLE, self.encode_text(input_ids, attention_mask))
 
-    def get_multimodal_context(
-        self,
-        subtitle_input_ids: torch.Tensor | None = None,
-        subtitle_attention_mask: torch.Tensor | None = None,
-        **inputs: torch.Tensor,
-    ) -> torch.Tensor:
-        """The concatenated context `(batch, length, D)` of the inputs given, in context order (vision, audio, depth,
-        other configured modalities, subtitle). It is never masked."""
+    def get_multimodal_context(self, **inputs: Unpack[MiCoContextKwargs]) -> torch.Tensor:
+        """The concatenated context `(batch, length, D)` of the inputs given ([`MiCoContextKwargs`]), in context order
+        (vision, audio, depth, other configured modalities, subtitle). It is never masked."""
+        subtitle_input_ids, subtitle_attention_mask = pop_subtitle(inputs)
+        given = self.modality_inputs(inputs)
         parts = [
             self.context_from_tokens(spec.encoder, self._encode(spec, values).last_hidden_state)
-            for spec, values in self.modality_inputs({}, inputs).values()
+            for spec, values in given.values()
         ]
         if subtitle_input_ids is not None:
-            check_batch_sizes({**inputs, "subtitle_input_ids": subtitle_input_ids})
+            media = {spec.input_name: values for spec, values in given.values()}
+            check_batch_sizes({**media, "subtitle_input_ids": subtitle_input_ids})
             parts.append(self.subtitle_context(subtitle_input_ids, subtitle_attention_mask))
         if not parts:
             names = [spec.input_name for spec in self.config.modality_specs.values()]
@@ -815,9 +849,10 @@ class MiCoModel(MiCoPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
-        **context_inputs: torch.Tensor,
+        **context_inputs: Unpack[MiCoContextKwargs],
     ) -> torch.Tensor:
-        """Matched/unmatched logits `(batch, 2)` of each caption with its context (given or built from inputs)."""
+        """Matched/unmatched logits `(batch, 2)` of each caption with its context (given, or built from the inputs as
+        [`~MiCoModel.get_multimodal_context`] does)."""
         if context is None:
             context = self.get_multimodal_context(**context_inputs)
         elif context_inputs:
@@ -830,14 +865,11 @@ class MiCoModel(MiCoPreTrainedModel):
         return self.itm_head(hidden_states[:, 0])
 
     def get_matching_scores(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        context: torch.Tensor | None = None,
-        **context_inputs: torch.Tensor,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
-        """Probability `(batch,)` that each caption matches its context: `softmax(itm_head(first token))[:, 1]`."""
-        return self.get_matching_logits(input_ids, attention_mask, context, **context_inputs).softmax(dim=-1)[:, 1]
+        """Probability `(batch,)` that each caption matches its context: `softmax(itm_head(first token))[:, 1]`;
+        `kwargs` (`context` or the modality inputs) as for [`~MiCoModel.get_matching_logits`]."""
+        return self.get_matching_logits(input_ids, attention_mask, **kwargs).softmax(dim=-1)[:, 1]
 
     # ---- forward ----------------------------------------------------------------------------------------------------
 
@@ -846,12 +878,8 @@ class MiCoModel(MiCoPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        input_features: torch.Tensor | None = None,
-        depth_values: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[MiCoModalityKwargs],
     ) -> MiCoOutput:
         r"""
         Contrastive embeddings of the text and of every modality input given, and `logits_per_text_<name>`
@@ -860,14 +888,11 @@ class MiCoModel(MiCoPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): captions.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): their padding.
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, H, W)`, *optional*): images.
-            pixel_values_videos (`torch.FloatTensor` of shape `(batch_size, frames, 3, H, W)`, *optional*): videos.
-            input_features (`torch.FloatTensor` of shape `(batch_size, slices, H, W)`, *optional*): audio.
-            depth_values (`torch.FloatTensor` of shape `(batch_size, frames, 3, H, W)`, *optional*): depth maps.
             token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): segment ids, as
                 BERT tokenizers return them by default (Transformers' text pipelines pass them); MiCo uses segment 0.
-            kwargs: `<name>_values` of configured extra modalities (`normal_values`, `thermal_values`, ...), and
-                Transformers keyword arguments for the towers (`output_attentions`, `output_hidden_states`).
+            kwargs ([`MiCoModalityKwargs`]): the modality inputs (`pixel_values`, `pixel_values_videos`,
+                `input_features`, `depth_values`, `<name>_values` of configured extras) and Transformers keyword
+                arguments for the towers (`output_attentions`, `output_hidden_states`).
 
         Returns:
             [`MiCoOutput`]
@@ -877,16 +902,14 @@ class MiCoModel(MiCoPreTrainedModel):
         ```python
         >>> import torch
         >>> from modeling_mico import MiCoConfig, MiCoModel
-        >>> config = MiCoConfig.from_preset("tiny")
-        >>> model = MiCoModel(config).eval()
+        >>> model = MiCoModel(MiCoConfig.from_preset("tiny")).eval()
         >>> out = model(input_ids=torch.randint(0, 1000, (2, 8)), pixel_values_videos=torch.randn(2, 4, 3, 64, 64))
         >>> out.logits_per_text_video.shape
         torch.Size([2, 2])
 
         ```
         """
-        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
-        inputs = self.modality_inputs(named, kwargs)
+        inputs = self.modality_inputs(kwargs)
         output = MiCoOutput()
         text_embeds = None
         if input_ids is not None:
@@ -1058,14 +1081,8 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        input_features: torch.Tensor | None = None,
-        depth_values: torch.Tensor | None = None,
-        subtitle_input_ids: torch.LongTensor | None = None,
-        subtitle_attention_mask: torch.Tensor | None = None,
         return_loss: bool = True,
-        **kwargs,
+        **kwargs: Unpack[MiCoContextKwargs],
     ) -> MiCoForPreTrainingOutput:
         r"""
         Args:
@@ -1073,12 +1090,12 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
                 The captions (`[CLS] ... [SEP]`, padded).
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Their padding mask.
-            pixel_values, pixel_values_videos, input_features, depth_values (`torch.FloatTensor`, *optional*):
-                Modality inputs as for [`MiCoModel`]; `<name>_values` of configured extras go in `kwargs`.
-            subtitle_input_ids, subtitle_attention_mask (`torch.Tensor`, *optional*):
-                Subtitles (the `s` modality).
             return_loss (`bool`, *optional*, defaults to `True`):
                 With `False` only the contrastive similarities are computed (no losses, no random draws).
+            kwargs ([`MiCoContextKwargs`]):
+                The modality inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `depth_values`,
+                `<name>_values` of configured extras) and the subtitle (`subtitle_input_ids`,
+                `subtitle_attention_mask`, the `s` modality).
 
         Returns:
             [`MiCoForPreTrainingOutput`]
@@ -1100,8 +1117,8 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         mico = self.mico
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
-        inputs = mico.modality_inputs(named, kwargs)
+        subtitle_input_ids, subtitle_attention_mask = pop_subtitle(kwargs)
+        inputs = mico.modality_inputs(kwargs)
         batch = {spec.input_name: values for spec, values in inputs.values()}
         check_batch_sizes({"input_ids": input_ids, **batch, "subtitle_input_ids": subtitle_input_ids})
         kinds = ("contrastive",) if not return_loss else ("contrastive", "matching", "caption")
@@ -1294,18 +1311,12 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        input_features: torch.Tensor | None = None,
-        depth_values: torch.Tensor | None = None,
-        subtitle_input_ids: torch.LongTensor | None = None,
-        subtitle_attention_mask: torch.Tensor | None = None,
         prefix_length: int = 0,
         labels: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[MiCoContextKwargs],
     ) -> CausalLMOutputWithCrossAttentions:
         r"""
         Language-model logits of every text position under the caption mask (causal, a bidirectional `prefix_length`)
@@ -1320,9 +1331,7 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             context (`torch.Tensor` of shape `(items, context_length, hidden_size)`, *optional*):
                 A multimodal context from [`~MiCoModel.get_multimodal_context`] (`items` = `batch_size`, or a divisor
                 of it: one context for `batch_size // items` consecutive rows, as `generate` passes it to beams and
-                returned sequences); otherwise it is built from the
-                modality inputs (`pixel_values`, `pixel_values_videos`, `input_features`, `depth_values`,
-                `<name>_values` of configured extras, `subtitle_input_ids`).
+                returned sequences); otherwise it is built from the modality inputs in `kwargs`.
             prefix_length (`int`, *optional*, defaults to 0):
                 Number of leading positions read bidirectionally (a question), as in the original question answering.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -1336,12 +1345,15 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute logits for the last `logits_to_keep` positions only (0 = all), or for the given indices
                 (see `slice_logits_to_keep`).
+            kwargs ([`MiCoContextKwargs`]):
+                The modality inputs whose context the text reads (`pixel_values`, `pixel_values_videos`,
+                `input_features`, `depth_values`, `<name>_values` of configured extras, `subtitle_input_ids`,
+                `subtitle_attention_mask`) when no `context` is given, and Transformers keyword arguments.
 
         Returns:
             [`CausalLMOutputWithCrossAttentions`]
         """
-        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
-        context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, named, kwargs)
+        context = self._resolve_context(context, kwargs)
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(config=self.config.text_config), DynamicCache())
         elif isinstance(cache, DynamicCache):
@@ -1368,20 +1380,16 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             cross_attentions=outputs.cross_attentions,
         )
 
-    def _resolve_context(
-        self,
-        context: torch.Tensor | None,
-        subtitle_input_ids: torch.Tensor | None,
-        subtitle_attention_mask: torch.Tensor | None,
-        named: dict[str, torch.Tensor | None],
-        kwargs: dict,
-    ) -> torch.Tensor:
-        """The given context, or the one built from the modality inputs (exactly one of the two); configured extras
-        (`<name>_values`) are popped out of `kwargs`."""
-        inputs = self.mico.modality_inputs(named, kwargs, strict=False)
+    def _resolve_context(self, context: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+        """The given context, or the one built from the modality inputs (exactly one of the two), which are popped
+        out of `kwargs` ([`MiCoContextKwargs`])."""
+        subtitle_input_ids, subtitle_attention_mask = pop_subtitle(kwargs)
+        inputs = self.mico.modality_inputs(kwargs, strict=False)
         if context is None:
             by_input = {spec.input_name: values for spec, values in inputs.values()}
-            return self.mico.get_multimodal_context(subtitle_input_ids, subtitle_attention_mask, **by_input)
+            return self.mico.get_multimodal_context(
+                subtitle_input_ids=subtitle_input_ids, subtitle_attention_mask=subtitle_attention_mask, **by_input
+            )
         if inputs or subtitle_input_ids is not None:
             given = [spec.input_name for spec, _ in inputs.values()] or ["subtitle_input_ids"]
             raise ValueError(f"give either `context` or modality inputs, not both (got {given})")
@@ -1393,12 +1401,6 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        input_features: torch.Tensor | None = None,
-        depth_values: torch.Tensor | None = None,
-        subtitle_input_ids: torch.LongTensor | None = None,
-        subtitle_attention_mask: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor | ModelOutput:
         r"""
@@ -1413,7 +1415,9 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             context (`torch.Tensor`, *optional*):
                 A precomputed multimodal context instead of the modality inputs.
             generate_kwargs:
-                `<name>_values` of configured extra modalities, and anything [`~GenerationMixin.generate`] takes
+                The modality inputs ([`MiCoContextKwargs`]: `pixel_values`, `pixel_values_videos`, `input_features`,
+                `depth_values`, `<name>_values` of configured extras, `subtitle_input_ids`, `subtitle_attention_mask`),
+                and anything [`~GenerationMixin.generate`] takes
                 (`num_beams`, `do_sample`, `max_new_tokens`, `num_return_sequences`, `streamer`,
                 `stopping_criteria`, ...), plus `length_penalty_includes_prompt` (default `True`, the release's beam
                 scoring). Defaults come from `model.generation_config`.
@@ -1422,8 +1426,7 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             `torch.LongTensor`: the ids of the prefix, `[CLS]` and the generated tokens (`[PAD]` after `[SEP]`), or a
             [`~generation.GenerateOutput`] with `return_dict_in_generate=True`.
         """
-        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
-        context = self._resolve_context(context, subtitle_input_ids, subtitle_attention_mask, named, generate_kwargs)
+        context = self._resolve_context(context, generate_kwargs)
         batch_size = context.shape[0]
         generation_config = generate_kwargs.get("generation_config") or self.generation_config
         bos_token_id = generate_kwargs.get("bos_token_id", generation_config.bos_token_id)
@@ -1637,19 +1640,15 @@ class MiCoClassificationHeadBase(MiCoPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        input_features: torch.Tensor | None = None,
-        depth_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs,
+        self, labels: torch.Tensor | None = None, **kwargs: Unpack[MiCoModalityKwargs]
     ) -> SequenceClassifierOutput:
         r"""
         Args:
-            pixel_values, pixel_values_videos, input_features, depth_values (`torch.FloatTensor`, *optional*):
-                The inputs of the modalities in `classifier_modalities` (as for [`MiCoModel`]; `<name>_values` of
-                configured extras go in `kwargs`). Exactly those must be given.
+            kwargs ([`MiCoModalityKwargs`]):
+                The inputs of the modalities in `classifier_modalities` (`pixel_values`, `pixel_values_videos`,
+                `input_features`, `depth_values`, `<name>_values` of configured extras); exactly those must be given.
+                With `Trainer` on a dataset of prepared inputs, set `remove_unused_columns=False`: they are keyword
+                arguments, not named parameters, so Trainer would drop their columns.
             labels (`torch.Tensor`, *optional*):
                 `(batch_size,)` class indices or `(batch_size, num_labels)` class probabilities (single-label; soft
                 targets of mixup / cutmix), `(batch_size, num_labels)` multi-hot floats (multi-label) or
@@ -1658,13 +1657,13 @@ class MiCoClassificationHeadBase(MiCoPreTrainedModel):
         Returns:
             [`SequenceClassifierOutput`]: `logits` `(batch_size, num_labels)`, `loss` when `labels` are given.
         """
-        named = explicit_inputs(pixel_values, pixel_values_videos, input_features, depth_values)
-        given = {name: values for name, (_, values) in self.mico.modality_inputs(named, kwargs).items()}
+        given = {name: values for name, (_, values) in self.mico.modality_inputs(kwargs).items()}
         if set(given) != set(self.classifier_modalities):
             specs = self.config.modality_specs
             expected = [specs[name].input_name for name in self.classifier_modalities]
             got = [specs[name].input_name for name in given]
-            raise ValueError(f"{type(self).__name__} takes {expected} (classifier_modalities), got {got}")
+            hint = " (with Trainer, keep the input columns: remove_unused_columns=False)" if not got else ""
+            raise ValueError(f"{type(self).__name__} takes {expected} (classifier_modalities), got {got}{hint}")
         features, hidden_states, attentions = self.pooled_features(given, **kwargs)
         logits = self.classifier(self.dropout(self.fc_norm(features)))
         loss = None
@@ -1735,6 +1734,7 @@ class MiCoForDepthClassification(MiCoClassificationHeadBase):
 
 __all__ = [
     "MiCoClassificationHeadBase",
+    "MiCoContextKwargs",
     "MiCoForAudioClassification",
     "MiCoForConditionalGeneration",
     "MiCoForDepthClassification",
@@ -1743,6 +1743,7 @@ __all__ = [
     "MiCoForPreTrainingOutput",
     "MiCoForZeroShotClassification",
     "MiCoForVideoClassification",
+    "MiCoModalityKwargs",
     "MiCoModel",
     "MiCoOutput",
     "MiCoPreTrainedModel",

@@ -23,9 +23,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from .configuration_mico import BUILTIN_MODALITIES, ModalitySpec, resolve_modalities
-from .feature_extraction_mico import MiCoFeatureExtractor, is_single_clip
-from .image_processing_mico import MiCoImageProcessor, check_positive, first_set, is_single_image
-from .video_processing_mico import MiCoVideoProcessor, is_single_video, make_generator
+from .feature_extraction_mico import MiCoAudioSettings, MiCoFeatureExtractor, is_single_clip
+from .image_processing_mico import MiCoImageProcessor, check_positive, check_settings, first_set, is_single_image
+from .video_processing_mico import MiCoVideoProcessor, MiCoVideoSettings, is_single_video, sampling
 
 
 if TYPE_CHECKING:
@@ -130,6 +130,14 @@ def empty_prompt(text: str | list[str]) -> dict[str, torch.Tensor]:
     `image-text-to-text` pipeline always passes a text; `text=""` asks for the plain caption."""
     ids = torch.zeros((1 if isinstance(text, str) else len(text), 0), dtype=torch.long)
     return {"input_ids": ids, "attention_mask": ids.clone()}
+
+
+class MiCoProcessorSettings(MiCoVideoSettings, MiCoAudioSettings, total=False):
+    r"""
+    Per-call settings of [`MiCoProcessor`]: those of its video processor ([`MiCoVideoSettings`]) and of its feature
+    extractor ([`MiCoAudioSettings`]). `image_size` applies to images and maps too; `num_frames` / `num_slices`
+    default to the processor's, then to each modality's `num_frames`; `seed` defaults to the processor's.
+    """
 
 
 class MiCoProcessor(ProcessorMixin):
@@ -303,22 +311,21 @@ class MiCoProcessor(ProcessorMixin):
         depth: Any = None,
         normals: Any = None,
         *,
-        sampling_rate: int | None = None,
-        num_frames: int | None = None,
-        num_mel_bins: int | None = None,
-        num_slices: int | None = None,
-        target_length: int | None = None,
-        image_size: int | None = None,
-        training: bool | None = None,
-        seed: int | None = None,
         max_length: int | None = None,
         padding: bool | str = "max_length",
         truncation: bool = True,
         return_tensors: str | None = "pt",
-        **modality_inputs: Any,
+        **kwargs: Any,
     ) -> BatchFeature:
-        """Preprocess text and every given modality; `modality_inputs` are the arguments of declared modalities
-        (`thermal=...`). Per-call settings override the saved ones for this call only."""
+        """Preprocess text and every given modality. `kwargs` are per-call settings ([`MiCoProcessorSettings`]:
+        `num_frames`, `image_size`, `sampling_rate`, `num_mel_bins`, `num_slices`, `target_length`, `training`,
+        `seed`, `generator`), which override the saved ones for this call only, and the arguments of declared
+        modalities (`thermal=...`)."""
+        names = MiCoProcessorSettings.__annotations__
+        settings = check_settings(
+            {key: kwargs.pop(key) for key in list(kwargs) if key in names}, MiCoProcessorSettings, "MiCoProcessor"
+        )
+        modality_inputs = kwargs
         specs = {spec.processor_argument: spec for spec in self.modality_specs.values()}
         named = {"images": images, "videos": videos, "audio": audio, "depth": depth, "normals": normals}
         unknown = [key for key in modality_inputs if key not in specs]
@@ -333,12 +340,8 @@ class MiCoProcessor(ProcessorMixin):
         if text is None and not media:
             raise ValueError(f"give at least one of {', '.join(['text', *specs])}")
         check_batch_sizes({"text": text, **media}, {argument: spec.layout for argument, spec in specs.items()})
-        settings = {"sampling_rate": sampling_rate, "num_frames": num_frames, "num_mel_bins": num_mel_bins}
-        settings.update(num_slices=num_slices, target_length=target_length, image_size=image_size)
-        for name, value in settings.items():  # refused even when no input of this call uses them
-            check_positive(name, value)
-        training = self.training if training is None else bool(training)
-        generator = make_generator(first_set(seed, self.seed))
+        training, generator = sampling(settings, self.training, self.seed)
+        image_size = settings.get("image_size")
         data: dict[str, Any] = {}
         if text is not None and media and is_empty_prompt(text):
             data.update(empty_prompt(text))
@@ -354,20 +357,14 @@ class MiCoProcessor(ProcessorMixin):
             elif spec.layout == "depth":
                 data[spec.input_name] = self.image_processor.depth_pixels(value, image_size, what=argument)[:, None]
             elif spec.layout == "video":
-                frames = first_set(num_frames, self.num_frames, spec.num_frames)
+                frames = first_set(settings.get("num_frames"), self.num_frames, spec.num_frames)
                 sampler = MiCoVideoProcessor(frames, training, self.image_processor)
                 data[spec.input_name] = sampler.sample(value, frames, training, generator, image_size, argument)[0]
             else:  # "spectrogram"
-                data[spec.input_name] = self.feature_extractor.slices(
-                    value,
-                    sampling_rate=sampling_rate,
-                    num_mel_bins=num_mel_bins,
-                    num_slices=first_set(num_slices, self.feature_extractor.num_slices, spec.num_frames),
-                    target_length=target_length,
-                    training=training,
-                    generator=generator,
-                    what=argument,
-                )
+                audio_settings = {key: settings[key] for key in MiCoAudioSettings.__annotations__ if key in settings}
+                num_slices = first_set(settings.get("num_slices"), self.feature_extractor.num_slices, spec.num_frames)
+                audio_settings.update(num_slices=num_slices, training=training, generator=generator)
+                data[spec.input_name] = self.feature_extractor.slices(value, what=argument, **audio_settings)
         return BatchFeature(data, tensor_type=return_tensors)
 
     def _tokenize(self, text: str | list[str], max_length: int, padding: bool | str, truncation: bool) -> dict:
@@ -427,4 +424,4 @@ def register_processing_auto_classes() -> None:
     MiCoFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
 
 
-__all__ = ["MiCoProcessor", "register_processing_auto_classes"]
+__all__ = ["MiCoProcessor", "MiCoProcessorSettings", "register_processing_auto_classes"]

@@ -17,7 +17,7 @@ import io
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from .image_processing_mico import (
     MiCoImageProcessor,
     check_file,
     check_positive,
+    check_settings,
+    first_set,
     load_image,
     map_batch,
     media_bytes,
@@ -68,6 +70,50 @@ def sample_segments(
 def make_generator(seed: int | None) -> torch.Generator | None:
     """A fresh generator seeded with `seed`, or `None` (torch's global RNG, distinct per DataLoader worker)."""
     return None if seed is None else torch.Generator().manual_seed(int(seed))
+
+
+class MiCoSamplingSettings(TypedDict, total=False):
+    r"""
+    Per-call settings of the random draws of the video and audio processors (frames, spectrogram slices).
+
+    training (`bool`):
+        A random frame (slice) within each segment instead of the middle one; defaults to the processor's setting.
+    seed (`int`):
+        Seed of a fresh generator for this call's draws.
+    generator (`torch.Generator`):
+        The generator of this call's draws; without it and `seed`, torch's global RNG.
+    """
+
+    training: bool
+    seed: int | None
+    generator: torch.Generator | None
+
+
+class MiCoVideoSettings(MiCoSamplingSettings, total=False):
+    r"""
+    Per-call settings of [`MiCoVideoProcessor`] (and of [`MiCoProcessor`]); each overrides the saved one for the call.
+
+    num_frames (`int`):
+        Frames sampled per video (one per segment).
+    image_size (`int`):
+        Side of the square frames.
+    """
+
+    num_frames: int
+    image_size: int
+
+
+def sampling(
+    settings: Mapping[str, Any], training: bool, seed: int | None = None
+) -> tuple[bool, torch.Generator | None]:
+    """`(training, generator)` of a call ([`MiCoSamplingSettings`]): the per-call `training` over the saved one, and
+    the given `generator`, else one seeded with the per-call or saved `seed`, else `None` (torch's global RNG)."""
+    if settings.get("training") is not None:
+        training = bool(settings["training"])
+    generator = settings.get("generator")
+    if generator is None:
+        generator = make_generator(settings["seed"] if settings.get("seed") is not None else seed)
+    return training, generator
 
 
 def read_video_file(
@@ -261,28 +307,26 @@ class MiCoVideoProcessor:
     def __call__(
         self,
         videos: VideoLike | list[VideoLike],
-        num_frames: int | None = None,
-        training: bool | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        image_size: int | None = None,
+        *,
         return_frame_indices: bool = False,
         do_sample_frames: bool = True,
         return_tensors: str | None = None,
+        **settings: Unpack[MiCoVideoSettings],
     ) -> dict[str, torch.Tensor]:
         """Videos -> `{"pixel_values_videos": (B, T, 3, S, S)}` (+ `"frame_indices"` (B, T) when asked).
 
-        Sampling is deterministic at evaluation; in training it draws from `generator`, else from a generator
-        seeded with `seed`, else from torch's global RNG. `do_sample_frames` and `return_tensors` are the arguments
-        Transformers' `video-classification` pipeline passes: frames are always sampled (`False` is refused), and
-        with `return_tensors` the result is a `BatchFeature`.
+        `settings` ([`MiCoVideoSettings`]: `num_frames`, `image_size`, `training`, `seed`, `generator`) override the
+        saved ones for this call. Sampling is deterministic at evaluation; in training it draws from `generator`, else
+        from a generator seeded with `seed`, else from torch's global RNG. `do_sample_frames` and `return_tensors` are
+        the arguments Transformers' `video-classification` pipeline passes: frames are always sampled (`False` is
+        refused), and with `return_tensors` the result is a `BatchFeature`.
         """
         if not do_sample_frames:
             raise ValueError("MiCoVideoProcessor always samples num_frames frames per video; do_sample_frames=False")
-        num_frames = self.num_frames if num_frames is None else check_positive("num_frames", num_frames)
-        training = self.training if training is None else bool(training)
-        generator = generator if generator is not None else make_generator(seed)
-        pixels, indices = self.sample(videos, num_frames, training, generator, image_size)
+        settings = check_settings(settings, MiCoVideoSettings, "MiCoVideoProcessor")
+        num_frames = first_set(settings.get("num_frames"), self.num_frames)
+        training, generator = sampling(settings, self.training)
+        pixels, indices = self.sample(videos, num_frames, training, generator, settings.get("image_size"))
         output = {"pixel_values_videos": pixels}
         if return_frame_indices:
             output["frame_indices"] = indices
@@ -312,4 +356,4 @@ class MiCoVideoProcessor:
         return torch.stack([pixels for pixels, _ in decoded]), torch.tensor([i for _, i in decoded], dtype=torch.long)
 
 
-__all__ = ["MiCoVideoProcessor", "sample_segments", "split_segments"]
+__all__ = ["MiCoSamplingSettings", "MiCoVideoProcessor", "MiCoVideoSettings", "sample_segments", "split_segments"]

@@ -20,20 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .annotations import _read_json_or_lines
+from .annotations import _read_json_or_lines, nested_value
 from .captioning import collect_media_files
 from .pipelines_mico import default_template
 from .search import embed_items, embed_texts, media_items
-
-
-def nested_value(row: Mapping[str, Any], column: str, where: str) -> Any:
-    """`row[column]`, where `a.b` reads `row["a"]["b"]`; a missing key is an error naming `where`."""
-    value: Any = row
-    for key in column.split("."):
-        if not isinstance(value, Mapping) or key not in value:
-            raise KeyError(f"{where}: no column {column!r}")
-        value = value[key]
-    return value
 
 
 def load_labelled_items(

@@ -106,6 +106,10 @@ def test_wrong_inputs_and_modalities_are_refused_by_name():
         ValueError, match=r"MiCoForImageClassification takes \['pixel_values'\].*got \['input_features'\]"
     ):
         model(input_features=torch.randn(1, 3, 64, 64))
+    with pytest.raises(
+        ValueError, match=r"got \[\] \(with Trainer, keep the input columns: remove_unused_columns=False\)"
+    ):
+        model(labels=torch.tensor([0]))
     with pytest.raises(ValueError, match="classifies 'audio': classifier_modalities must include it"):
         MiCoForAudioClassification(tiny(classifier_modalities=["video"]))
     with pytest.raises(ValueError, match=r"one modality per encoder"):

@@ -26,7 +26,7 @@ class RecordingProcessor:
         self.inputs = {spec.processor_argument: spec.input_name for spec in config.modality_specs.values()}
         self.calls: list[tuple[str, list[str]]] = []
 
-    def __call__(self, text=None, return_tensors=None, training=None, **media):
+    def __call__(self, text=None, return_tensors=None, training=None, seed=None, **media):
         if text is not None:
             return {
                 "input_ids": torch.ones(len(text), 5, dtype=torch.long),

@@ -10,6 +10,7 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, AutoModel
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
+from transformers.utils.generic import TransformersKwargs
 
 from modeling_mico import (
     MiCoConfig,
@@ -19,6 +20,8 @@ from modeling_mico import (
     MiCoTextModel,
     MiCoVisionModel,
 )
+from modeling_mico.configuration_mico import BUILTIN_MODALITIES
+from modeling_mico.modeling_mico import MiCoContextKwargs, MiCoModalityKwargs
 
 
 def make_inputs(seed: int = 0, batch: int = 2, padded: bool = True) -> dict[str, torch.Tensor]:
@@ -102,7 +105,9 @@ def test_flex_attention_agrees_with_eager_in_inference():
 
     torch.manual_seed(0)
     config = MiCoTextConfig(
-        **tiny_config_kwargs(width=32, layers=1, heads=2, text=dict(intermediate_size=32, vocab_size=200))["text_config"]
+        **tiny_config_kwargs(width=32, layers=1, heads=2, text=dict(intermediate_size=32, vocab_size=200))[
+            "text_config"
+        ]
     )
     text_model = MiCoTextModel(config).eval()
     ids = torch.randint(200, (2, 5))
@@ -198,6 +203,22 @@ def test_extra_builtin_modality_normal():
     assert out["logits_per_text_normal"].shape == (2, 2)
     context = model.get_multimodal_context(pixel_values=torch.randn(2, 3, 56, 56), normal_values=normals)
     assert context.shape == (2, 2 * 17, 64)
+
+
+def test_modality_kwargs_declare_the_registry_inputs_and_unknown_ones_are_refused(model):
+    declared = set(MiCoModalityKwargs.__annotations__) - set(TransformersKwargs.__annotations__)
+    assert declared == {spec.input_name for spec in BUILTIN_MODALITIES.values()}
+    assert set(MiCoContextKwargs.__annotations__) - set(MiCoModalityKwargs.__annotations__) == {
+        "subtitle_input_ids",
+        "subtitle_attention_mask",
+    }
+    vision_only = MiCoModel(MiCoConfig(**tiny_config_kwargs(knowledge_modalities={"vision": 2}))).eval()
+    with pytest.raises(ValueError, match="unknown input 'input_features'; this model takes pixel_values"):
+        vision_only(input_ids=torch.ones(1, 4, dtype=torch.long), input_features=torch.randn(1, 3, 56, 56))
+    with pytest.raises(ValueError, match=r"different batch sizes \(pixel_values_videos 1, subtitle_input_ids 2\)"):
+        model.get_multimodal_context(
+            pixel_values_videos=torch.randn(1, 2, 3, 56, 56), subtitle_input_ids=torch.ones(2, 4, dtype=torch.long)
+        )
 
 
 def test_bad_inputs_fail_loudly(model):

@@ -85,7 +85,7 @@ def test_class_folders_give_the_labels_and_the_script_reports_accuracy(saved, da
 
 def test_bad_inputs_fail_by_name(saved, data):
     config = MiCoConfig.from_pretrained(saved)
-    with pytest.raises(KeyError, match=r"test.jsonl, row 1: no column 'attributes.smell'"):
+    with pytest.raises(ValueError, match=r"test.jsonl, row 1 has no column 'attributes.smell'"):
         load_labelled_items(data / "test.jsonl", config, ["image"], "attributes.smell")
     with pytest.raises(ValueError, match="say which media columns to classify"):
         load_labelled_items(data / "test.jsonl", config)

@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="auto", help="'auto' (bfloat16 on GPU), 'float32', 'bfloat16', 'float16'")
     parser.add_argument("--skip_broken", action="store_true", help="skip (and report) files that cannot be decoded")
+    parser.add_argument("--sound_tracks", action="store_true", help="caption videos with their sound track, if any")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
     return parser.parse_args(argv)
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
         skip_broken=args.skip_broken,
+        sound_tracks=args.sound_tracks,
     )
     with atomic_output(args.output_file, inputs, args.overwrite, directory=False) as partial:
         partial.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))

@@ -155,6 +155,8 @@ def caption_files(
             trained on clips with their sound; videos without one are captioned from their frames alone.
         generate_kwargs: passed to `model.generate` (`num_beams`, `max_new_tokens`, ...).
     """
+    from .feature_extraction_mico import has_sound_track
+
     config = model.config
     specs = config.modality_specs
     paths = [Path(path) for path in paths]
@@ -164,11 +166,8 @@ def caption_files(
         name = media_modality(path, config, modality)
         if name is None:
             raise ValueError(f"{path}: unknown media extension; say which modality with `modality`")
-        names = (name,)
-        if sound_tracks and name == "video" and "audio" in specs:
-            from .feature_extraction_mico import has_sound_track
-
-            names = (name, "audio") if has_sound_track(path) else names
+        with_sound = sound_tracks and name == "video" and "audio" in specs and has_sound_track(path)
+        names = (name, "audio") if with_sound else (name,)
         modalities.append(names)
         groups.setdefault(names, []).append(index)
 

@@ -259,7 +259,13 @@ def to_markdown(results: dict) -> str:
 
 def main() -> None:
     """Command-line entry point: prints the tables and the JSON."""
-    run_cli(__doc__, run, to_markdown, quick="one block per tower, fewer repeats", smoke="tiny shapes, one repeat (seconds)")
+    run_cli(
+        __doc__,
+        run,
+        to_markdown,
+        quick="one block per tower, fewer repeats",
+        smoke="tiny shapes, one repeat (seconds)",
+    )
 
 
 if __name__ == "__main__":

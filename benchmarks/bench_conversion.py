@@ -72,9 +72,20 @@ SPECS = {
     "full": RELEASE,
     "quick": replace(RELEASE, vision_layers=10),
     "smoke": CheckpointSpec(
-        vision_width=176, vision_layers=1, vision_mlp=768, eva_embed_dim=32, text_width=48, text_layers=1,
-        text_ffn=96, vocab=1000, max_positions=64, projection_dim=16, eva_text_width=16, eva_text_layers=1,
-        eva_text_vocab=100, eva_text_context=8,
+        vision_width=176,
+        vision_layers=1,
+        vision_mlp=768,
+        eva_embed_dim=32,
+        text_width=48,
+        text_layers=1,
+        text_ffn=96,
+        vocab=1000,
+        max_positions=64,
+        projection_dim=16,
+        eva_text_width=16,
+        eva_text_layers=1,
+        eva_text_vocab=100,
+        eva_text_context=8,
     ),
 }
 
@@ -315,7 +326,9 @@ def child_main(source: str, output: str, max_shard_size: str) -> None:
     start = time.perf_counter()
     convert_original_checkpoint(source, output, max_shard_size=max_shard_size)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_of_this_process()}))
+    print(
+        json.dumps({"seconds": seconds, "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_of_this_process()})
+    )
 
 
 def run(quick: bool = False, smoke: bool = False) -> dict:
@@ -331,7 +344,10 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
     free = shutil.disk_usage(tempfile.gettempdir()).free
     base = {"mode": mode, "spec": spec.__dict__, "checkpoint_bytes": size, "goal_ratio": RSS_GOAL}
     if free < needed:
-        return {**base, "skipped": f"needs {needed / 1e9:.1f} GB free in {tempfile.gettempdir()}, has {free / 1e9:.1f}"}
+        return {
+            **base,
+            "skipped": f"needs {needed / 1e9:.1f} GB free in {tempfile.gettempdir()}, has {free / 1e9:.1f}",
+        }
     with tempfile.TemporaryDirectory(prefix="mico-bench-conversion-") as tmp:
         start = time.perf_counter()
         weights = write_hub_checkpoint(Path(tmp) / "hub", spec)

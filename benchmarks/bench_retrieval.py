@@ -120,7 +120,8 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
     total = sum(result["seconds"].values())
     return {
         "stages": [
-            {"stage": name, "seconds": seconds, "share": seconds / total} for name, seconds in result["seconds"].items()
+            {"stage": name, "seconds": seconds, "share": seconds / total}
+            for name, seconds in result["seconds"].items()
         ],
         "total_s": total,
         "data_generation_s": data["seconds"],

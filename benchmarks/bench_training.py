@@ -1,14 +1,20 @@
-"""Training throughput of MiCoForPreTraining under DDP, DeepSpeed ZeRO-2/3 and FSDP2 on 1 and 2 CPU processes (gloo),
-and the sharded data pipeline alone.
+"""Training throughput of MiCoForPreTraining under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2 on 1 and 2 CPU processes (gloo),
+at the tiny and base sizes, and the sharded data pipeline alone.
 
 Each engine runs a plain training loop (forward, backward, AdamW step) on fixed random inputs (images and audio
 spectrograms with their captions, contrastive + matching + caption losses), so that only the engine differs:
-`torch.nn.parallel.DistributedDataParallel`, `deepspeed.initialize` (ZeRO stage 2 or 3, torch AdamW) and
+`torch.nn.parallel.DistributedDataParallel`, `deepspeed.initialize` (ZeRO stage 1, 2 or 3, torch AdamW) and
 `modeling_mico.engines.shard_model` (FSDP2). Samples/s counts the rows of all processes per second over the timed
 steps after one warm-up step; peak memory is each process's peak resident set (the largest over processes). The
 data pipeline (`load_shards` + `ShardCollator` in DataLoader workers, decoding synthetic shards) is timed alone.
 
     python benchmarks/bench_training.py [--quick | --smoke] [--output benchmarks/results/training.json]
+
+The default (full) mode runs every engine at both sizes on 1 and 2 processes (20 runs; tiny: 4 rows per process, 3
+timed steps; base: 1 row per process, 1 timed step, where the matching loss is skipped) and the data pipeline.
+Each run's processes are forked by a server that imported torch, Transformers, DeepSpeed and the package once, so a
+run pays for its model and steps, not for imports. Memory: base under ZeRO-3 peaked at 9.7 GB on one process and
+about 8.5 GB per process on two here, so the full mode wants ~20 GB free.
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from benchmarks.common import markdown_table, write_json  # noqa: E402
 
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "training.json"
-ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
+# rows per process and timed steps per size: base is ~100x the work of tiny and is run at one row, one timed step
+WORKLOAD = {"tiny": (4, 3), "base": (1, 1)}
+PRELOAD = ["torch", "transformers", "deepspeed", "modeling_mico", "modeling_mico.engines"]
 
 
 def _free_port() -> int:
@@ -59,7 +69,7 @@ def _inputs(config, batch: int, seed: int) -> dict[str, torch.Tensor]:
 
 def _engine_model(engine: str, model: torch.nn.Module, world_size: int):
     """Wrap `model` for `engine`; returns `(module to call, backward function, optimizer step function)`."""
-    if engine == "zero2" or engine == "zero3":
+    if engine.startswith("zero"):
         import deepspeed
 
         from modeling_mico.engines import patch_deepspeed_scalar_broadcast
@@ -123,7 +133,14 @@ def _worker(rank: int, world_size: int, port: int, engine: str, size: str, batch
 def measure_engine(engine: str, size: str, processes: int, batch: int, steps: int) -> dict:
     """Samples/s and peak memory of `steps` timed steps of `engine` on `processes` spawned CPU processes."""
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(processes, _free_port(), engine, size, batch, steps, results), nprocs=processes)
+    start = time.perf_counter()
+    # forked by a server that imported the libraries once (`PRELOAD`): a run does not pay their import, and the
+    # workers do not inherit this process's thread pools (a plain fork after torch ran ops here could hang)
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    args = (processes, _free_port(), engine, size, batch, steps, results)
+    mp.start_processes(_worker, args=args, nprocs=processes, start_method="forkserver")
+    wall = time.perf_counter() - start
     seconds = max(results[rank]["seconds"] for rank in range(processes))
     return {
         "engine": engine,
@@ -134,6 +151,7 @@ def measure_engine(engine: str, size: str, processes: int, batch: int, steps: in
         "samples_per_s": batch * processes * steps / seconds,
         "seconds_per_step": seconds / steps,
         "peak_rss_mib_per_process": max(results[rank]["peak_rss_mib"] for rank in range(processes)),
+        "wall_s": wall,  # start-up, model build, warm-up and timed steps: what the run costs
     }
 
 
@@ -168,31 +186,42 @@ def measure_data_pipeline(num_samples: int, batch: int, workers: int) -> dict:
 
 
 def run(quick: bool = False, smoke: bool = False) -> dict:
-    """Every engine at `tiny` on 1 and 2 processes, `base` on fewer (slow on CPU), and the data pipeline."""
+    """Every engine at tiny and base on 1 and 2 processes and the data pipeline; `quick`: tiny everywhere, base under
+    DDP only; `smoke`: three tiny runs of one timed step (the code paths, in seconds)."""
     if smoke:
-        plan = [("ddp", "tiny", 1), ("fsdp2", "tiny", 2)]
-        batch, steps, data = 2, 1, (8, 2, 1)
-    elif quick:
-        plan = [(engine, "tiny", processes) for engine in ENGINES for processes in (1, 2)]
-        plan += [("ddp", "base", 1)]  # base on 2 processes holds ~8.5 GB per process here: full mode only
-        batch, steps, data = 4, 2, (24, 4, 2)
+        plan = [("ddp", "tiny", 1), ("zero1", "tiny", 2), ("fsdp2", "tiny", 2)]
+        data = (8, 2, 1)
     else:
-        plan = [(engine, size, processes) for size in ("tiny", "base") for engine in ENGINES for processes in (1, 2)]
-        batch, steps, data = 4, 5, (64, 4, 2)
+        sizes = ("tiny",) if quick else ("tiny", "base")
+        plan = [(engine, size, processes) for size in sizes for engine in ENGINES for processes in (1, 2)]
+        plan += [("ddp", "base", processes) for processes in (1, 2)] if quick else []
+        data = (24, 4, 2) if quick else (64, 4, 2)
+    start = time.perf_counter()
     rows = []
-    for engine, size, processes in plan:
-        rows.append(measure_engine(engine, size, processes, batch if size == "tiny" else 1, steps))
+    for engine, size, processes in tqdm(plan, desc="Training runs", unit="run"):
+        batch, steps = WORKLOAD[size]
+        rows.append(measure_engine(engine, size, processes, batch, 1 if smoke else steps))
         print(json.dumps(rows[-1]), flush=True)
+    pipeline = measure_data_pipeline(*data)
     return {
         "rows": rows,
-        "data_pipeline": measure_data_pipeline(*data),
-        "settings": {"quick": quick, "smoke": smoke, "steps": steps, "cores": os.cpu_count()},
+        "data_pipeline": pipeline,
+        "settings": {"quick": quick, "smoke": smoke, "workload": WORKLOAD, "cores": os.cpu_count()},
+        "total_s": time.perf_counter() - start,
     }
+
+
+def _workload(settings: dict) -> str:
+    if settings["smoke"]:
+        return "one timed step"
+    return "; ".join(
+        f"{size}: {rows} rows/process, {steps} timed step(s)" for size, (rows, steps) in settings["workload"].items()
+    )
 
 
 def to_markdown(results: dict) -> str:
     """Tables for RESULTS.md."""
-    header = ["model", "engine", "processes", "rows/process", "samples/s", "s/step", "peak RSS MiB/process"]
+    header = ["model", "engine", "processes", "rows/process", "samples/s", "s/step", "peak RSS MiB/process", "run s"]
     table = markdown_table(
         header,
         [
@@ -204,10 +233,11 @@ def to_markdown(results: dict) -> str:
                 f"{row['samples_per_s']:.2f}",
                 f"{row['seconds_per_step']:.2f}",
                 f"{row['peak_rss_mib_per_process']:.0f}",
+                f"{row['wall_s']:.0f}",
             ]
             for row in results["rows"]
         ],
-        align="lllrrrr",
+        align="lllrrrrr",
     )
     data = results["data_pipeline"]
     tiny = [row for row in results["rows"] if row["size"] == "tiny"]
@@ -224,17 +254,18 @@ def to_markdown(results: dict) -> str:
         )
     return (
         "Plain training loop on fixed random images + audio + captions (all three losses), AdamW, float32, gloo, one torch thread per process; "
-        f"{results['settings']['steps']} timed steps after one warm-up. The machine's "
+        f"{_workload(results['settings'])} after one warm-up step. The machine's "
         f"{results['settings']['cores']} cores are shared by the processes (and by other jobs), so 2 processes split "
         "the same cores: these numbers show the engines' overhead here, not multi-machine scaling.\n\n"
-        f"{table}\n\n{note}."
+        f'{table}\n\n{note}. "run s": one run\'s wall time (start-up, model build, warm-up, timed steps); the whole '
+        f"benchmark took {results['total_s'] / 60:.1f} min."
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny at every engine, base at two (about 3 minutes)")
-    parser.add_argument("--smoke", action="store_true", help="two tiny runs and a small data pipeline")
+    parser.add_argument("--quick", action="store_true", help="tiny at every engine, base under DDP only")
+    parser.add_argument("--smoke", action="store_true", help="three tiny runs and a small data pipeline")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file to write")
     args = parser.parse_args()
     results = run(quick=args.quick, smoke=args.smoke)

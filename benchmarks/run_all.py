@@ -5,13 +5,21 @@ Writes one JSON file per benchmark and `summary.json` into `--output_dir` (defau
 `benchmarks/RESULTS.md`; `<output_dir>/RESULTS.md` when only `--output_dir` is given).
 
     python -m benchmarks [--quick | --smoke] [--only attention,conversion] [--output_dir DIR] [--markdown FILE]
+                         [--original_repo DIR --original_python PY]
+
+With `--original_repo` (a checkout of github.com/invictus717/MiCo) and `--original_python` (a Python environment with
+its pins), the `original` benchmark times the original code beside the package (benchmarks/bench_original.py);
+without them it is reported as skipped.
 
 Goals (ratios measured in the same run, so they do not depend on the machine's speed):
 
 * SDPA at least matches eager attention on CPU at ViT-g width (eager time / SDPA time >= 1);
 * cached caption generation is at least 5x faster than recomputing the prefix (40 tokens, 3 beams);
 * decoding the 4 sampled frames of tests/fixtures/media/test.mp4 is at least 3x faster than decoding all frames;
-* the conversion's peak resident memory is at most 1.3x the checkpoint size.
+* media decoding takes at most 30 % of an end-to-end retrieval evaluation at the tiny size;
+* the conversion's peak resident memory is at most 1.3x the checkpoint size;
+* against the original code (when given): captions at least 10x faster (the slowest of greedy / 3 beams at batch 1 and
+  4), video preprocessing at least 1.5x faster (the slower of 4 and 8 frames).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 
@@ -32,31 +41,53 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks import bench_attention, bench_conversion, roofline  # noqa: E402
+from benchmarks import bench_attention, bench_conversion, bench_original, roofline  # noqa: E402
 from benchmarks.common import Goal, machine_info, markdown_table, write_json  # noqa: E402
 
 
 DEFAULT_OUTPUT_DIR = ROOT / "benchmarks" / "results"
 DEFAULT_MARKDOWN = ROOT / "benchmarks" / "RESULTS.md"
-BENCHMARKS = ("attention", "generation", "processing", "retrieval", "conversion", "training")  # report order
-RUN_ORDER = ("attention", "processing", "retrieval", "conversion", "training", "generation")  # the slowest last
+BENCHMARKS = (
+    "attention",
+    "generation",
+    "processing",
+    "retrieval",
+    "conversion",
+    "training",
+    "original",
+)  # report order
+RUN_ORDER = (
+    "attention",
+    "processing",
+    "retrieval",
+    "conversion",
+    "training",
+    "original",
+    "generation",
+)  # slowest last
 TITLES = {
     "attention": "Attention: eager vs SDPA (CPU, float32)",
     "generation": "Caption generation: recompute vs key/value cache",
     "processing": "Processing",
     "retrieval": "Retrieval evaluation end to end",
     "conversion": "Conversion of a release-size checkpoint",
-    "training": "Training throughput: DDP, DeepSpeed ZeRO-2/3, FSDP2 and the shard pipeline (CPU)",
+    "training": "Training throughput: DDP, DeepSpeed ZeRO-1/2/3, FSDP2 and the shard pipeline (CPU)",
+    "original": "Side by side with the original MiCo code",
 }
 
 
-def run_benchmark(name: str, mode: str, full_generation: bool = False, bounds: dict | None = None) -> dict:
+def run_benchmark(
+    name: str, mode: str, full_generation: bool = False, bounds: dict | None = None, original: dict | None = None
+) -> dict:
     """Run `benchmarks/bench_<name>.py`; a missing module (another engineer's, not written yet) gives `pending`.
 
     Generation runs its quick mode (batch 1, one recompute/cached pair) unless `full_generation`: recomputing the
     prefix is so slow on CPU that the full mode takes about an hour on two shared cores, and the ratio is large. It
-    reports its decoding steps against `bounds` (the machine's roofline measured at the start of the run).
+    reports its decoding steps against `bounds` (the machine's roofline measured at the start of the run). The
+    comparison with the original code needs `original` (`original_repo`, `original_python`), else it is skipped.
     """
+    if name == "original" and not (original and original.get("original_repo") and original.get("original_python")):
+        return {"skipped": "needs --original_repo and --original_python (see docs/performance.md)"}
     try:
         module = importlib.import_module(f"benchmarks.bench_{name}")
     except ModuleNotFoundError as error:
@@ -66,12 +97,19 @@ def run_benchmark(name: str, mode: str, full_generation: bool = False, bounds: d
     start = time.perf_counter()
     if name in ("attention", "retrieval", "conversion", "training"):
         results = module.run(quick=mode == "quick", smoke=mode == "smoke")
+    elif name == "original":
+        results = module.run(**original, quick=mode == "quick", smoke=mode == "smoke")
     elif name == "generation":
         results = module.run(quick=mode != "full" or not full_generation, machine=bounds)
     else:  # processing exposes run(quick) only; its quick mode is the smallest
         results = module.run(quick=mode != "full")
     results["benchmark_s"] = time.perf_counter() - start
     return results
+
+
+def decoding_share(results: dict) -> float | None:
+    """The media decoding stage's share of a retrieval evaluation (benchmarks/bench_retrieval.py)."""
+    return next((stage["share"] for stage in results["stages"] if stage["stage"] == "decoding"), None)
 
 
 def generation_speedup(results: dict) -> float | None:
@@ -91,12 +129,40 @@ def _measured(results: dict, name: str, extract: Callable[[dict], float | None])
 
 
 def evaluate_goals(results: dict) -> list[Goal]:
-    """The four goals, measured from this run's results."""
+    """The goals, measured from this run's results."""
     conversion_ratio = bench_conversion.default_run
     specs = [
-        ("SDPA vs eager, ViT-g vision tower (eager s / SDPA s)", "attention", bench_attention.vision_g_speedup, 1.0, True),
+        (
+            "SDPA vs eager, ViT-g vision tower (eager s / SDPA s)",
+            "attention",
+            bench_attention.vision_g_speedup,
+            1.0,
+            True,
+        ),
         ("cached vs recompute generation, 40 tokens, 3 beams", "generation", generation_speedup, 5.0, True),
         ("sampled (4 frames) vs full decode of test.mp4", "processing", lambda r: r["decode"]["speedup"], 3.0, True),
+        (
+            "decoding share of an end-to-end retrieval evaluation (tiny model)",
+            "retrieval",
+            decoding_share,
+            0.3,
+            False,
+            "",
+        ),
+        (
+            "captions vs the original code (slowest case)",
+            "original",
+            partial(bench_original.minimum_speedup, prefix=("greedy", "3-beam")),
+            10.0,
+            True,
+        ),
+        (
+            "video preprocessing vs the original code (slower of 4, 8 frames)",
+            "original",
+            partial(bench_original.minimum_speedup, prefix="video"),
+            1.5,
+            True,
+        ),
         (
             "conversion peak RSS / checkpoint size",
             "conversion",
@@ -106,9 +172,9 @@ def evaluate_goals(results: dict) -> list[Goal]:
         ),
     ]
     goals = []
-    for title, name, extract, target, higher in specs:
+    for title, name, extract, target, higher, *unit in specs:  # unit: "x" (a ratio) unless given
         value, note = _measured(results, name, extract)
-        goals.append(Goal(title, value, target, higher_is_better=higher, note=note))
+        goals.append(Goal(title, value, target, higher_is_better=higher, note=note, unit=unit[0] if unit else "x"))
     return goals
 
 
@@ -127,7 +193,7 @@ def plot_summary(goals: list[Goal], path: Path) -> None:
         axis.axhline(goal.target, color="black", linestyle="--", linewidth=1)
         sign = ">=" if goal.higher_is_better else "<="
         axis.set_xlabel(f"dashed: goal {sign} {goal.target:g}{goal.unit}", fontsize=9)
-        label = f"{goal.value:.2f}x" if goal.value is not None else "pending"
+        label = f"{goal.value:.2f}{goal.unit}" if goal.value is not None else "pending"
         axis.text(0, value, label, ha="center", va="bottom", fontsize=10, fontweight="bold")
         axis.set_xticks([])
         axis.set_xlim(-0.6, 0.6)
@@ -265,10 +331,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="JSON files and summary.png")
     parser.add_argument("--markdown", type=Path, default=None, help="the report (default: see above)")
     parser.add_argument("--full_generation", action="store_true", help="generation in its full mode (about 1 h)")
+    parser.add_argument("--original_repo", type=Path, help="checkout of github.com/invictus717/MiCo (`original`)")
+    parser.add_argument("--original_python", type=Path, help="Python of an environment with the original's pins")
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmarks {sorted(unknown)}; choose among {BENCHMARKS}")
+    if (args.original_repo is None) != (args.original_python is None):
+        parser.error("--original_repo and --original_python go together")
     if args.markdown is None:
         args.markdown = DEFAULT_MARKDOWN if args.output_dir == DEFAULT_OUTPUT_DIR else args.output_dir / "RESULTS.md"
     return args
@@ -284,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in (name for name in RUN_ORDER if name in args.only.split(",")):
         print(f"[benchmarks] {name} ({mode}) ...", flush=True)
-        results[name] = run_benchmark(name, mode, args.full_generation, bounds)
+        original = {"original_repo": args.original_repo, "original_python": args.original_python}
+        results[name] = run_benchmark(name, mode, args.full_generation, bounds, original)
         write_json(args.output_dir / f"{name}.json", results[name])
     goals = evaluate_goals(results)
     summary = {"mode": mode, "machine": machine, "bounds": bounds, "goals": [goal.to_dict() for goal in goals]}

@@ -165,9 +165,15 @@ def main() -> None:
     )
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a streamed data set has no length)")
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     train_collator, eval_collator = (
         MiCoDataCollator(
-            processor, data_args.modalities, training=training, skip_broken=data_args.skip_broken, config=model.config
+            processor,
+            data_args.modalities,
+            training=training,
+            skip_broken=data_args.skip_broken,
+            config=model.config,
+            seed=data_seed if training else None,  # per-row draws: a resumed run repeats them
         )
         for training in (True, False)
     )

@@ -11,9 +11,18 @@ its modality declares (`column -> processor_argument -> input_name`). A modality
 row of the batch has it; it is dropped from batches that mix rows with and without it (and a warning says so once per
 modality). Keep rows with the same modalities together (e.g. one annotation file per modality set, trained one after
 the other, or a data set where every row has every modality) so that no data is wasted.
+
+Random choices in training (which caption of `captions`, which frame / spectrogram slice in each segment) are drawn,
+with `MiCoDataCollator(seed=...)`, from a generator per row seeded with `(seed, epoch, the row's position)`: the
+position is stamped on the rows by `index_rows` (the index of a map-style data set; the process, DataLoader worker
+and place in that worker's stream for a streamed one). A run resumed from a checkpoint therefore draws what the
+uninterrupted run drew, although it skips the trained batches without collating them and collates in another order
+relative to the model's own random draws (torch's global RNG, which the `Trainer` saves per process).
 """
 
+import hashlib
 import multiprocessing
+import os
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +52,46 @@ class BrokenMediaError(ValueError):
     """A media file of a row could not be read or decoded; the message names the file."""
 
 
+# Column `index_rows` adds: the row's position, from which a seeded collator derives the row's random draws.
+ROW_POSITION = "__position__"
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """A map-style data set whose rows also carry their index under `ROW_POSITION` (see `index_rows`)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], ROW_POSITION: str(index)}
+
+
+def _stream_position(row: dict, index: int) -> dict:
+    """`ROW_POSITION` of a streamed row: process, DataLoader worker and place in that worker's stream of the epoch."""
+    worker = torch.utils.data.get_worker_info()
+    return {ROW_POSITION: f"{os.environ.get('RANK', '0')}/{worker.id if worker else 0}/{index}"}
+
+
+def index_rows(dataset):
+    """`dataset` with each row's position stamped under `ROW_POSITION`, for `MiCoDataCollator(seed=...)`: the index of
+    a map-style data set, or for a streamed 🤗 `datasets.IterableDataset` (annotations, shards) the process, worker
+    and place in that worker's stream (the same on every run with the same seed, processes and workers)."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.map(_stream_position, with_indices=True)
+    return IndexedRows(dataset)
+
+
+def row_seed(seed: int, epoch: int, position: str) -> int:
+    """A 63-bit seed for one row's random draws from the run's seed, the epoch and the row's position."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class MiCoDataCollator:
     r"""
     Turn annotation rows into a batch for [`MiCoForPreTraining`], decoding media with `processor`.
@@ -60,6 +109,9 @@ class MiCoDataCollator:
         max_subtitle_length (`int`, *optional*): subtitle tokens (default: `config.max_subtitle_length`, else 70).
         config ([`MiCoConfig`], *optional*): the model's configuration, whose modality registry maps the columns to
             processor arguments and model inputs (default: the built-in modalities).
+        seed (`int`, *optional*): draw each row's random choices from a generator seeded with `(seed, epoch, row
+            position)` (rows stamped by `index_rows`; the epoch set by `set_epoch`), so that they do not depend on the
+            order batches are collated in and a resumed run repeats them; `None`: torch's global RNG (per worker).
     """
 
     def __init__(
@@ -70,6 +122,7 @@ class MiCoDataCollator:
         skip_broken: bool = False,
         max_subtitle_length: int | None = None,
         config: MiCoConfig | None = None,
+        seed: int | None = None,
     ):
         self.media = media_columns(config)
         modalities = list(modalities) if modalities is not None else default_columns(config)
@@ -89,9 +142,16 @@ class MiCoDataCollator:
         self.training = training
         self.skip_broken = skip_broken
         self.max_subtitle_length = max_subtitle_length
-        # shared with DataLoader worker processes, so that skips made there are counted here
+        self.seed = seed
+        # shared with DataLoader worker processes, so that skips made there are counted here and the epoch set here
+        # is read there
         self._skipped = multiprocessing.get_context("spawn").Value("q", 0)
+        self._epoch = multiprocessing.get_context("spawn").Value("q", 0)
         self._warned: set[str] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch, part of each row's seed (`EvalCollatorTrainer` sets it as every epoch begins)."""
+        self._epoch.value = epoch
 
     @property
     def num_skipped(self) -> int:
@@ -105,8 +165,9 @@ class MiCoDataCollator:
                 self._warn_once(column)
         captions, items = [], []
         for row in rows:
+            generator = self._row_generator(row)
             try:
-                items.append(self._decode_row(row, columns))
+                items.append(self._decode_row(row, columns, generator))
             except BrokenMediaError as err:
                 if not self.skip_broken:
                     raise
@@ -114,27 +175,40 @@ class MiCoDataCollator:
                     self._skipped.value += 1
                 logger.warning(f"skipping a row: {err}")
                 continue
-            captions.append(self._caption(row))
+            captions.append(self._caption(row, generator))
         if not items:
             raise BrokenMediaError(f"every row of this batch has a broken media file ({len(rows)} rows)")
         batch = {key: torch.cat([item[key] for item in items]) for key in items[0]}
         batch.update(self.processor(text=captions, return_tensors="pt"))
         return batch
 
-    def _caption(self, row: dict) -> str:
+    def _row_generator(self, row: dict) -> torch.Generator | None:
+        """The generator of a row's random draws in training with a `seed` (`None`: torch's global RNG)."""
+        if self.seed is None or not self.training:
+            return None
+        if ROW_POSITION not in row:
+            raise ValueError(
+                f"MiCoDataCollator(seed={self.seed}) needs rows stamped with their position (`{ROW_POSITION}`): wrap "
+                "the training data set with `modeling_mico.data.index_rows`"
+            )
+        return torch.Generator().manual_seed(row_seed(self.seed, self._epoch.value, row[ROW_POSITION]))
+
+    def _caption(self, row: dict, generator: torch.Generator | None = None) -> str:
         """`captions` (a random one in training, else the first) or `caption` (a list is treated as `captions`)."""
         captions = row.get("captions") if is_present(row.get("captions")) else row.get("caption")
         if isinstance(captions, str):
             return captions
         if not is_present(captions):
             raise ValueError(f"a row has no caption: {row}")
-        index = int(torch.randint(len(captions), ())) if self.training else 0
+        index = int(torch.randint(len(captions), (), generator=generator)) if self.training else 0
         return captions[index]
 
-    def _decode_row(self, row: dict, columns: list[str]) -> dict[str, torch.Tensor]:
+    def _decode_row(
+        self, row: dict, columns: list[str], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """The model inputs of one row's media (paths, or 🤗 Datasets media values: `{"path", "bytes"}` dicts, PIL
         images, `{"array", "sampling_rate"}` dicts, torchcodec decoders), raising `BrokenMediaError` naming the file
-        that fails."""
+        that fails; random frames / slices from `generator` (a seed drawn from it per column)."""
         inputs = {}
         for column in columns:
             value = row[column]
@@ -143,8 +217,9 @@ class MiCoDataCollator:
                     inputs.update(self._subtitle(value))
                 else:
                     spec = self.media[column]
+                    seed = None if generator is None else int(torch.randint(2**62, (), generator=generator))
                     features = self.processor(
-                        **{spec.processor_argument: [value]}, training=self.training, return_tensors="pt"
+                        **{spec.processor_argument: [value]}, training=self.training, seed=seed, return_tensors="pt"
                     )
                     inputs[spec.input_name] = features[spec.input_name]
             except Exception as err:

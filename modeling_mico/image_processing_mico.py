@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -62,8 +63,13 @@ def pil_to_tensor(img: Image.Image, what: str = "image") -> torch.Tensor:
 
 
 def uint8_frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 array -> float32 tensor (T, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2).float().div(255)
+    """(T, H, W, 3) uint8 array -> float32 tensor (T, 3, H, W) in [0, 1] (channels-last strides).
+
+    NumPy's float32 division is the same IEEE operation as torch's `.float().div(255)` (and torchvision's `ToTensor`),
+    bit for bit on all 256 values, in one pass and about 4x faster on CPU: an HD frame is a 10 MB float32 tensor, so
+    this is a visible share of video decoding.
+    """
+    return torch.from_numpy(np.divide(frames, np.float32(255), dtype=np.float32)).permute(0, 3, 1, 2)
 
 
 def scale_to_unit(array: np.ndarray, what: str) -> np.ndarray:
@@ -221,9 +227,22 @@ def first_set(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
 
 
-def map_batch(items: list, fn, what: str) -> list:
-    """Apply `fn(item, name)` to each item with its name (e.g. `images[2]`), so errors say which item failed."""
-    return [fn(item, f"{what}[{index}]") for index, item in enumerate(items)]
+def map_batch(items: list, fn, what: str, workers: int = 1) -> list:
+    """Apply `fn(item, name)` to each item with its name (e.g. `images[2]`), so errors say which item failed.
+
+    With `workers` > 1 the items are processed by that many threads (for work that releases the GIL: decoders, torch
+    ops); results keep the items' order and the error of the first failing item is raised, as in the serial loop.
+    """
+    names = [f"{what}[{index}]" for index in range(len(items))]
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item, name) for item, name in zip(items, names)]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items, names))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class MiCoImageProcessor(BaseImageProcessor):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .annotations import is_present
 from .configuration_mico import SUBTITLE, MiCoConfig
-from .data import MiCoDataCollator, media_columns
+from .data import ROW_POSITION, MiCoDataCollator, media_columns
 
 
 TEXT_FIELDS = ("id", "caption", "captions", SUBTITLE)
@@ -188,6 +188,14 @@ class ShardCollator:
         """Samples skipped for broken media (`skip_broken=True`), over all workers."""
         return self.collator.num_skipped
 
+    @property
+    def seed(self) -> int | None:
+        """The wrapped collator's seed of per-row random draws (see `MiCoDataCollator`)."""
+        return self.collator.seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.collator.set_epoch(epoch)
+
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         if self._directory is None:  # created in the worker that uses it
             self._directory = tempfile.TemporaryDirectory(prefix="mico-shards-")
@@ -196,6 +204,8 @@ class ShardCollator:
         try:
             for sample in samples:
                 row = json.loads(sample["text"])
+                if ROW_POSITION in sample:
+                    row[ROW_POSITION] = sample[ROW_POSITION]
                 folder = Path(self._directory.name) / Path(sample["shard"]).name
                 folder.mkdir(exist_ok=True)
                 for suffix, data in sample["media"].items():

@@ -1,7 +1,9 @@
 """🤗 `Trainer` subclasses for MiCo pretraining and fine-tuning, and the retrieval metric they report.
 
 - `EvalCollatorTrainer` collates evaluation batches with their own collator (first caption, middle frames), so that
-  the evaluation loss does not depend on random choices (`examples/run_pretrain.py`).
+  the evaluation loss does not depend on random choices, and with a seeded training collator
+  (`MiCoDataCollator(seed=...)`) stamps the training rows with their position and tells the collator the epoch, so that
+  a resumed run draws the captions and frames the uninterrupted run drew (`examples/run_pretrain.py`).
 - `MiCoRetrievalTrainer` also returns the batch's text and target embeddings as predictions
   (`evaluation.batch_retrieval_embeddings`), and `retrieval_compute_metrics(targets)` turns them into retrieval
   metrics under the keys of `evaluation.target_prefix` (`eval_t2v/R@1`, ...) (`examples/run_finetune_peft.py`).
@@ -9,12 +11,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, Trainer, TrainerCallback
 
+from .data import index_rows
 from .evaluation import batch_retrieval_embeddings, mico_base_model, resolve_targets, target_prefix
 from .retrieval import retrieval_metrics
 
@@ -42,8 +46,30 @@ def retrieval_compute_metrics(
     return compute_metrics
 
 
+class CollatorEpochCallback(TrainerCallback):
+    """Tells a seeded collator (`set_epoch`) the Trainer's epoch as each begins, so that its per-row draws change per
+    epoch and a run resumed mid-epoch uses the epoch it stopped in."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.epoch = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # epochs already done when resuming: the Trainer's state.epoch is epoch + steps done / steps per epoch
+        # (exactly epoch + 1 after an epoch's last step)
+        self.epoch = math.floor(state.epoch or 0)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(self.epoch)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.epoch += 1  # a stream that ends before max_steps starts the next epoch with state.epoch below 1
+
+
 class EvalCollatorTrainer(Trainer):
-    """A `Trainer` that collates evaluation batches with their own collator (first caption, middle frames).
+    """A `Trainer` that collates evaluation batches with their own collator (first caption, middle frames), and with
+    a seeded training collator (`seed` set, e.g. `MiCoDataCollator(seed=...)`) stamps the training rows with their
+    position (`data.index_rows`) and sets the collator's epoch, so that resuming repeats the uninterrupted run's draws.
 
     Args:
         eval_data_collator: collator of evaluation batches (default: `data_collator`).
@@ -52,6 +78,9 @@ class EvalCollatorTrainer(Trainer):
     def __init__(self, *args, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
+        if getattr(self.data_collator, "seed", None) is not None and self.train_dataset is not None:
+            self.train_dataset = index_rows(self.train_dataset)
+            self.add_callback(CollatorEpochCallback(self.data_collator))
 
     def get_eval_dataloader(self, eval_dataset=None):
         train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
@@ -89,4 +118,4 @@ class MiCoRetrievalTrainer(EvalCollatorTrainer):
         return loss, embeds, labels
 
 
-__all__ = ["EvalCollatorTrainer", "MiCoRetrievalTrainer", "retrieval_compute_metrics"]
+__all__ = ["CollatorEpochCallback", "EvalCollatorTrainer", "MiCoRetrievalTrainer", "retrieval_compute_metrics"]

@@ -33,6 +33,7 @@ from .image_processing_mico import (
     media_bytes,
     scale_to_unit,
     uint8_frames_to_tensor,
+    usable_cores,
 )
 from .import_utils import require
 
@@ -76,9 +77,10 @@ def read_video_file(
     generator: torch.Generator | None,
     what: str,
     path: str | None = None,
+    decoder_threads: int = 1,
 ) -> tuple[torch.Tensor, list[int]]:
     """Decode only the sampled frames of a video file (or its bytes, named `path`) with decord -> ((T, 3, H, W) in
-    [0, 1], frame indices).
+    [0, 1], frame indices), with `decoder_threads` FFmpeg threads (the frames are the same for any number).
 
     decord is imported here, on first use: without it, frame folders and in-memory videos still work.
     """
@@ -86,7 +88,7 @@ def read_video_file(
         source = path = check_file(source, what)
     decord = require("decord", "decoding video files")
     try:
-        reader = decord.VideoReader(source, num_threads=1)
+        reader = decord.VideoReader(source, num_threads=decoder_threads)
         length = len(reader)
     except (decord.DECORDError, RuntimeError) as err:
         raise ValueError(f"cannot decode {what} file {path!r}: {err}") from err
@@ -173,26 +175,55 @@ def read_frame_array(
 
 
 def read_video(
-    video: VideoLike, num_frames: int, training: bool, generator: torch.Generator | None, what: str = "video"
+    video: VideoLike,
+    num_frames: int,
+    training: bool,
+    generator: torch.Generator | None,
+    what: str = "video",
+    decoder_threads: int = 1,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Any supported video input -> ((num_frames, 3, H, W) pixels in [0, 1], sampled frame indices)."""
+    """Any supported video input -> ((num_frames, 3, H, W) pixels in [0, 1], sampled frame indices); video files are
+    decoded with `decoder_threads` threads."""
     if isinstance(video, Mapping):
         source, path = media_bytes(video, what)
         if isinstance(source, io.BytesIO):
-            return read_video_file(source, num_frames, training, generator, what, path)
+            return read_video_file(source, num_frames, training, generator, what, path, decoder_threads)
         video = source
     if is_video_decoder(video):
         return read_torchcodec_video(video, num_frames, training, generator, what)
     if isinstance(video, (str, os.PathLike)):
         if os.path.isdir(video):
             return read_frame_folder(os.fspath(video), num_frames, training, generator, what)
-        return read_video_file(video, num_frames, training, generator, what)
+        return read_video_file(video, num_frames, training, generator, what, decoder_threads=decoder_threads)
     if isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
         return read_frame_array(video, num_frames, training, generator, what)
     raise ValueError(
         f"{what} must be a path, a frame folder, a (T, H, W, 3) array, a list of PIL images, a `{{'path', 'bytes'}}` "
         f"dict or a torchcodec VideoDecoder, got {type(video).__name__}"
     )
+
+
+def is_video_file(video: Any) -> bool:
+    """True for what decord decodes: a path to a file (not a frame folder) or a 🤗 Datasets `{"path", "bytes"}` dict."""
+    return isinstance(video, Mapping) or (isinstance(video, (str, os.PathLike)) and not os.path.isdir(video))
+
+
+def decoding_plan(videos: list, training: bool) -> tuple[int, int]:
+    """(threads over the files of a batch, FFmpeg threads per file) for decoding `videos` on the usable cores.
+
+    A batch of several video files is decoded by one thread per file (up to the cores), each file with one FFmpeg
+    thread: files are independent, so this uses the cores fully, while FFmpeg's own threads only partly overlap the
+    frames of one file. A lone file gets FFmpeg threads instead (at most 2: decord fails on some files beyond that).
+    Frames are drawn from a shared random generator in training, in item order, so training decodes one file at a
+    time; inside a `DataLoader` worker the workers already share the cores, so each decodes serially on one thread.
+    """
+    if torch.utils.data.get_worker_info() is not None:
+        return 1, 1
+    cores = usable_cores()
+    files = sum(is_video_file(video) for video in videos)
+    if training or files <= 1 or cores <= 1:
+        return 1, min(2, cores)
+    return min(files, cores), 1
 
 
 def is_single_video(video: Any) -> bool:
@@ -271,9 +302,14 @@ class MiCoVideoProcessor:
         batch = [videos] if is_single_video(videos) else list(videos)
         if not batch:
             raise ValueError(f"{what} must be a video or a non-empty list of videos")
-        decoded = map_batch(batch, lambda v, name: read_video(v, num_frames, training, generator, name), what)
-        pixels = torch.stack([self.image_processor.transform(frames, image_size) for frames, _ in decoded])
-        return pixels, torch.tensor([indices for _, indices in decoded], dtype=torch.long)
+        workers, decoder_threads = decoding_plan(batch, training)
+
+        def decode(video: VideoLike, name: str) -> tuple[torch.Tensor, list[int]]:
+            frames, indices = read_video(video, num_frames, training, generator, name, decoder_threads)
+            return self.image_processor.transform(frames, image_size), indices
+
+        decoded = map_batch(batch, decode, what, workers)
+        return torch.stack([pixels for pixels, _ in decoded]), torch.tensor([i for _, i in decoded], dtype=torch.long)
 
 
 __all__ = ["MiCoVideoProcessor", "sample_segments", "split_segments"]

@@ -16,8 +16,14 @@ PARITY_WEIGHTS = bench_conversion.ROOT / "tests" / "fixtures" / "parity" / "hub"
 
 @pytest.mark.parametrize(
     ("value", "target", "higher_is_better", "met"),
-    [(1.02, 1.0, True, True), (0.98, 1.0, True, False), (1.0, 1.0, True, True), (0.99, 1.3, False, True),
-     (1.31, 1.3, False, False), (None, 5.0, True, None)],
+    [
+        (1.02, 1.0, True, True),
+        (0.98, 1.0, True, False),
+        (1.0, 1.0, True, True),
+        (0.99, 1.3, False, True),
+        (1.31, 1.3, False, False),
+        (None, 5.0, True, None),
+    ],
 )
 def test_goal_met(value, target, higher_is_better, met):
     goal = Goal("ratio", value, target, higher_is_better)
@@ -30,15 +36,27 @@ def test_goals_from_results():
         "attention": {"rows": [{"tower": "vision ViT-B", "speedup": 0.5}, {"tower": "vision ViT-g", "speedup": 1.1}]},
         "generation": {"rows": [{"num_beams": 1, "speedup": 9.0}, {"num_beams": 3, "speedup": 4.0}]},
         "processing": {"decode": {"speedup": 3.5}},
+        "retrieval": {"stages": [{"stage": "decoding", "share": 0.2}, {"stage": "re-ranking", "share": 0.8}]},
         "conversion": {"runs": [{"peak_rss_ratio": 0.99}, {"peak_rss_ratio": 0.3}]},
+        "original": {
+            "rows": [
+                {"path": "greedy caption, batch 1", "speedup": 12.0},
+                {"path": "3-beam caption, batch 4", "speedup": 11.0},
+                {"path": "ViT 1408 wide", "speedup": 1.1},
+                {"path": "video preprocessing, test.mp4, 4 frames", "speedup": 1.7},
+                {"path": "video preprocessing, test.mp4, 8 frames", "speedup": 1.4},
+            ]
+        },
     }
     goals = run_all.evaluate_goals(results)
-    assert [goal.value for goal in goals] == [1.1, 4.0, 3.5, 0.99]
-    assert [goal.met for goal in goals] == [True, False, True, True]
+    assert [goal.value for goal in goals] == [1.1, 4.0, 3.5, 0.2, 11.0, 1.4, 0.99]
+    assert [goal.met for goal in goals] == [True, False, True, True, True, False, True]
+    assert [goal.unit for goal in goals] == ["x"] * 3 + [""] + ["x"] * 3
 
     pending = run_all.evaluate_goals({"generation": {"pending": "not written"}, "conversion": {"skipped": "disk"}})
-    assert [goal.met for goal in pending] == [None] * 4
-    assert [goal.note for goal in pending] == ["not run (--only)", "not written", "not run (--only)", "disk"]
+    assert [goal.met for goal in pending] == [None] * 7
+    not_run = "not run (--only)"
+    assert [goal.note for goal in pending] == [not_run, "not written", not_run, not_run, not_run, not_run, "disk"]
 
 
 def test_release_checkpoint_layout_matches_the_original_keys():
@@ -124,7 +142,13 @@ def test_roofline_of_the_attention_rows():
         "settings": {"context_length": 2056, "text_tokens": 40},
         "rows": [
             {"tower": "vision ViT-B", "shape": "768w/12h/3072mlp", "layers": 2, "batch": 4, "tokens": 257},
-            {"tower": "text + cross-attention", "shape": "768w/12h/3072ffn", "layers": 4, "batch": 8, "tokens": "40 (context 2056)"},
+            {
+                "tower": "text + cross-attention",
+                "shape": "768w/12h/3072ffn",
+                "layers": 4,
+                "batch": 8,
+                "tokens": "40 (context 2056)",
+            },
         ],
     }
     (vit_row, vit), (_, text) = roofline.attention_rows_costs(results)

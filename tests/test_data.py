@@ -10,7 +10,7 @@ from PIL import Image
 
 from modeling_mico import MiCoConfig, MiCoProcessor
 from modeling_mico.annotations import load_annotation_dataset
-from modeling_mico.data import BrokenMediaError, MiCoDataCollator, default_columns
+from modeling_mico.data import ROW_POSITION, BrokenMediaError, MiCoDataCollator, default_columns, index_rows
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,71 @@ def test_skip_count_is_shared_with_dataloader_workers(annotations, processor):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collator)
     assert sum(batch["input_ids"].shape[0] for batch in loader) == 3
     assert collator.num_skipped == 1
+
+
+def _rows_with_many_captions(annotations) -> list[dict]:
+    dataset = index_rows(load_annotation_dataset(annotations))
+    return [dict(dataset[i], captions=[f"caption {i} number {k}" for k in range(16)]) for i in range(3)]
+
+
+def _per_row(batch: dict) -> list[tuple[torch.Tensor, ...]]:
+    return list(zip(batch["input_ids"], batch["input_features"], strict=True))
+
+
+def test_seeded_draws_depend_on_the_row_position_and_epoch_only(annotations, processor):
+    """With a seed, a row's caption and spectrogram slices come from (seed, epoch, position): the same in another
+    batch, order, process or DataLoader worker whatever torch's global RNG did (what makes resuming exact), and new
+    in the next epoch."""
+    rows = _rows_with_many_captions(annotations)[:2]
+    collator = MiCoDataCollator(processor, modalities=["audio"], seed=3)
+    first = _per_row(collator(rows))
+    torch.manual_seed(123)
+    again = _per_row(collator(rows[::-1]))[::-1]
+    for (ids, features), (ids_again, features_again) in zip(first, again):
+        torch.testing.assert_close(ids_again, ids, rtol=0, atol=0)
+        torch.testing.assert_close(features_again, features, rtol=0, atol=0)
+    collator.set_epoch(1)  # read by DataLoader workers too
+    loader = torch.utils.data.DataLoader(rows, batch_size=2, num_workers=1, collate_fn=collator)
+    next_epoch = _per_row(next(iter(loader)))
+    assert all(not torch.equal(ids, later) for (ids, _), (later, _) in zip(first, next_epoch))
+    collator.set_epoch(0)
+    torch.testing.assert_close(_per_row(collator(rows))[0][0], first[0][0], rtol=0, atol=0)
+    unstamped = {key: value for key, value in rows[0].items() if key != ROW_POSITION}
+    message = r"needs rows stamped with their position \(`__position__`\): wrap .* `modeling_mico.data.index_rows`"
+    with pytest.raises(ValueError, match=message):
+        collator([unstamped])
+
+
+def test_index_rows_stamps_streamed_rows_with_process_worker_and_place(annotations, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    streamed = index_rows(load_annotation_dataset(annotations, streaming=True))
+    assert [row[ROW_POSITION] for row in streamed] == ["1/0/0", "1/0/1", "1/0/2", "1/0/3"]
+    assert [row[ROW_POSITION] for row in index_rows(load_annotation_dataset(annotations))] == ["0", "1", "2", "3"]
+
+
+def test_the_trainer_stamps_rows_and_sets_the_epoch_of_a_seeded_collator(tmp_path, annotations, processor):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from modeling_mico import MiCoForPreTraining
+    from modeling_mico.trainer_mico import CollatorEpochCallback, EvalCollatorTrainer
+
+    collator = MiCoDataCollator(processor, modalities=["audio"], seed=3)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False)
+    model = MiCoForPreTraining(MiCoConfig.from_preset("tiny"))
+    trainer = EvalCollatorTrainer(
+        model=model, args=args, train_dataset=load_annotation_dataset(annotations), data_collator=collator
+    )
+    assert trainer.train_dataset[2][ROW_POSITION] == "2"
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CollatorEpochCallback))
+    for resumed_at, expected in ((0.0, [0, 1]), (0.75, [0, 1]), (2.0, [2, 3])):  # state.epoch: epoch + steps/epoch
+        state, control = TrainerState(epoch=resumed_at), TrainerControl()
+        callback.on_train_begin(args, state, control)
+        for epoch in expected:
+            callback.on_epoch_begin(args, state, control)
+            assert collator._epoch.value == epoch
+            callback.on_epoch_end(args, state, control)
+    unseeded = EvalCollatorTrainer(model=model, args=args, train_dataset=load_annotation_dataset(annotations))
+    assert ROW_POSITION not in unseeded.train_dataset[0]
 
 
 def test_default_columns_take_one_modality_per_encoder():

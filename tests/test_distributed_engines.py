@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2/3 through run_pretrain.py and FSDP2 (`modeling_mico.engines`) on 2 CPU processes (gloo)."""
+"""DeepSpeed ZeRO-1/2/3 through run_pretrain.py and FSDP2 (`modeling_mico.engines`) on 2 CPU processes (gloo)."""
 
 import os
 
@@ -73,19 +73,25 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "examples", "run_pretrain
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
 
 
-def _launch(output_dir, data: dict, init: str, *extra: str) -> list[float]:
-    """Run run_pretrain.py on 2 CPU processes (3 steps of 2 x 4 rows) and return the logged losses."""
-    import json
-    import subprocess
+def _command(output_dir, data: dict, init: str, *extra: str, workers: int = 0) -> list[str]:
+    """run_pretrain.py on 2 CPU processes: 3 steps of 2 x 4 rows, checkpoint-2 saved."""
     import sys
 
-    command = [
+    return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT, "--model_name_or_path", init,
         "--train_file", data["train_file"], "--output_dir", str(output_dir), "--max_steps", "3",
         "--per_device_train_batch_size", "4", "--do_train", "--report_to", "none", "--use_cpu", "--ddp_backend", "gloo",
-        "--dataloader_num_workers", "0", "--logging_steps", "1", "--save_steps", "2", "--seed", "3", *extra,
+        "--dataloader_num_workers", str(workers), "--logging_steps", "1", "--save_steps", "2", "--seed", "3", *extra,
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _launch(output_dir, data: dict, init: str, *extra: str, workers: int = 0) -> list[float]:
+    """Run `_command` and return the logged losses."""
+    import json
+    import subprocess
+
+    command = _command(output_dir, data, init, *extra, workers=workers)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return [entry["loss"] for entry in history if "loss" in entry]
@@ -93,8 +99,8 @@ def _launch(output_dir, data: dict, init: str, *extra: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    """The data, initial weights, and DDP's losses in one run and resumed from its checkpoint-2, which every
-    DeepSpeed run is compared with."""
+    """The data, initial weights, and DDP's losses (with a DataLoader worker and evaluation) in one run and resumed
+    from its checkpoint-2; every DeepSpeed run (no worker) is compared with them."""
     from modeling_mico import MiCoConfig, MiCoProcessor
     from modeling_mico.synthetic_data import make_synthetic_dataset
 
@@ -106,30 +112,51 @@ def ddp_run(tmp_path_factory):
     MiCoForPreTraining(config).save_pretrained(root / "init")
     MiCoProcessor.from_config(config).save_pretrained(root / "init")
     init = str(root / "init")
-    losses = _launch(root / "run", data, init)
-    return (
-        data,
-        init,
-        losses,
-        _launch(root / "resumed", data, init, "--resume_from_checkpoint", str(root / "run" / "checkpoint-2")),
-    )
+    evaluation = ["--validation_file", data["test_file"], "--do_eval"]
+    losses = _launch(root / "run", data, init, *evaluation, workers=1)
+    checkpoint = ["--resume_from_checkpoint", str(root / "run" / "checkpoint-2")]
+    return data, init, losses, _launch(root / "resumed", data, init, *checkpoint, workers=1), root
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
+def test_ddp_resumed_on_two_processes_logs_the_uninterrupted_losses(ddp_run, tmp_path):
+    """The collator's draws (caption, frames, slices) are seeded per row and epoch and the model's draws come from the
+    per-process RNG files, so the step run after resuming from checkpoint-2 is the uninterrupted run's third step.
+    The run's output loads with the Auto classes; a non-empty output directory without a checkpoint is refused."""
+    import json
+    import shutil
+    import subprocess
+
+    from transformers import AutoModel, AutoProcessor
+
+    data, init, losses, resumed, root = ddp_run
+    assert len(losses) == 3
+    assert resumed == pytest.approx(losses, rel=1e-6)
+    assert type(AutoModel.from_pretrained(root / "run")).__name__ == "MiCoModel"
+    assert AutoProcessor.from_pretrained(root / "run").image_processor.image_size == 64
+    assert json.loads((root / "run" / "eval_results.json").read_text())["eval_loss"] > 0
+
+    shutil.copytree(root / "run", tmp_path / "foreign", ignore=shutil.ignore_patterns("checkpoint-*"))
+    done = subprocess.run(_command(tmp_path / "foreign", data, init), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "is not empty and holds no complete checkpoint to resume from" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_matches_ddp_resumes_and_converts_to_a_model_directory(tmp_path, ddp_run, stage):
-    """ZeRO-2/3 on 2 CPU processes: the losses equal DDP's from the same weights and data (fp32: rel 1e-5), a run
-    resumed from checkpoint-2 logs the third step of DDP resumed likewise, and checkpoint-2 becomes a model directory that loads with
-    the weights the Trainer saved and the LM head tied."""
+    """ZeRO-1/2/3 on 2 CPU processes: the losses equal DDP's from the same weights and data (fp32: rel 1e-5), a run
+    resumed from checkpoint-2 logs them too (steps 1-2 from the checkpoint's history, step 3 rerun), and
+    checkpoint-2 becomes a model directory that loads with the weights the Trainer saved and the LM head tied."""
     from modeling_mico.engines import zero_checkpoint_to_model_directory
 
-    data, init, ddp_losses, ddp_resumed = ddp_run
+    data, init, ddp_losses, _, _ = ddp_run
     engine = ["--deepspeed", os.path.join(CONFIGS, f"deepspeed_zero{stage}.json")]
     losses = _launch(tmp_path / "run", data, init, *engine)
     assert losses == pytest.approx(ddp_losses, rel=1e-5)
     checkpoint = tmp_path / "run" / "checkpoint-2"
     resumed = _launch(tmp_path / "resumed", data, init, *engine, "--resume_from_checkpoint", str(checkpoint))
-    assert resumed == pytest.approx(ddp_resumed, rel=1e-5)  # steps 1-2 from the checkpoint's history, step 3 rerun
+    assert resumed == pytest.approx(ddp_losses, rel=1e-5)
 
     converted = MiCoForPreTraining.from_pretrained(zero_checkpoint_to_model_directory(checkpoint, tmp_path / "model"))
     assert converted.lm_head.decoder.weight is converted.mico.text_model.embeddings.word_embeddings.weight

@@ -1,22 +1,22 @@
-"""Convert an original MiCo checkpoint (research-code layout) into a Transformers model directory.
+"""Convert an original MiCo checkpoint (research-code layout) into a Transformers model directory. Reads --checkpoint:
+a Hub-layout directory or repo id (config.json + mico_pytorch_model.safetensors/.bin), a repository-layout directory
+(ckpt/model_step_<N>.pt + log/hps.json), or a single weight file with its hyper-parameters in --config. Writes the
+configuration, the weights (safetensors, sharded above --max_shard_size, in --dtype) and the processor with the BERT
+tokenizer to --output_dir (required; replaced entirely only with --overwrite, never the source), prints the unused
+keys it dropped and what it resized, and with --push_to_hub adds a model card and uploads the directory.
 
     python conversion/convert_mico_original_to_hf.py --checkpoint Yiyuan/MiCo-ViT-g-14-omnimodal-300k-b64K \\
-        --output_dir mico-vit-g-14 [--dtype bfloat16] [--push_to_hub user/mico-vit-g-14]
-
-`--checkpoint` is a Hub-layout directory or repo id (config.json + mico_pytorch_model.safetensors/.bin), a
-repository-layout directory (ckpt/model_step_<N>.pt + log/hps.json), or a single weight file with --config.
+        --output_dir outputs/mico-vit-g-14 [--dtype bfloat16] [--push_to_hub user/mico-vit-g-14]
 """
 
 import argparse
 import sys
 
-from transformers.utils import logging
-
-from modeling_mico.convert_original import convert_original_checkpoint, push_converted_to_hub
+from modeling_mico_cli import script_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="original checkpoint: directory, Hub repo id or file")
     parser.add_argument("--output_dir", required=True, help="where to write the Transformers directory")
     parser.add_argument(
@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from transformers.utils import logging
+
+    from modeling_mico.convert_original import convert_original_checkpoint, push_converted_to_hub
+
     logging.set_verbosity_info()
     options = dict(vars(args))  # named as the arguments of `convert_original_checkpoint`
     push_to = options.pop("push_to_hub")

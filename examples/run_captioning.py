@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Caption media files (images, videos, audio clips, any modality of the model) and write one JSON line per file.
+"""Caption media files with a MiCo model and write one JSON line per file. Reads a MiCo checkpoint
+(--model_name_or_path: a directory or a Hub repository) and the media files and folders (searched recursively) given
+in --inputs; a file's modality (image, video, audio, depth, ...) comes from the extensions the model's modalities
+declare, or --modality names it for every file. Files are batched by modality, captioned with beam search (bfloat16 on
+a GPU, float32 on the CPU unless --dtype says otherwise), and written as JSON lines `{"path", "modality", "caption"}`
+to --output_file (default outputs/captions.jsonl), atomically; an existing file is replaced only with --overwrite.
 
-    python examples/run_captioning.py --model_name_or_path DIR_OR_REPO --inputs media/ clip.mp4 \
-        --output_file captions.jsonl [--batch_size 8] [--num_beams 3] [--max_new_tokens 40] [--num_frames 4] \
-        [--modality depth]
-
-A file's modality comes from the extensions the model's modalities declare; `--modality` names it for every file
-(for extensions that name none or several, e.g. depth maps stored as PNG). Files are batched by modality (each is a
-different model input); the model runs in bfloat16 on a GPU and in float32 on the CPU unless `--dtype` says otherwise.
+    python examples/run_captioning.py --model_name_or_path outputs/pretrain --inputs media/ clip.mp4 \\
+        --num_beams 3 --max_new_tokens 40 --num_frames 4
+    python examples/run_captioning.py --model_name_or_path outputs/pretrain --inputs depth_maps/ --modality depth \\
+        --output_file outputs/depth_captions.jsonl
 """
 
 from __future__ import annotations
@@ -15,17 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from modeling_mico import MiCoForConditionalGeneration
-from modeling_mico.captioning import caption_files, collect_media_files, resolve_device, resolve_dtype
-from modeling_mico.evaluation import load_processor
-from modeling_mico.output_utils import atomic_output, check_output_path
+from modeling_mico_cli import arguments_for, default_output, script_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="converted MiCo directory or Hub repository")
     parser.add_argument("--inputs", nargs="+", required=True, help="media files and/or folders (searched recursively)")
-    parser.add_argument("--output_file", required=True, help="JSON lines: path, modality, caption")
+    parser.add_argument("--output_file", default=default_output("captions.jsonl"), help="JSON lines written")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_beams", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=40)
@@ -41,6 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from modeling_mico import MiCoForConditionalGeneration
+    from modeling_mico.captioning import caption_files, collect_media_files, resolve_device, resolve_dtype
+    from modeling_mico.evaluation import load_processor
+    from modeling_mico.output_utils import atomic_output, check_output_path
+
     inputs = [*args.inputs, args.model_name_or_path]
     check_output_path(args.output_file, inputs, args.overwrite)  # before minutes of captioning
     device = resolve_device(args.device)
@@ -54,18 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"no media files of the model's modalities ({', '.join(model.config.modality_specs)}) in {args.inputs}"
         )
-    records = caption_files(
-        model,
-        processor,
-        files,
-        batch_size=args.batch_size,
-        num_frames=args.num_frames,
-        modality=args.modality,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        skip_broken=args.skip_broken,
-        sound_tracks=args.sound_tracks,
-    )
+    generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    records = caption_files(model, processor, files, **arguments_for(caption_files, args), **generation)
     with atomic_output(args.output_file, inputs, args.overwrite, directory=False) as partial:
         partial.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     skipped = f" (skipped {len(files) - len(records)} undecodable files)" if len(records) < len(files) else ""

@@ -1,69 +1,50 @@
 """Fine-tune a MiCo encoder for image, video, audio or depth classification (single- or multi-label) with 🤗 Trainer.
+Reads a MiCo checkpoint (--model_name_or_path; its encoder is kept, the head is new: pooled class tokens ->
+LayerNorm -> linear) and the data as a folder-per-class tree (`train/<label>/<file>`) or an annotation file
+(.jsonl/.json/.csv) with the media column of --modality and a label column (--label_column, a dotted path such as
+`attributes.shape`; a list of labels makes it multi-label). Trains every weight, or a LoRA adapter on the vision
+tower with --use_peft; layer-wise learning-rate decay (--layer_decay 0.9, as BEiT/EVA) and mixup/cutmix
+(--mixup_alpha, --cutmix_alpha) are off by default. Reports accuracy (single-label) or mAP (multi-label) before and
+after training, and writes the model (merged when PEFT is used, the adapter in <output_dir>/adapter), processor,
+metrics and a model card to --output_dir (default outputs/classification); --push_to_hub uploads them.
 
-The data is a folder-per-class tree (`train/<label>/<file>`) or an annotation file (.jsonl/.json/.csv) with the media
-column of the modality and a label column (`--label_column`, a dotted path such as `attributes.shape`; a list of
-labels makes it multi-label). The head (pooled class tokens -> LayerNorm -> linear) is new; the encoder comes from any
-MiCo checkpoint. Full fine-tuning by default, or LoRA on the vision tower (`--use_peft`); layer-wise learning-rate
-decay (`--layer_decay 0.9`, as BEiT/EVA), mixup/cutmix (`--mixup_alpha`, `--cutmix_alpha`, off by default). Reports
-accuracy (single-label) or mAP (multi-label), saves the model (merged when PEFT is used, the adapter in
-<output_dir>/adapter) with the processor and a model card, and `--push_to_hub` uploads it. On the synthetic data:
+On the synthetic data set (examples/make_synthetic_dataset.py) from a model pretrained by examples/run_pretrain.py:
 
-    python examples/run_classification.py --model_name_or_path runs/tiny --modality image \
-        --train_file data/synthetic/train.jsonl --validation_file data/synthetic/test.jsonl \
-        --label_column attributes.shape --output_dir runs/tiny-shape --do_train --do_eval --max_steps 60
+    python examples/run_classification.py --model_name_or_path outputs/pretrain --modality image \\
+        --train_file outputs/synthetic/train.jsonl --validation_file outputs/synthetic/test.jsonl \\
+        --label_column attributes.shape --do_train --do_eval --max_steps 60
 """
 
 import sys
 from dataclasses import dataclass, field
 
-import datasets
-import torch
-from transformers import HfArgumentParser, TrainingArguments
-
-from modeling_mico import (
-    MiCoForAudioClassification,
-    MiCoForDepthClassification,
-    MiCoForImageClassification,
-    MiCoForVideoClassification,
+from modeling_mico_cli import (
+    DataArguments,
+    FinetuneLoraArguments,
+    ModelArguments,
+    TrainerScript,
 )
-from modeling_mico.evaluation import load_processor
-from modeling_mico.finetuning import (
-    FinetuneDataArguments,
-    LoraArguments,
-    MiCoClassificationCollator,
-    classification_compute_metrics,
-    label_names,
-    layer_decay_parameter_groups,
-    load_classification_rows,
-    prepare_run,
-    save_and_publish,
-    train_and_evaluate,
-)
-from modeling_mico.output_utils import prepare_training_output_dir
-from modeling_mico.trainer_mico import EvalCollatorTrainer
 
 
 HEADS = {
-    "image": MiCoForImageClassification,
-    "video": MiCoForVideoClassification,
-    "audio": MiCoForAudioClassification,
-    "depth": MiCoForDepthClassification,
+    "image": "MiCoForImageClassification",
+    "video": "MiCoForVideoClassification",
+    "audio": "MiCoForAudioClassification",
+    "depth": "MiCoForDepthClassification",
 }
 PIPELINE_TASKS = {"image": "image-classification", "video": "video-classification", "audio": "audio-classification"}
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "the MiCo checkpoint whose encoder is fine-tuned"})
-    modality: str = field(default="image", metadata={"help": "what is classified: image, video, audio or depth"})
+class ClassificationModelArguments(ModelArguments):
+    modality: str = field(default="image", metadata={"help": "what is classified", "choices": list(HEADS)})
     fused_modalities: list[str] = field(
         default_factory=list, metadata={"help": "modalities fused with it (e.g. audio for video+audio)"}
     )
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2"})
 
 
 @dataclass
-class DataArguments(FinetuneDataArguments):
+class ClassificationDataArguments(DataArguments):
     label_column: str = field(default="label", metadata={"help": "label column of annotation files (dotted path)"})
 
 
@@ -74,25 +55,35 @@ class FinetuneArguments:
     cutmix_alpha: float = field(default=0.0, metadata={"help": "cutmix Beta(alpha, alpha) (0 = off)"})
 
 
-def build_parser() -> HfArgumentParser:
-    """The command-line options: the dataclasses above and `TrainingArguments`."""
-    return HfArgumentParser(
-        (ModelArguments, DataArguments, FinetuneArguments, LoraArguments, TrainingArguments),
-        description=__doc__.split("\n\n")[0],
-    )
+COMMAND_LINE = TrainerScript(
+    __doc__,
+    (ClassificationModelArguments, ClassificationDataArguments, FinetuneArguments, FinetuneLoraArguments),
+    "classification",
+)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = build_parser()
-    model_args, data_args, finetune_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if model_args.modality not in HEADS:
-        parser.error(f"--modality must be one of {sorted(HEADS)}, got {model_args.modality!r}")
-    push = prepare_run(training_args, data_args.validation_file)
+    model_args, data_args, finetune_args, lora_args, training_args = COMMAND_LINE.parse(argv)
+    import datasets
+    import torch
 
-    model_class = HEADS[model_args.modality]
+    import modeling_mico
+    from modeling_mico.evaluation import load_processor
+    from modeling_mico.finetuning import (
+        MiCoClassificationCollator,
+        classification_compute_metrics,
+        label_names,
+        layer_decay_parameter_groups,
+        load_classification_rows,
+        prepare_run,
+        run_finetuning,
+    )
+    from modeling_mico.trainer_mico import EvalCollatorTrainer
+
+    push = prepare_run(training_args, data_args.validation_file)
+    model_class = getattr(modeling_mico, HEADS[model_args.modality])
     modalities = [model_args.modality, *model_args.fused_modalities]
-    options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    model = model_class.from_pretrained(model_args.model_name_or_path, **options)  # MiCo or original checkpoints
+    model = model_args.from_pretrained(model_class)  # MiCo or original checkpoints
     train_rows = load_classification_rows(data_args.train_file, model.config, modalities, data_args.label_column)
     eval_rows = []
     if data_args.validation_file:
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
     model = lora_args.wrap(model, "vision", modules_to_save=["fc_norm", "classifier"])  # the new head in full
 
-    def collator(training: bool) -> MiCoClassificationCollator:
+    def collator(training: bool):
         mixing = {"mixup_alpha": finetune_args.mixup_alpha, "cutmix_alpha": finetune_args.cutmix_alpha}
         return MiCoClassificationCollator(processor, config, modalities, training, multi_label, **mixing)
 
@@ -126,31 +117,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer = torch.optim.AdamW(
         groups, betas=(training_args.adam_beta1, training_args.adam_beta2), eps=training_args.adam_epsilon
     )
-    trainer = EvalCollatorTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=datasets.Dataset.from_list(train_rows),
-        eval_dataset=eval_dataset,
-        data_collator=collator(training=True),
-        eval_data_collator=collator(training=False),
-        processing_class=processor,
+    trainer = EvalCollatorTrainer.for_datasets(
+        model,
+        training_args,
+        processor,
+        collator,
+        datasets.Dataset.from_list(train_rows),
+        eval_dataset,
         compute_metrics=classification_compute_metrics(multi_label),
         optimizers=(optimizer, None),
     )
-    inputs = (model_args.model_name_or_path, data_args.train_file, data_args.validation_file)
-    checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
-    metrics = train_and_evaluate(trainer, checkpoint)
-    save_and_publish(
-        trainer,
-        model,
-        processor,
-        metrics,
-        push,
-        base_model=model_args.model_name_or_path,
-        dataset=data_args.train_file,
-        task=PIPELINE_TASKS.get(model_args.modality, "image-classification"),
-        tags=["mico", f"{model_args.modality}-classification"],
+    task, tags = (
+        PIPELINE_TASKS.get(model_args.modality, "image-classification"),
+        ["mico", f"{model_args.modality}-classification"],
     )
+    metrics = run_finetuning(trainer, processor, push, model_args.model_name_or_path, data_args, task, tags)
     return metrics
 
 

@@ -1,82 +1,47 @@
 """Fine-tune MiCo with a PEFT adapter (LoRA by default) on MiCo's pretraining losses, reporting retrieval metrics.
+Reads a MiCo model (--model_name_or_path: a directory saved by examples/run_pretrain.py, a Hub repository or an
+original checkpoint) and annotation files (--train_file, --validation_file) whose rows hold captions and the media
+columns of --modalities; trains the adapter on the chosen towers (--target_towers) with the chosen losses (--losses),
+and with --do_eval reports text<->media retrieval (R@1/5/10, median and mean rank) of every target whose columns are
+loaded. Writes the adapter, processor, metrics and a model card to --output_dir (default outputs/finetune_peft), and
+with --merge_and_save the merged full model (loadable by `AutoModel`) to <output_dir>/merged; --push_to_hub uploads
+the merged model when there is one, else the adapter. A rerun into the same --output_dir resumes from its last
+complete checkpoint (or --resume_from_checkpoint); --overwrite_output_dir starts over.
 
-On the synthetic data set, from a model saved by examples/run_pretrain.py (or any MiCo directory / Hub repository):
+On the synthetic data set (examples/make_synthetic_dataset.py):
 
-    python examples/run_finetune_peft.py --model_name_or_path runs/tiny --train_file data/synthetic/train.jsonl \
-        --validation_file data/synthetic/test.jsonl --output_dir runs/tiny-lora --max_steps 100 \
-        --per_device_train_batch_size 16 --learning_rate 1e-3 --modalities image --target_towers both \
+    python examples/run_finetune_peft.py --model_name_or_path outputs/pretrain \\
+        --train_file outputs/synthetic/train.jsonl --validation_file outputs/synthetic/test.jsonl --max_steps 100 \\
+        --per_device_train_batch_size 16 --learning_rate 1e-3 --modalities image --target_towers both \\
         --do_train --do_eval --eval_strategy steps --eval_steps 50 --merge_and_save
 
-The adapter (and the processor, metrics and a model card) is saved in --output_dir; `--merge_and_save` also writes the
-merged full model to <output_dir>/merged, loadable by `AutoModel`. A rerun into the same --output_dir resumes from its
-last complete checkpoint (or --resume_from_checkpoint); --overwrite_output_dir starts over. `--peft_config
-'{"peft_type": "IA3"}'` (or a JSON file) selects another PEFT method. `--push_to_hub` uploads the merged model when
-there is one, else the adapter.
+`--peft_config '{"peft_type": "IA3"}'` (or a JSON file) selects another PEFT method.
 """
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-import transformers
-from transformers import HfArgumentParser, TrainingArguments, set_seed
-
-from modeling_mico import MiCoForPreTraining
-from modeling_mico.annotations import check_columns, load_annotation_dataset
-from modeling_mico.data import MiCoDataCollator
-from modeling_mico.evaluation import load_processor, targets_for_columns
-from modeling_mico.output_utils import prepare_training_output_dir, require_work
-from modeling_mico.peft_utils import (
-    build_peft_config,
-    build_peft_model,
-    merge_and_save,
-    push_to_hub,
-    resolve_towers,
-    set_pretraining_losses,
-    write_model_card,
+from modeling_mico_cli import (
+    LoraArguments,
+    ModelArguments,
+    PretrainingDataArguments,
+    TrainerScript,
 )
-from modeling_mico.trainer_mico import MiCoRetrievalTrainer, retrieval_compute_metrics
 
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "the MiCo model to adapt (directory or Hub repository)"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2"})
-
-
-@dataclass
-class DataArguments:
-    train_file: str = field(metadata={"help": "annotation file (.jsonl, .json, .csv, .parquet)"})
-    validation_file: str | None = field(default=None, metadata={"help": "annotation file for evaluation"})
-    modalities: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "annotation columns to load: media columns of the model's modalities (image or video, not both) "
-            "and subtitle (default: one column per encoder, videos rather than images, and subtitle)"
-        },
-    )
+class RetrievalDataArguments(PretrainingDataArguments):
     retrieval_targets: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "retrieval reported at evaluation: the model's modalities and fused targets such as va "
-            "(default: every target whose columns are loaded)"
-        },
-    )
-    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
+        default=None, metadata={"help": "retrieval reported at evaluation, e.g. image va (default: every loaded one)"}
     )
 
 
 @dataclass
-class AdapterArguments:
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
+class AdapterArguments(LoraArguments):
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     peft_config: str | None = field(
         default=None, metadata={"help": "JSON (inline or a file) of another PEFT config, with `peft_type`"}
@@ -92,24 +57,32 @@ class AdapterArguments:
     merge_and_save: bool = field(default=False, metadata={"help": "also save the merged model to <output_dir>/merged"})
 
 
-def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, AdapterArguments, TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, adapter_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, adapter_args, training_args = parser.parse_args_into_dataclasses()
-    training_args.remove_unused_columns = False  # the collator reads the raw annotation columns
-    # the Hub upload happens here, after the model card is written (not through Trainer's own push)
-    push, training_args.push_to_hub = training_args.push_to_hub, False
+COMMAND_LINE = TrainerScript(__doc__, (ModelArguments, RetrievalDataArguments, AdapterArguments), "finetune_peft")
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, adapter_args, training_args = COMMAND_LINE.parse(argv)
+    from modeling_mico import MiCoForPreTraining
+    from modeling_mico.annotations import check_columns, load_annotation_dataset
+    from modeling_mico.data import MiCoDataCollator
+    from modeling_mico.evaluation import load_processor, targets_for_columns
+    from modeling_mico.finetuning import prepare_run
+    from modeling_mico.output_utils import prepare_training_output_dir
+    from modeling_mico.peft_utils import (
+        build_peft_config,
+        build_peft_model,
+        merge_and_save,
+        push_to_hub,
+        resolve_towers,
+        set_pretraining_losses,
+        write_model_card,
+    )
+    from modeling_mico.trainer_mico import MiCoRetrievalTrainer, retrieval_compute_metrics, train_and_evaluate
+
+    push = prepare_run(training_args, data_args.validation_file)  # the upload happens after the model card is written
     output_dir = training_args.output_dir
-    require_work(training_args, data_args.validation_file)
-    set_seed(training_args.seed)
 
-    options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    model = MiCoForPreTraining.from_pretrained(model_args.model_name_or_path, **options)
+    model = model_args.from_pretrained(MiCoForPreTraining)
     set_pretraining_losses(model, adapter_args.losses)
     towers = resolve_towers(adapter_args.target_towers)
     peft_config = build_peft_config(
@@ -126,11 +99,11 @@ def main() -> None:
     config = model.config
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
     processor.check_matches(config)
-    train_collator, eval_collator = (
-        MiCoDataCollator(processor, data_args.modalities, training=training, config=config)
-        for training in (True, False)
-    )
-    targets = data_args.retrieval_targets or targets_for_columns(config, train_collator.modalities)
+
+    def collator(training: bool):
+        return MiCoDataCollator(processor, data_args.modalities, training=training, config=config)
+
+    targets = data_args.retrieval_targets or targets_for_columns(config, collator(True).modalities)
     train_dataset = load_annotation_dataset(data_args.train_file, config=config)
     eval_dataset = (
         load_annotation_dataset(data_args.validation_file, config=config) if data_args.validation_file else None
@@ -139,28 +112,17 @@ def main() -> None:
     check_columns(train_dataset, data_args.modalities, data_args.train_file)  # requested columns: never dropped
     checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
 
-    trainer = MiCoRetrievalTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=train_collator,
-        eval_data_collator=eval_collator,
-        processing_class=processor,
+    trainer = MiCoRetrievalTrainer.for_datasets(
+        model,
+        training_args,
+        processor,
+        collator,
+        train_dataset,
+        eval_dataset,
         compute_metrics=retrieval_compute_metrics(targets) if targets else None,
         retrieval_targets=targets,
     )
-    metrics: dict[str, float] = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()  # the adapter and the processor
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    metrics = train_and_evaluate(trainer, checkpoint, save=True)  # the adapter and the processor
     if not training_args.do_train:
         return  # evaluation only: the metrics files are the output; no model card over the directory's README.md
 

@@ -1,10 +1,16 @@
-"""Pretrain MiCo (omni-modal contrastive + matching + caption losses) with the 🤗 Trainer.
+"""Pretrain MiCo (omni-modal contrastive + matching + caption losses) with the 🤗 Trainer. Starts from a size preset
+or config JSON (--config_name, fresh weights) or from a checkpoint (--model_name_or_path); reads annotation files or
+🤗 datasets folders (--train_file, --validation_file) whose rows hold captions and media files (image or video,
+audio, depth, normal, subtitles), or tar shards (--train_shards, streamed). Trains with `--do_train`, reports the
+pretraining loss on the validation data with `--do_eval`, and writes checkpoints, the final model and processor,
+metrics and the trainer state to --output_dir (default outputs/pretrain). A rerun into the same --output_dir resumes
+from its last complete checkpoint; --overwrite_output_dir starts over.
 
 Single process (CPU or one GPU), on the synthetic data set:
 
-    python examples/make_synthetic_dataset.py --output_dir data/synthetic --num_samples 400
-    python examples/run_pretrain.py --config_name tiny --train_file data/synthetic/train.jsonl \
-        --validation_file data/synthetic/test.jsonl --output_dir runs/tiny --max_steps 50 \
+    python examples/make_synthetic_dataset.py --num_samples 400
+    python examples/run_pretrain.py --config_name tiny --train_file outputs/synthetic/train.jsonl \\
+        --validation_file outputs/synthetic/test.jsonl --do_train --do_eval --max_steps 50 \\
         --per_device_train_batch_size 8 --learning_rate 5e-4 --dataloader_num_workers 2
 
 Several processes: `torchrun --nproc_per_node N examples/run_pretrain.py ...` (add `--ddp_backend gloo` on CPU), or
@@ -14,26 +20,16 @@ examples/configs/README.md for DeepSpeed ZeRO-2/3 and FSDP).
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-import transformers
-from transformers import HfArgumentParser, TrainingArguments, set_seed
-
-from modeling_mico import MiCoConfig, MiCoForPreTraining, MiCoProcessor
-from modeling_mico.annotations import check_columns, load_annotation_dataset
-from modeling_mico.data import MiCoDataCollator
-from modeling_mico.engines import check_fsdp_request, prepare_deepspeed
-from modeling_mico.output_utils import prepare_training_output_dir, require_work
-from modeling_mico.sharded_data import ShardCollator, load_shards
-from modeling_mico.trainer_mico import EvalCollatorTrainer
+from modeling_mico_cli import ModelArguments, PretrainingDataArguments, TrainerScript
 
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelArguments:
+class PretrainModelArguments(ModelArguments):
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "weights to start from (a MiCo directory, Hub id or original checkpoint)"}
     )
@@ -43,11 +39,10 @@ class ModelArguments:
     processor_name: str | None = field(
         default=None, metadata={"help": "processor directory (default: model_name_or_path, else the default one)"}
     )
-    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2"})
 
 
 @dataclass
-class DataArguments:
+class DataArguments(PretrainingDataArguments):
     train_file: str | None = field(
         default=None,
         metadata={
@@ -55,6 +50,7 @@ class DataArguments:
             "folder load_dataset reads) with Image / Audio / Video or path columns; or give --train_shards"
         },
     )
+    validation_file: str | None = field(default=None, metadata={"help": "annotation file or datasets folder"})
     train_shards: str | None = field(
         default=None,
         metadata={
@@ -63,34 +59,25 @@ class DataArguments:
         },
     )
     shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the --train_shards shuffle buffer"})
-    validation_file: str | None = field(default=None, metadata={"help": "annotation file or datasets folder"})
     train_split: str | None = field(default=None, metadata={"help": "split of a datasets folder (--train_file)"})
     validation_split: str | None = field(
         default=None, metadata={"help": "split of a datasets folder (--validation_file)"}
     )
     streaming: bool = field(default=False, metadata={"help": "stream the annotations (needs --max_steps)"})
-    modalities: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "annotation columns to load: media columns of the model's modalities (image or video, not both) "
-            "and subtitle (default: one column per encoder, videos rather than images, and subtitle)"
-        },
-    )
     image_size: int | None = field(default=None, metadata={"help": "input resolution of a fresh model"})
-    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
     num_slices: int | None = field(default=None, metadata={"help": "audio spectrogram slices per clip"})
     skip_broken: bool = field(default=False, metadata={"help": "skip (and count) rows with broken media files"})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
-    )
 
 
-def build_model(model_args: ModelArguments, data_args: DataArguments) -> MiCoForPreTraining:
-    """Fresh weights from `--config_name`, or pretrained ones from `--model_name_or_path`."""
-    options = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
+COMMAND_LINE = TrainerScript(__doc__, (PretrainModelArguments, DataArguments), "pretrain")
+
+
+def build_model(model_args: PretrainModelArguments, data_args: DataArguments):
+    """Fresh weights from `--config_name`, or pretrained ones from `--model_name_or_path` (`MiCoForPreTraining`)."""
+    from modeling_mico import MiCoConfig, MiCoForPreTraining
+
     if model_args.model_name_or_path:
-        return MiCoForPreTraining.from_pretrained(model_args.model_name_or_path, **options)
+        return model_args.from_pretrained(MiCoForPreTraining)
     if not model_args.config_name:
         raise ValueError("give --config_name (tiny, base, giant or a config JSON) or --model_name_or_path")
     if os.path.isfile(model_args.config_name):
@@ -104,7 +91,10 @@ def build_model(model_args: ModelArguments, data_args: DataArguments) -> MiCoFor
     return MiCoForPreTraining._from_config(config)  # as AutoModel.from_config: ZeRO-3 partitions it while built
 
 
-def build_processor(model_args: ModelArguments, data_args: DataArguments, config: MiCoConfig) -> MiCoProcessor:
+def build_processor(model_args: PretrainModelArguments, data_args: DataArguments, config):
+    """The processor of `--processor_name` or `--model_name_or_path`, else the default one of `config`."""
+    from modeling_mico import MiCoProcessor
+
     source = model_args.processor_name or model_args.model_name_or_path
     if source and os.path.isfile(os.path.join(source, "processor_config.json")):
         processor = MiCoProcessor.from_pretrained(source)
@@ -118,12 +108,17 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, config
     return processor
 
 
-def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, training_args = COMMAND_LINE.parse(argv)
+    import transformers
+
+    from modeling_mico.annotations import check_columns, load_annotation_dataset
+    from modeling_mico.data import MiCoDataCollator
+    from modeling_mico.engines import check_fsdp_request, prepare_deepspeed
+    from modeling_mico.output_utils import prepare_training_output_dir, require_work
+    from modeling_mico.sharded_data import ShardCollator, load_shards
+    from modeling_mico.trainer_mico import EvalCollatorTrainer, train_and_evaluate
+
     training_args.remove_unused_columns = False  # the collator reads the raw annotation columns
     training_args.prediction_loss_only = True  # evaluation reports the pretraining loss
     if training_args.ddp_find_unused_parameters is None:
@@ -135,7 +130,7 @@ def main() -> None:
     check_fsdp_request(training_args)
     if training_args.deepspeed:
         prepare_deepspeed(training_args)
-    set_seed(training_args.seed)
+    transformers.set_seed(training_args.seed)
 
     model = build_model(model_args, data_args)
     processor = build_processor(model_args, data_args, model.config)
@@ -166,8 +161,9 @@ def main() -> None:
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a streamed data set has no length)")
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
-    train_collator, eval_collator = (
-        MiCoDataCollator(
+
+    def collator(training: bool):
+        collate = MiCoDataCollator(
             processor,
             data_args.modalities,
             training=training,
@@ -175,36 +171,17 @@ def main() -> None:
             config=model.config,
             seed=data_seed if training else None,  # per-row draws: a resumed run repeats them
         )
-        for training in (True, False)
-    )
+        return ShardCollator(collate) if training and data_args.train_shards else collate
+
+    collator(True)  # refuses unknown --modalities before the output folder is prepared
     train_source = data_args.train_file or data_args.train_shards
     inputs = (model_args.model_name_or_path, model_args.config_name, train_source, data_args.validation_file)
     check_columns(train_dataset, data_args.modalities, train_source)  # requested columns: never dropped
     checkpoint = prepare_training_output_dir(training_args, data_args.overwrite_output_dir, inputs)
-    if data_args.train_shards:
-        train_collator = ShardCollator(train_collator)
-
-    trainer = EvalCollatorTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=train_collator,
-        eval_data_collator=eval_collator,
-        processing_class=processor,
-    )
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        if data_args.skip_broken:
-            logger.info(f"rows skipped for broken media: {train_collator.num_skipped}")
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    trainer = EvalCollatorTrainer.for_datasets(model, training_args, processor, collator, train_dataset, eval_dataset)
+    train_and_evaluate(trainer, checkpoint, save=True)
+    if training_args.do_train and data_args.skip_broken:
+        logger.info(f"rows skipped for broken media: {trainer.data_collator.num_skipped}")
     if training_args.push_to_hub:
         trainer.push_to_hub(finetuned_from=model_args.model_name_or_path, tags=["mico", "pretraining"])
 

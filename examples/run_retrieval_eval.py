@@ -1,44 +1,34 @@
-"""Zero-shot text<->item retrieval of a MiCo model on an annotation file (R@1/5/10, median and mean rank).
+"""Zero-shot text<->item retrieval of a MiCo model on an annotation file (R@1/5/10, median and mean rank). Reads a
+MiCo model (--model_name_or_path) and an annotation file or 🤗 datasets folder (--test_file) whose rows hold captions
+and media; embeds the captions and the items of every target in --modalities (the model's modalities such as video,
+audio, image, depth, normal or declared ones like thermal, and fused combinations of its fused heads: va = video +
+audio, id = image + depth), optionally re-ranks each query's top k with the matching head (--itm_rerank_top_k).
+Writes `retrieval_results.json` (keys such as `t2v/R@1`, `v2t/R@1`, `t2va/R@1`; percentages; re-ranked results under
+`itm/`) and one `similarity_<target>.png` heat-map per target to --output_dir (default outputs/retrieval), atomically
+(never inside the model directory or over the annotations), and prints a Markdown table.
 
-On the synthetic data set (see examples/make_synthetic_dataset.py) with a model saved by examples/run_pretrain.py:
+On the synthetic data set (examples/make_synthetic_dataset.py) with a model saved by examples/run_pretrain.py:
 
-    python examples/run_retrieval_eval.py --model_name_or_path runs/tiny --test_file data/synthetic/test.jsonl \
-        --output_dir runs/tiny-retrieval --modalities video audio depth normal va --itm_rerank_top_k 10
+    python examples/run_retrieval_eval.py --model_name_or_path outputs/pretrain \\
+        --test_file outputs/synthetic/test.jsonl --modalities video audio depth normal va --itm_rerank_top_k 10
 
-Targets are the model's modalities (video, audio, image, depth, normal, declared ones such as thermal) and the fused
-combinations of its fused heads (va = video + audio, id = image + depth, ...): see `modeling_mico.evaluation`.
-Writes `retrieval_results.json` (keys such as `t2v/R@1`, `v2t/R@1`, `t2va/R@1`, `t2thermal/R@1`; percentages;
-matching-head re-ranked results under `itm/`), one `similarity_<target>.png` heat-map per target, and prints a Markdown
-table. The output directory is written atomically, never inside the model directory or over the annotations;
 `--skip_broken` leaves out (and reports) items whose media cannot be decoded.
 """
 
 import argparse
 import logging
 
-import torch
-import transformers
-from transformers import AutoModel
-
-import modeling_mico  # noqa: F401  (registers MiCo with the Auto classes)
-from modeling_mico.annotations import FORMATS, load_annotations
-from modeling_mico.evaluation import (
-    load_processor,
-    resolve_device_and_dtype,
-    resolve_targets,
-    retrieval_results,
-    score_retrieval,
-    write_results,
-)
-from modeling_mico.output_utils import atomic_output, check_output_path
-from modeling_mico.retrieval import format_results_table, plot_similarity_heatmap
+from modeling_mico_cli import default_output, script_parser
 
 
 logger = logging.getLogger(__name__)
+ANNOTATION_FORMATS = (
+    "auto (from the extension and content) or one of modeling_mico.annotations.FORMATS: mico, msrvtt, ..."
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--model_name_or_path", required=True, help="a MiCo directory or Hub repository")
     parser.add_argument(
         "--test_file",
@@ -46,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="annotation file (see modeling_mico.annotations) or a 🤗 datasets folder (save_to_disk output or a folder "
         "load_dataset reads) with Image / Audio / Video or path columns",
     )
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", default=default_output("retrieval"), help="results and heat-maps written")
     parser.add_argument(
         "--modalities",
         nargs="+",
@@ -55,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--itm_rerank_top_k", type=int, default=None, help="re-rank each query's top k by matching")
     parser.add_argument("--batch_size", type=int, default=16, help="items, captions or matching pairs per pass")
-    parser.add_argument("--annotation_format", default="auto", choices=["auto", *FORMATS])
+    parser.add_argument("--annotation_format", default="auto", help=ANNOTATION_FORMATS)
     parser.add_argument("--media_root", default=None, help="directory media paths are relative to")
     parser.add_argument("--split", default=None, help="keep only rows of this split (of a datasets folder: its split)")
     parser.add_argument("--num_frames", type=int, default=None, help="video frames per clip (default: processor's)")
@@ -75,6 +65,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    import torch
+    import transformers
+    from transformers import AutoModel
+
+    import modeling_mico  # noqa: F401  (registers MiCo with the Auto classes)
+    from modeling_mico.annotations import load_annotations
+    from modeling_mico.evaluation import (
+        load_processor,
+        resolve_device_and_dtype,
+        resolve_targets,
+        retrieval_results,
+        score_retrieval,
+        write_results,
+    )
+    from modeling_mico.output_utils import atomic_output, check_output_path
+    from modeling_mico.retrieval import format_results_table, plot_similarity_heatmap
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     inputs = (args.model_name_or_path, args.test_file, args.media_root)

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Search your own media with MiCo: `index` embeds the images, videos (with a same-named sound clip beside them, or
-their own sound track with --sound_tracks), audio clips and depth `.npy` maps of folders once into a 🤗 dataset with a
-FAISS index (a second run into the same index embeds only new or changed files); `query` ranks the indexed items for
-text queries and media queries (any modality to any) and prints one JSON line per hit: query, rank, path, modality,
-score (cosine similarity).
+"""Search your own media with MiCo. `index` reads a MiCo model (--model_name_or_path) and the images, videos (with a
+same-named sound clip beside them, or their own sound track with --sound_tracks), audio clips and depth `.npy` maps
+of the files and folders in --inputs, and embeds them once into a 🤗 dataset with a FAISS index in --index_dir
+(default outputs/search_index; a second run into the same index embeds only new or changed files); `query` reads
+that index and ranks its items for text queries and media queries (any modality to any), printing one JSON line per
+hit: query, rank, path, modality, score (cosine similarity).
 
-    python examples/run_search.py index --model_name_or_path runs/tiny --inputs media/ --index_dir media-index
-    python examples/run_search.py query --model_name_or_path runs/tiny --index_dir media-index --text "a dog" \
+    python examples/run_search.py index --model_name_or_path outputs/pretrain --inputs media/
+    python examples/run_search.py query --model_name_or_path outputs/pretrain --text "a dog" \\
         --media media/clip.mp4 --top_k 5
 """
 
@@ -15,20 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 
-from modeling_mico import MiCoModel
-from modeling_mico.captioning import resolve_device
-from modeling_mico.evaluation import load_processor
-from modeling_mico.search import build_index, load_index, search
+from modeling_mico_cli import HelpFormatter, default_output, script_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    index = commands.add_parser("index", help="embed media files into a search index")
-    query = commands.add_parser("query", help="rank the indexed items for text and media queries")
+    summaries = {"index": "embed media files into a search index", "query": "rank the indexed items for queries"}
+    index, query = (
+        commands.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+        for name, summary in summaries.items()
+    )
     for command in (index, query):
         command.add_argument("--model_name_or_path", required=True, help="MiCo directory or Hub repository")
-        command.add_argument("--index_dir", required=True, help="the search index (a folder)")
+        command.add_argument("--index_dir", default=default_output("search_index"), help="the search index (a folder)")
         command.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     index.add_argument("--inputs", nargs="+", required=True, help="media files and/or folders (searched recursively)")
     index.add_argument("--batch_size", type=int, default=8)
@@ -47,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from modeling_mico import MiCoModel
+    from modeling_mico.captioning import resolve_device
+    from modeling_mico.evaluation import load_processor
+    from modeling_mico.search import build_index, load_index, search
+
     model = MiCoModel.from_pretrained(args.model_name_or_path).to(resolve_device(args.device)).eval()
     processor = load_processor(args.model_name_or_path, model.config)
     if args.command == "index":

@@ -1,15 +1,16 @@
 """Print the main job's results: retrieval on the held-out split against chance, zero-shot accuracy, the generated
-captions, and where every output was written.
+captions, and where every output was written. Reads the files `bash scripts/main_job.sh` wrote into its output
+folder (`retrieval/retrieval_results.json`, `zero_shot/*.jsonl`, `captions*.jsonl`, `caption_references.json`;
+default outputs/main_job); every number printed comes from them. Writes nothing.
 
-    python examples/summarize_main_job.py OUTPUT_DIR
-
-Every number comes from the files the run wrote (`retrieval/retrieval_results.json`, `zero_shot/*.jsonl`,
-`captions*.jsonl`).
+    python examples/summarize_main_job.py outputs/main_job
 """
 
 import json
 import sys
 from pathlib import Path
+
+from modeling_mico_cli import default_output, script_parser
 
 
 # Retrieval target (as in the result keys) -> how the table names it.
@@ -95,4 +96,8 @@ def main(output_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    parser = script_parser(__doc__)
+    parser.add_argument(
+        "output_dir", nargs="?", default=default_output("main_job"), help="the main job's output folder"
+    )
+    sys.exit(main(parser.parse_args().output_dir))

@@ -1,25 +1,22 @@
 """Pack an annotation file and its media into WebDataset-style tar shards for `run_pretrain.py --train_shards`.
+Reads the annotation file (--train_file) and the media files its rows name (the media columns of the default
+modalities, or of --config_name's). One sample is `<key>.json` (caption(s), subtitle, id) plus
+`<key>.<column>.<ext>` per media column holding the file's encoded bytes (decoded later in the DataLoader workers).
+Writes `shard-000000.tar`, `shard-000001.tar`, ... to --output_dir (default outputs/shards; it must hold no shards
+yet) and prints the brace pattern to give to `--train_shards`.
 
-One sample is `<key>.json` (caption(s), subtitle, id) plus `<key>.<column>.<ext>` per media column holding the file's
-encoded bytes (decoded later in the DataLoader workers). Shards are named `<output_dir>/shard-000000.tar`, ...; the
-command prints the brace pattern to give to `--train_shards`.
-
-Example:
-    python examples/write_shards.py --train_file data/synthetic/train.jsonl --output_dir data/shards \
-        --samples_per_shard 1000
+    python examples/write_shards.py --train_file outputs/synthetic/train.jsonl --samples_per_shard 1000
 """
 
 import argparse
 
-from modeling_mico import MiCoConfig
-from modeling_mico.annotations import load_annotation_dataset
-from modeling_mico.sharded_data import write_shards
+from modeling_mico_cli import default_output, script_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--train_file", required=True, help="annotation file (.jsonl, .json, .csv, .parquet)")
-    parser.add_argument("--output_dir", required=True, help="directory for the shards (must hold no shards yet)")
+    parser.add_argument("--output_dir", default=default_output("shards"), help="directory for the shards")
     parser.add_argument("--samples_per_shard", type=int, default=1000, help="samples per tar file (default: 1000)")
     parser.add_argument(
         "--config_name", default=None, help="preset or config JSON whose modalities name the media columns"
@@ -29,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    from modeling_mico import MiCoConfig
+    from modeling_mico.annotations import load_annotation_dataset
+    from modeling_mico.sharded_data import write_shards
+
     config = None
     if args.config_name:
         config = (

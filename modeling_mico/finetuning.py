@@ -18,7 +18,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,9 @@ from .caption_metrics import caption_scores
 from .captioning import media_modality
 from .configuration_mico import MiCoConfig
 from .data import MiCoDataCollator
-from .output_utils import require_work
+from .output_utils import prepare_training_output_dir, require_work
 from .pretraining_mico import mask_caption_tokens
-from .trainer_mico import EvalCollatorTrainer
+from .trainer_mico import EvalCollatorTrainer, train_and_evaluate
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -383,44 +382,6 @@ def append_metrics_to_card(output_dir: str | os.PathLike, metrics: dict[str, flo
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class FinetuneDataArguments:
-    """Command-line options (an `HfArgumentParser` dataclass) of the fine-tuning scripts' data and output folder."""
-
-    train_file: str = field(metadata={"help": "training data: an annotation file (or, for classification, a folder)"})
-    validation_file: str | None = field(default=None, metadata={"help": "the same, for evaluation"})
-    num_frames: int | None = field(default=None, metadata={"help": "video frames sampled per clip"})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "remove everything in --output_dir (earlier checkpoints too) and train from scratch"},
-    )
-
-
-@dataclass
-class LoraArguments:
-    """Command-line options (an `HfArgumentParser` dataclass) of the fine-tuning scripts' LoRA adapter."""
-
-    use_peft: bool = field(
-        default=False, metadata={"help": "train a LoRA adapter (merged into the saved model) instead of every weight"}
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-
-    def wrap(self, model: nn.Module, tower: str, modules_to_save: Sequence[str] = ()) -> nn.Module:
-        """`model` with a LoRA adapter on `tower` (`peft_utils.build_peft_config`) and `modules_to_save` trained in
-        full, when `use_peft`; else `model`."""
-        if not self.use_peft:
-            return model
-        from .peft_utils import build_peft_config, build_peft_model
-
-        config = build_peft_config(tower, self.lora_r, self.lora_alpha, self.lora_dropout)
-        config.modules_to_save = list(modules_to_save) or None
-        model = build_peft_model(model, config)
-        model.print_trainable_parameters()
-        return model
-
-
 def prepare_run(training_args: Any, validation_file: str | None) -> bool:
     """Set-up shared by the fine-tuning scripts: a run with nothing to do is refused (`output_utils.require_work`),
     the collator reads raw rows (`remove_unused_columns=False`), logging, the seed. Trainer's own Hub push is
@@ -437,26 +398,6 @@ def prepare_run(training_args: Any, validation_file: str | None) -> bool:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     transformers.set_seed(training_args.seed)
     return push
-
-
-def train_and_evaluate(trainer: Any, checkpoint: str | None = None) -> dict[str, float]:
-    """Evaluate (`pretrained_*` metrics), train (resuming from `checkpoint`, see
-    `output_utils.prepare_training_output_dir`), evaluate again (`eval_*`), as `trainer.args` asks; saves and
-    returns the metrics."""
-    args, metrics = trainer.args, {}
-    evaluate = args.do_eval and trainer.eval_dataset is not None
-    if evaluate:
-        metrics.update(trainer.evaluate(metric_key_prefix="pretrained"))
-    if args.do_train:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-    if evaluate:
-        after = trainer.evaluate()
-        trainer.log_metrics("eval", after)
-        metrics.update(after)
-        trainer.save_metrics("eval", metrics)
-    return metrics
 
 
 def save_and_publish(
@@ -494,8 +435,21 @@ def save_and_publish(
     return model
 
 
+def run_finetuning(
+    trainer: Any, processor: Any, push: bool, base_model: str, data: Any, task: str, tags: Sequence[str]
+) -> dict[str, float]:
+    """The fine-tuning scripts' run once `trainer` is built: check the output folder (never an input: `base_model`,
+    `data.train_file`, `data.validation_file`; resume from its last checkpoint unless `data.overwrite_output_dir`),
+    evaluate before and after training, then `save_and_publish` `trainer.model`. Returns the metrics (`pretrained_*`,
+    `eval_*`)."""
+    inputs = (base_model, data.train_file, data.validation_file)
+    checkpoint = prepare_training_output_dir(trainer.args, data.overwrite_output_dir, inputs)
+    metrics = train_and_evaluate(trainer, checkpoint, evaluate_before=True)
+    save_and_publish(trainer, trainer.model, processor, metrics, push, base_model, data.train_file, task, tags)
+    return metrics
+
+
 __all__ = [
-    "LoraArguments",
     "append_metrics_to_card",
     "MiCoCaptionMaskingCollator",
     "MiCoCaptioningTrainer",
@@ -507,6 +461,7 @@ __all__ = [
     "load_classification_rows",
     "mix_batch",
     "prepare_run",
+    "run_finetuning",
     "save_and_publish",
     "train_and_evaluate",
     "references_of",

@@ -8,9 +8,14 @@ what Transformers lacks, as custom pipelines that every saved checkpoint ships (
   configured modality, or several at once through a fused head: a video with its sound scores with the `va` head),
   and `zero-shot-audio-classification` (files decoded with soundfile, arrays at any sampling rate resampled — the
   stock pipeline needs ffmpeg and takes arrays at the model's rate only);
-- `multimodal-feature-extraction`: the normalised contrastive embedding of text or of any modality (or fused ones).
+- `multimodal-feature-extraction`: the normalised contrastive embedding of text or of any modality (or fused ones);
+- `video-to-text`, `audio-to-text`, `multimodal-to-text`: MiCo's captions (or answers to a `question`) of videos (with
+  or without their sound), audio clips or any configured modality — the tokens of
+  `MiCoForConditionalGeneration.generate`. Images caption through Transformers' own `image-text-to-text` pipeline
+  with `text=""`; its `any-to-any` pipeline cannot take MiCo where torchvision does not import (it requires
+  torchvision for any model that takes images or videos).
 
-Scores are the model's training objective: cosine similarity divided by the learned temperature, softmax over the
+Zero-shot scores are the model's training objective: cosine similarity divided by the learned temperature, softmax over the
 labels. The module imports only Transformers and torch, so that a saved checkpoint runs it as remote code.
 """
 
@@ -21,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, Pipeline
+from transformers import AutoModel, AutoModelForImageTextToText, GenerationConfig, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 
@@ -42,6 +47,8 @@ ZERO_SHOT_TASKS = {
     "zero-shot-multimodal-classification": None,
 }
 FEATURE_EXTRACTION_TASK = "multimodal-feature-extraction"
+# Captioning task -> the modality it captions (None: given per call with `modality=` or by dict keys).
+CAPTIONING_TASKS = {"video-to-text": "video", "audio-to-text": "audio", "multimodal-to-text": None}
 
 
 def default_template(modalities: tuple[str, ...]) -> str:
@@ -68,7 +75,7 @@ class MiCoPipelineMixin:
                     f"input dict keys must be modalities of this processor {list(specs)}, got {list(item)}"
                 )
             return dict(item)
-        modality = modality or ZERO_SHOT_TASKS.get(self.task)
+        modality = modality or {**ZERO_SHOT_TASKS, **CAPTIONING_TASKS}.get(self.task)
         if modality is None:
             raise ValueError(
                 f"say which modality the input is: modality=... (one of {list(specs)}) or a dict keyed by modality"
@@ -77,11 +84,13 @@ class MiCoPipelineMixin:
             raise ValueError(f"modality must be one of {list(specs)}, got {modality!r}")
         return {modality: item}
 
-    def media_inputs(self, media: Mapping[str, Any], sampling_rate: int | None) -> dict[str, torch.Tensor]:
-        """Model inputs of a one-item batch of every modality in `media`."""
+    def media_inputs(
+        self, media: Mapping[str, Any], sampling_rate: int | None, text: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs of a one-item batch of every modality in `media` (and of `text`, when given)."""
         specs = self.processor.modality_specs
         arguments = {specs[name].processor_argument: [value] for name, value in media.items()}
-        return dict(self.processor(**arguments, sampling_rate=sampling_rate, return_tensors="pt"))
+        return dict(self.processor(text=text, **arguments, sampling_rate=sampling_rate, return_tensors="pt"))
 
     def embed_media(self, inputs: Mapping[str, torch.Tensor], modalities: tuple[str, ...]) -> torch.Tensor:
         """Normalised embedding `(1, P)` of one modality, or of several through their fused head."""
@@ -195,8 +204,73 @@ class MiCoFeatureExtractionPipeline(MiCoPipelineMixin, Pipeline):
         return embedding if return_tensors else embedding.tolist()
 
 
+class MiCoCaptioningPipeline(MiCoPipelineMixin, Pipeline):
+    """Captions of a video, an audio clip or any configured modality (`modality=` for `multimodal-to-text`), or of a
+    dict of modalities captioned together (`{"video": path, "audio": path}`: a video with its sound), by
+    [`MiCoForConditionalGeneration.generate`]: the same tokens as the model's own captioning
+    (`modeling_mico.captioning.caption_files`) with the same generation settings — the model's generation config (the
+    release's 3 beams) unless the call sets others (`max_new_tokens=`, `num_beams=`, `generate_kwargs={...}`).
+    `question=` is read as MiCo's question-answering prefix. Returns `[{"generated_text": caption}]` (one per returned
+    sequence), or `[{"generated_token_ids": ids}]` with `return_tensors=True` (prefix, `[CLS]` and the tokens)."""
+
+    _pipeline_calls_generate = True
+    # Generation parameters a call may pass directly (as at construction, where the base class sets them aside).
+    GENERATION_KEYS = frozenset(key for key in vars(GenerationConfig()) if not key.startswith("_"))
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not self.model.can_generate():
+            raise ValueError(
+                f"{self.task or type(self).__name__} needs a captioning model (MiCoForConditionalGeneration, "
+                f"AutoModelForImageTextToText), got {type(self.model).__name__}"
+            )
+
+    def _sanitize_parameters(
+        self,
+        modality: str | None = None,
+        sampling_rate: int | None = None,
+        question: str | None = None,
+        generate_kwargs: dict[str, Any] | None = None,
+        return_tensors: bool = False,
+        **kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
+        unknown = sorted(set(kwargs) - self.GENERATION_KEYS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {unknown}")
+        if question is not None and (not isinstance(question, str) or not question):
+            raise ValueError(f"question must be a non-empty string, got {question!r}")
+        preprocess = {"modality": modality, "sampling_rate": sampling_rate, "question": question}
+        forward = {"generate_kwargs": {**(generate_kwargs or {}), **kwargs}}
+        return preprocess, forward, {"return_tensors": return_tensors}
+
+    def preprocess(
+        self, item: Any, modality: str | None = None, sampling_rate: int | None = None, question: str | None = None
+    ) -> dict[str, Any]:
+        inputs = self.media_inputs(self.media_of(item, modality), sampling_rate, text=question)
+        return {"inputs": inputs, "prefix_length": inputs["input_ids"].shape[1] if question is not None else 0}
+
+    def _forward(self, model_inputs: dict[str, Any], generate_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        dtype = self.model.dtype
+        inputs = {
+            key: value.to(self.device, dtype) if value.is_floating_point() else value.to(self.device)
+            for key, value in model_inputs["inputs"].items()
+        }
+        generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}), return_dict_in_generate=False)
+        return {
+            "ids": self.model.generate(**inputs, **generate_kwargs),
+            "prefix_length": model_inputs["prefix_length"],
+        }
+
+    def postprocess(self, model_outputs: dict[str, Any], return_tensors: bool = False) -> list[dict[str, Any]]:
+        if return_tensors:
+            return [{"generated_token_ids": ids} for ids in model_outputs["ids"]]
+        answers = model_outputs["ids"][:, model_outputs["prefix_length"] :]
+        return [{"generated_text": text.strip()} for text in self.processor.batch_decode(answers)]
+
+
 def custom_pipelines() -> dict[str, dict[str, Any]]:
-    """The `custom_pipelines` entry of a MiCo config.json: task -> this module's class, loaded with `AutoModel`."""
+    """The `custom_pipelines` entry of a MiCo config.json: task -> this module's class, loaded with `AutoModel` (the
+    captioning tasks with `AutoModelForImageTextToText`, i.e. `MiCoForConditionalGeneration`)."""
     module = __name__.rpartition(".")[2]
     entries = {
         task: {"impl": f"{module}.{MiCoZeroShotClassificationPipeline.__name__}", "pt": ["AutoModel"]}
@@ -206,6 +280,11 @@ def custom_pipelines() -> dict[str, dict[str, Any]]:
         "impl": f"{module}.{MiCoFeatureExtractionPipeline.__name__}",
         "pt": ["AutoModel"],
     }
+    for task in CAPTIONING_TASKS:
+        entries[task] = {
+            "impl": f"{module}.{MiCoCaptioningPipeline.__name__}",
+            "pt": ["AutoModelForImageTextToText"],
+        }
     for entry in entries.values():
         entry["type"] = "multimodal"
     return entries
@@ -220,10 +299,16 @@ def register_pipelines() -> None:
     PIPELINE_REGISTRY.register_pipeline(
         FEATURE_EXTRACTION_TASK, MiCoFeatureExtractionPipeline, AutoModel, type="multimodal"
     )
+    for task in CAPTIONING_TASKS:
+        PIPELINE_REGISTRY.register_pipeline(
+            task, MiCoCaptioningPipeline, AutoModelForImageTextToText, type="multimodal"
+        )
 
 
 __all__ = [
+    "CAPTIONING_TASKS",
     "DEFAULT_TEMPLATES",
+    "MiCoCaptioningPipeline",
     "MiCoFeatureExtractionPipeline",
     "MiCoZeroShotClassificationPipeline",
     "custom_pipelines",

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
 from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -118,6 +119,19 @@ def check_batch_sizes(inputs: Mapping[str, Any], layouts: Mapping[str, str]) -> 
         raise ValueError(f"all media inputs must have the same batch size, got {media}")
 
 
+def is_empty_prompt(text: str | list[str]) -> bool:
+    """Whether `text` is an empty prompt: `""`, or a list of nothing but `""`."""
+    return text == "" or (isinstance(text, (list, tuple)) and len(text) > 0 and all(item == "" for item in text))
+
+
+def empty_prompt(text: str | list[str]) -> dict[str, torch.Tensor]:
+    """Zero-length `input_ids` / `attention_mask` `(batch, 0)` for an empty prompt given with media: no text prefix,
+    so `MiCoForConditionalGeneration.generate` gives MiCo's own caption (as without `input_ids`). Transformers'
+    `image-text-to-text` pipeline always passes a text; `text=""` asks for the plain caption."""
+    ids = torch.zeros((1 if isinstance(text, str) else len(text), 0), dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": ids.clone()}
+
+
 class MiCoProcessor(ProcessorMixin):
     r"""
     Processor of MiCo. `MiCoProcessor()` builds the release processor (bundled tokenizer, 224 px images,
@@ -140,7 +154,9 @@ class MiCoProcessor(ProcessorMixin):
     "sampling_rate"}` dicts, torchcodec decoders); `audio=` also takes a video file (its sound track). Media given
     together must have the same batch size; `text` may hold another number of items (candidate labels). Settings of 0
     or less are refused by name; texts longer than `max_length` are truncated with a warning (refused with
-    `truncation=False`). See `docs/processing.md`.
+    `truncation=False`). With media, an empty `text=""` is an empty prompt: zero-length `input_ids`, so that
+    `generate` gives MiCo's own caption (Transformers' `image-text-to-text` pipeline always passes a text). See
+    `docs/processing.md`.
 
     Args:
         image_processor ([`MiCoImageProcessor`], *optional*): image-, depth- and video-frame transform.
@@ -324,7 +340,9 @@ class MiCoProcessor(ProcessorMixin):
         training = self.training if training is None else bool(training)
         generator = make_generator(first_set(seed, self.seed))
         data: dict[str, Any] = {}
-        if text is not None:
+        if text is not None and media and is_empty_prompt(text):
+            data.update(empty_prompt(text))
+        elif text is not None:
             max_length = first_set(check_positive("max_length", max_length), self.max_length)
             data.update(self._tokenize(text, max_length, padding, truncation))
         for argument, value in media.items():

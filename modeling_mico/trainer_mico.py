@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +83,30 @@ class EvalCollatorTrainer(Trainer):
             self.train_dataset = index_rows(self.train_dataset)
             self.add_callback(CollatorEpochCallback(self.data_collator))
 
+    @classmethod
+    def for_datasets(
+        cls,
+        model: Any,
+        args: Any,
+        processor: Any,
+        collator: Callable[[bool], Any],
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        **kwargs: Any,
+    ) -> EvalCollatorTrainer:
+        """The trainer of a training script: `collator(True)` collates training batches, `collator(False)` evaluation
+        ones; `processor` is saved with the model; `kwargs` go to the constructor."""
+        return cls(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collator(True),
+            eval_data_collator=collator(False),
+            processing_class=processor,
+            **kwargs,
+        )
+
     def get_eval_dataloader(self, eval_dataset=None):
         train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator
         try:
@@ -118,4 +143,36 @@ class MiCoRetrievalTrainer(EvalCollatorTrainer):
         return loss, embeds, labels
 
 
-__all__ = ["CollatorEpochCallback", "EvalCollatorTrainer", "MiCoRetrievalTrainer", "retrieval_compute_metrics"]
+def train_and_evaluate(
+    trainer: Trainer, checkpoint: str | None = None, evaluate_before: bool = False, save: bool = False
+) -> dict[str, float]:
+    """The training scripts' run, as `trainer.args` asks (`do_train`, `do_eval`): evaluate first with
+    `evaluate_before` (`pretrained_*` metrics), train (resuming from `checkpoint`, see
+    `output_utils.prepare_training_output_dir`; with `save`, then save the model and the trainer state), evaluate
+    (`eval_*`). Saves the metrics files and returns the evaluation metrics."""
+    args, metrics = trainer.args, {}
+    evaluate = args.do_eval and trainer.eval_dataset is not None
+    if evaluate and evaluate_before:
+        metrics.update(trainer.evaluate(metric_key_prefix="pretrained"))
+    if args.do_train:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        if save:
+            trainer.save_model()
+            trainer.save_state()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+    if evaluate:
+        after = trainer.evaluate()
+        trainer.log_metrics("eval", after)
+        metrics.update(after)
+        trainer.save_metrics("eval", metrics)
+    return metrics
+
+
+__all__ = [
+    "CollatorEpochCallback",
+    "EvalCollatorTrainer",
+    "MiCoRetrievalTrainer",
+    "retrieval_compute_metrics",
+    "train_and_evaluate",
+]

@@ -5,11 +5,13 @@ file, and a label column, possibly nested: `attributes.color`) or a folder: with
 sub-folder's name is the label of the files under it; otherwise the files are unlabelled. Scores are those of the
 `zero-shot-*-classification` pipelines of `pipelines_mico` (cosine similarity / temperature, softmax over the
 labels, one prompt template per modality), computed in batches. `examples/run_zero_shot_classification.py` is the
-command line around [`classify_items`] and [`load_labelled_items`].
+command line around [`classify_items`] and [`load_labelled_items`], and (`--attributes`) around
+[`attribute_accuracy`]: the accuracy per modality and attribute on the synthetic data's held-out split, against chance.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -121,4 +123,83 @@ def accuracy(probabilities: np.ndarray, labels: Sequence[str], truth: Sequence[s
     return float(np.mean([labels[int(np.argmax(row))] == label for row, label in known]))
 
 
-__all__ = ["accuracy", "classify_items", "load_labelled_items"]
+DATASET_INFO = "dataset_info.json"  # written beside the annotation files by `make_synthetic_dataset`
+
+
+def attribute_prompts(info: Mapping[str, Any], attribute: str, value: str, count: int, seed: int = 0) -> list[str]:
+    """`count` captions of the dataset's grammar (`info["caption_templates"]`) naming `value` for `attribute`, the
+    other attributes drawn at random (fixed `seed`): the prompt ensemble of one candidate label."""
+    rng = np.random.default_rng(
+        [seed, sorted(info["attributes"]).index(attribute), info["attributes"][attribute].index(value)]
+    )
+    templates, vocabularies = info["caption_templates"], info["attributes"]
+    prompts = []
+    for _ in range(count):
+        filling = {name: values[rng.integers(len(values))] for name, values in vocabularies.items()}
+        prompts.append(templates[rng.integers(len(templates))].format(**{**filling, attribute: value}))
+    return prompts
+
+
+@torch.no_grad()
+def attribute_accuracy(
+    model: Any,
+    processor: Any,
+    annotation_file: str | os.PathLike,
+    modalities: Sequence[str],
+    template: str | None = None,
+    prompts_per_label: int = 16,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Zero-shot accuracy of every modality on every attribute of a synthetic dataset's split (rows with an
+    `attributes` dict; `dataset_info.json` beside the file gives each attribute's vocabulary and the caption grammar).
+
+    For each attribute the candidate labels are its whole vocabulary, and the best-scoring one (cosine similarity of
+    the normalised embeddings) is the prediction. A label's text embedding is the normalised mean of the embeddings of
+    `prompts_per_label` captions of the dataset's grammar naming it, the other attributes drawn at random (prompt
+    ensembling: the model has seen only full captions), or of `template` with the label (`"a {} shape"`) when given.
+    An attribute a modality does not express should score at chance: a control.
+
+    Args:
+        modalities: modalities to classify, each separately; `"video+audio"` classifies a row's video and audio
+            together through their fused head.
+
+    Returns:
+        One row per (modality, attribute): `modality`, `attribute`, `accuracy`, `chance` (1 / vocabulary size),
+        `items`.
+    """
+    path = Path(annotation_file)
+    info_file = path.parent / DATASET_INFO
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{info_file} not found: attribute accuracy needs a synthetic dataset's split")
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    if template is not None and "{}" not in template:
+        raise ValueError(f"template must contain '{{}}' for the label, got {template!r}")
+    rows = _read_json_or_lines(path)
+    results = []
+    for entry in modalities:
+        items, _ = load_labelled_items(path, model.config, entry.split("+"))
+        media, _ = embed_items(model, processor, items, batch_size, progress)
+        for attribute, values in info["attributes"].items():
+            truth = [nested_value(row, f"attributes.{attribute}", f"{path}, row {n}") for n, row in enumerate(rows, 1)]
+            if template is not None:
+                labels = embed_texts(model, processor, [template.format(value) for value in values])
+            else:
+                ensembles = [attribute_prompts(info, attribute, value, prompts_per_label) for value in values]
+                texts = embed_texts(model, processor, [prompt for prompts in ensembles for prompt in prompts])
+                labels = texts.reshape(len(values), prompts_per_label, -1).mean(axis=1)
+                labels /= np.linalg.norm(labels, axis=-1, keepdims=True)
+            predicted = [values[int(index)] for index in np.argmax(media @ labels.T, axis=-1)]
+            results.append(
+                {
+                    "modality": entry,
+                    "attribute": attribute,
+                    "accuracy": float(np.mean([a == b for a, b in zip(predicted, truth)])),
+                    "chance": 1 / len(values),
+                    "items": len(items),
+                }
+            )
+    return results
+
+
+__all__ = ["accuracy", "attribute_accuracy", "classify_items", "load_labelled_items"]

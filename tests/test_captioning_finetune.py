@@ -132,7 +132,7 @@ def test_documented_commands_parse_with_the_scripts_parsers():
     import shlex
     import sys
 
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import HfArgumentParser
 
     sys.path.insert(0, str(ROOT / "examples"))
     page = (ROOT / "docs" / "fine-tuning.md").read_text()
@@ -145,10 +145,7 @@ def test_documented_commands_parse_with_the_scripts_parsers():
     assert {"run_classification", "run_captioning_finetune"} <= scripts
     for words in commands:
         module = importlib.import_module(Path(words[1]).stem)
-        if hasattr(module, "build_parser"):
-            parser = module.build_parser()
-        else:  # examples/run_pretrain.py
-            parser = HfArgumentParser((module.ModelArguments, module.DataArguments, TrainingArguments))
+        parser = module.COMMAND_LINE.parser() if hasattr(module, "COMMAND_LINE") else module.build_parser()
         if isinstance(parser, HfArgumentParser):
             parser.parse_args_into_dataclasses(args=words[2:])
         else:

@@ -71,6 +71,9 @@ def test_checkpoint_ships_the_pipelines(saved):
         "zero-shot-depth-classification",
         "zero-shot-multimodal-classification",
         "multimodal-feature-extraction",
+        "video-to-text",
+        "audio-to-text",
+        "multimodal-to-text",
     }
     assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == (
         "modeling_mico.MiCoForZeroShotClassification"

@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--dtype", default="auto", help="'auto' (bfloat16 on GPU), 'float32', 'bfloat16', 'float16'")
     parser.add_argument("--skip_broken", action="store_true", help="skip (and report) files that cannot be decoded")
+    parser.add_argument("--sound_tracks", action="store_true", help="caption videos with their sound track, if any")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
     return parser.parse_args(argv)
 

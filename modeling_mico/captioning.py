@@ -134,6 +134,7 @@ def caption_files(
     progress: bool = True,
     modality: str | None = None,
     skip_broken: bool = False,
+    sound_tracks: bool = False,
     **generate_kwargs: Any,
 ) -> list[dict[str, str]]:
     """Caption media files; returns `{"path", "modality", "caption"}` records in the order of `paths`.
@@ -149,35 +150,51 @@ def caption_files(
         modality (`str`, *optional*): the modality of every file, for extensions that name none or several.
         skip_broken (`bool`, *optional*, defaults to `False`): leave out (with a warning) files that cannot be
             decoded; otherwise the first one raises `BrokenMediaError` naming it.
+        sound_tracks (`bool`, *optional*, defaults to `False`): caption a video that has a sound track from its
+            frames *and* its sound (context `video` + `audio`, record modality `"video+audio"`), as the model was
+            trained on clips with their sound; videos without one are captioned from their frames alone.
         generate_kwargs: passed to `model.generate` (`num_beams`, `max_new_tokens`, ...).
     """
+    from .feature_extraction_mico import has_sound_track
+
     config = model.config
     specs = config.modality_specs
     paths = [Path(path) for path in paths]
-    modalities = []
-    by_modality: dict[str, list[int]] = {}
+    modalities: list[tuple[str, ...]] = []
+    groups: dict[tuple[str, ...], list[int]] = {}
     for index, path in enumerate(paths):
         name = media_modality(path, config, modality)
         if name is None:
             raise ValueError(f"{path}: unknown media extension; say which modality with `modality`")
-        modalities.append(name)
-        by_modality.setdefault(name, []).append(index)
+        with_sound = sound_tracks and name == "video" and "audio" in specs and has_sound_track(path)
+        names = (name, "audio") if with_sound else (name,)
+        modalities.append(names)
+        groups.setdefault(names, []).append(index)
 
     captions: list[str | None] = [None] * len(paths)
     with tqdm(total=len(paths), desc="captioning", unit="file", disable=not progress) as bar:
-        for name, indices in by_modality.items():
-            spec = specs[name]
-            options = {"num_frames": num_frames} if spec.layout == "video" and num_frames else {}
+        for names, indices in groups.items():
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size]
-                kept, values = decode_media(processor, spec, [paths[i] for i in batch], skip_broken, **options)
+                decoded = {}
+                for name in names:  # a video's sound track is decoded from the same file
+                    spec = specs[name]
+                    options = {"num_frames": num_frames} if spec.layout == "video" and num_frames else {}
+                    decoded[spec.input_name] = decode_media(
+                        processor, spec, [paths[i] for i in batch], skip_broken, **options
+                    )
+                kept = sorted(set.intersection(*(set(k) for k, _ in decoded.values())))
                 if kept:
-                    ids = model.generate(**{spec.input_name: values.to(model.device, model.dtype)}, **generate_kwargs)
+                    inputs = {
+                        input_name: values[[k.index(i) for i in kept]].to(model.device, model.dtype)
+                        for input_name, (k, values) in decoded.items()
+                    }
+                    ids = model.generate(**inputs, **generate_kwargs)
                     for k, caption in zip(kept, processor.batch_decode(ids, skip_special_tokens=True)):
                         captions[batch[k]] = caption.strip()
                 bar.update(len(batch))
     return [
-        {"path": str(path), "modality": name, "caption": caption}
-        for path, name, caption in zip(paths, modalities, captions)
+        {"path": str(path), "modality": "+".join(names), "caption": caption}
+        for path, names, caption in zip(paths, modalities, captions)
         if caption is not None
     ]

@@ -137,7 +137,8 @@ def resolve_modalities(
         if spec.encoder in encoders:
             specs[name] = _declared_spec(name, declarations.pop(name), taken) if name in declarations else spec
     for encoder in encoders:
-        if encoder in builtin_encoders or any(d.get("encoder", n) == encoder for n, d in declarations.items()):
+        declared = [*(d.get("encoder", n) for n, d in declarations.items()), *(s.encoder for s in specs.values())]
+        if encoder in builtin_encoders or encoder in declared:  # e.g. a built-in modality moved to its own encoder
             continue
         declarations[encoder] = {}
     for name, declaration in declarations.items():

@@ -186,6 +186,16 @@ def read_sound_track(source: str | io.BytesIO, path: str | None, what: str) -> t
     return scale_samples(np.concatenate(chunks), what), int(rate)
 
 
+def has_sound_track(path: str | os.PathLike) -> bool:
+    """Whether a video (or any container FFmpeg reads) has an audio stream (PyAV); an unreadable file is an error."""
+    av = require("av", "looking for the sound track of video files")
+    try:
+        with av.open(os.fspath(path)) as container:
+            return bool(container.streams.audio)
+    except av.FFmpegError as err:
+        raise ValueError(f"cannot open {os.fspath(path)!r} to look for a sound track: {err}") from err
+
+
 def read_audio_file(source: str | io.BytesIO, path: str | None, what: str) -> tuple[np.ndarray, int]:
     """Channel 0 of an audio file (soundfile) or of a video file's sound track (PyAV, for video extensions and for
     what libsndfile does not read, such as `.m4a`) -> (float32 samples, rate)."""

@@ -1,17 +1,24 @@
 """Synthetic omni-modal captioned data for smoke tests, examples and tiny training runs.
 
-Every sample is a coloured shape of a given size that moves in one direction while a tone plays. The caption names
-all attributes ("a small red circle moving left with a low steady tone") and every modality expresses some of them:
+Every sample is a coloured shape of a given size that moves from the centre of the frame towards one edge while a
+sound plays. The caption names all attributes ("a small red circle moving left with a low steady tone") and every
+modality expresses enough of them to tell most items of a test split apart:
 
-- image (RGB PNG): colour, shape and size of the object, drawn at the middle of its trajectory;
-- video (H.264 mp4, yuv420p, one second): colour, shape, size and motion direction;
-- audio (16 kHz mono FLAC, one second): pitch (low / medium / high) and pattern (steady / beeping / rising / falling);
-- depth (16-bit PNG, millimetres): shape and size; large objects are nearer the camera than small ones;
-- normal (8-bit RGB PNG): shape, as the surface normals of the object's relief.
+- image (RGB PNG): colour, shape, size and motion direction: it is the clip's last frame, so the object sits near the
+  edge it moves to;
+- video (H.264 mp4, yuv420p, one second) with its sound track (ALAC, lossless: the audio clip's samples exactly):
+  everything; the object's positions lie on one side of the centre, so even an order-free pooling of the frames
+  tells left from right;
+- audio (16 kHz mono FLAC, one second): pitch (low / mid / high), pattern (steady / beeping / rising / falling) and
+  timbre (a tone, a buzz or a chord);
+- depth (16-bit PNG, millimetres): shape, size and direction (the object's place in the last frame); larger objects
+  are nearer the camera;
+- normal (8-bit RGB PNG): shape, size and direction, as the surface normals of the object's relief.
 
-The attribute space has 6 x 4 x 2 x 4 x 3 x 4 = 2304 combinations. Test samples get distinct combinations (and, where
-possible, distinct visual combinations) that never occur in the training split, so retrieval on the test split is
-well posed and measures compositional generalisation. Generation is deterministic for a seed: each sample draws from
+The attribute space has 6 x 4 x 3 x 4 x 3 x 4 x 3 = 31104 combinations (48 geometric ones for depth and normal maps,
+288 for images, 36 for audio). Test samples get distinct combinations (and, where possible, distinct visual
+combinations) that never occur in the training split, so retrieval on the test split is well posed and measures
+compositional generalisation. Generation is deterministic for a seed: each sample draws from
 its own random generator seeded with ``(seed, split, index)``.
 """
 
@@ -44,10 +51,17 @@ COLORS = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = {"small": 0.16, "large": 0.28}  # object radius as a fraction of the image side
+SIZES = {"small": 0.14, "medium": 0.2, "large": 0.27}  # object radius as a fraction of the image side
 MOTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) in image coordinates
-PITCHES = {"low": 220.0, "medium": 440.0, "high": 880.0}  # Hz, one octave apart
+PITCHES = {"low": 220.0, "mid": 440.0, "high": 880.0}  # Hz, one octave apart
 PATTERNS = ("steady", "beeping", "rising", "falling")
+# Timbre -> (frequency ratio, amplitude) of its partials: a tone (fundamental and a weak octave), a bright buzz (the
+# first eight harmonics, sawtooth-like) and a major chord (root, major third, fifth).
+TIMBRES = {
+    "tone": ((1.0, 1.0), (2.0, 0.25)),
+    "buzz": tuple((float(k), 1.0 / k) for k in range(1, 9)),
+    "chord": ((1.0, 1.0), (1.25, 0.8), (1.5, 0.8)),
+}
 
 # Attribute name -> vocabulary, in the order of the combination tuples.
 ATTRIBUTES = {
@@ -57,21 +71,22 @@ ATTRIBUTES = {
     "motion": tuple(MOTIONS),
     "pitch": tuple(PITCHES),
     "pattern": PATTERNS,
+    "timbre": tuple(TIMBRES),
 }
 VISUAL_ATTRIBUTES = ("color", "shape", "size", "motion")
 
 CAPTION_TEMPLATES = (
-    "a {size} {color} {shape} moving {motion} with a {pitch} {pattern} tone",
-    "a {size} {color} {shape} moves {motion} while a {pitch} {pattern} tone plays",
-    "a {pitch} {pattern} tone plays as a {size} {color} {shape} slides {motion}",
-    "video of a {size} {color} {shape} going {motion}, with a {pitch} {pattern} sound",
-    "the {color} {shape} is {size} and drifts {motion}; the sound is a {pitch} {pattern} tone",
+    "a {size} {color} {shape} moving {motion} with a {pitch} {pattern} {timbre}",
+    "a {size} {color} {shape} moves {motion} while a {pitch} {pattern} {timbre} plays",
+    "a {pitch} {pattern} {timbre} plays as a {size} {color} {shape} slides {motion}",
+    "video of a {size} {color} {shape} going {motion}, with a {pitch} {pattern} {timbre}",
+    "the {color} {shape} is {size} and drifts {motion}; the sound is a {pitch} {pattern} {timbre}",
 )
 
 BEEP_RATE = 4.0  # beeps per second for the "beeping" pattern
 GLIDE_RATIO = 1.5  # frequency ratio covered by the "rising" and "falling" patterns
 BACKGROUND_DEPTH_MM = (6000.0, 4000.0)  # depth of the background plane at the top and bottom rows
-OBJECT_DEPTH_MM = {"small": 3000.0, "large": 1500.0}
+OBJECT_DEPTH_MM = {"small": 3000.0, "medium": 2200.0, "large": 1500.0}
 RELIEF_MM = 300.0  # how far the centre of an object bulges towards the camera
 
 
@@ -91,8 +106,8 @@ class Scene:
 
     @property
     def still_centre(self) -> tuple[float, float]:
-        """Object centre in the still image and the depth / normal maps: the middle of the trajectory."""
-        x, y = self.trajectory.mean(axis=0)
+        """Object centre in the still image and the depth / normal maps: the end of the trajectory (the last frame)."""
+        x, y = self.trajectory[-1]
         return float(x), float(y)
 
 
@@ -130,12 +145,13 @@ def make_scene(attributes: dict[str, str], rng: np.random.Generator, image_size:
     color = np.asarray(COLORS[attributes["color"]], dtype=np.float64) * rng.uniform(0.92, 1.05)
     radius = SIZES[attributes["size"]] * image_size * rng.uniform(0.95, 1.05)
 
-    # Travel as far as the frame allows along the motion axis; jitter the position across it.
+    # From the centre to as far as the frame allows along the motion direction (so the positions alone, without their
+    # order, tell the direction); jitter the position across it.
     half = image_size / 2
     reach = half - radius - 1
     direction = np.asarray(MOTIONS[attributes["motion"]], dtype=np.float64)
     across = np.abs(direction[::-1]) * rng.uniform(-0.15, 0.15) * reach
-    steps = np.linspace(-reach, reach, num_frames)[:, None]
+    steps = np.linspace(0.0, reach, num_frames)[:, None]
     trajectory = half + across + steps * direction
     return Scene(
         attributes=attributes,
@@ -194,14 +210,14 @@ def render_normals(relief: np.ndarray, strength: float) -> np.ndarray:
 
 
 def synthesize_audio(attributes: dict[str, str], rng: np.random.Generator) -> np.ndarray:
-    """One second of float32 mono audio at SAMPLE_RATE: a tone with the sample's pitch and pattern."""
+    """One second of float32 mono audio at SAMPLE_RATE: the sample's timbre at its pitch, with its pattern."""
     t = np.arange(int(SAMPLE_RATE * CLIP_SECONDS)) / SAMPLE_RATE
     base = PITCHES[attributes["pitch"]] * rng.uniform(0.98, 1.02)
     pattern = attributes["pattern"]
     end = {"rising": base * GLIDE_RATIO, "falling": base / GLIDE_RATIO}.get(pattern, base)
     # Linear glide from `base` to `end`; the phase is the integral of the instantaneous frequency.
     phase = 2 * np.pi * (base * t + (end - base) * t**2 / (2 * CLIP_SECONDS)) + rng.uniform(0, 2 * np.pi)
-    wave = np.sin(phase) + 0.25 * np.sin(2 * phase)
+    wave = sum(amplitude * np.sin(ratio * phase) for ratio, amplitude in TIMBRES[attributes["timbre"]])
     if pattern == "beeping":
         wave *= _smooth_gate((t * BEEP_RATE) % 1.0 < 0.5)
     wave *= _smooth_gate(np.ones_like(t, dtype=bool))  # fade in and out to avoid clicks
@@ -217,8 +233,9 @@ def _smooth_gate(gate: np.ndarray, ramp_seconds: float = 0.005) -> np.ndarray:
     return np.convolve(np.convolve(padded, kernel, mode="same"), kernel, mode="same")[ramp:-ramp] * gate
 
 
-def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Write (num_frames, H, W, 3) uint8 RGB frames (H and W even) as a reproducible H.264 yuv420p mp4."""
+def write_mp4(path: Path, frames: np.ndarray, fps: int, sound: np.ndarray | None = None) -> None:
+    """Write (num_frames, H, W, 3) uint8 RGB frames (H and W even) as a reproducible H.264 yuv420p mp4, with `sound`
+    (int16 mono samples at SAMPLE_RATE) as a lossless ALAC sound track when given."""
     av = require("av", "Writing the synthetic videos")
     with av.open(str(path), mode="w") as container:
         # Intra-only (keyint=1): x264's inter-frame coding of such small frames differed from run to run; every frame
@@ -227,9 +244,15 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         stream = container.add_stream("libx264", rate=fps, options=options)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
+        track = None if sound is None else container.add_stream("alac", rate=SAMPLE_RATE, layout="mono", format="s16p")
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+        if track is not None:
+            samples = av.AudioFrame.from_ndarray(sound[None], format="s16p", layout="mono")
+            samples.sample_rate = SAMPLE_RATE
+            container.mux(track.encode(samples))
+            container.mux(track.encode())
 
 
 def write_png(path: Path, pixels: np.ndarray) -> None:
@@ -243,7 +266,7 @@ class Sample:
 
     scene: Scene
     relief: np.ndarray
-    audio: np.ndarray
+    audio: np.ndarray  # int16 samples, written as they are to the audio file and the video's sound track
     num_video_frames: int
 
 
@@ -253,7 +276,7 @@ def _write_image(path: Path, sample: Sample) -> None:
 
 def _write_video(path: Path, sample: Sample) -> None:
     frames = np.stack([render_frame(sample.scene, tuple(centre)) for centre in sample.scene.trajectory])
-    write_mp4(path, frames, fps=round(sample.num_video_frames / CLIP_SECONDS))
+    write_mp4(path, frames, fps=round(sample.num_video_frames / CLIP_SECONDS), sound=sample.audio)
 
 
 def _write_audio(path: Path, sample: Sample) -> None:
@@ -323,7 +346,7 @@ def write_sample(
         "attributes": attributes,
     }
     scene = make_scene(attributes, rng, image_size, num_video_frames)
-    audio = synthesize_audio(attributes, rng)
+    audio = np.round(synthesize_audio(attributes, rng) * 32767).astype(np.int16)
     sample = Sample(scene, object_relief(scene), audio, num_video_frames)
     for modality in modalities:
         extension, write = WRITERS[modality]

@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from modeling_mico.feature_extraction_mico import read_sound_track
 from modeling_mico.synthetic_data import (
     ATTRIBUTES,
     COLORS,
@@ -20,6 +21,7 @@ from modeling_mico.synthetic_data import (
     MODALITIES,
     PITCHES,
     SAMPLE_RATE,
+    SIZES,
     VISUAL_ATTRIBUTES,
     make_synthetic_dataset,
     split_combinations,
@@ -106,13 +108,23 @@ def test_split_combinations_beyond_the_combination_space():
     assert not set(train) & set(test)
 
 
-def test_image_colour_and_size_match_the_caption(dataset):
+def moved_towards(motion: str, dx: float, dy: float, margin: float) -> bool:
+    """Whether the displacement (dx, dy) in image coordinates goes `margin` pixels towards `motion`."""
+    return {"left": dx < -margin, "right": dx > margin, "up": dy < -margin, "down": dy > margin}[motion]
+
+
+def test_image_colour_size_and_direction_match_the_caption(dataset):
     for row in all_rows(dataset):
         image = np.asarray(Image.open(dataset / row["image"]).convert("RGB"))
         assert image.shape == (64, 64, 3)
         mask = object_pixels(image)
         assert nearest_color(image[mask].mean(axis=0)) == row["attributes"]["color"]
-        assert (mask.sum() > 400) == (row["attributes"]["size"] == "large")
+        rows_, cols = np.nonzero(mask)
+        extent = max(np.ptp(rows_), np.ptp(cols)) + 1  # 1.7 to 2 radii (+1), whatever the shape
+        sizes = sorted(SIZES, key=SIZES.get)
+        assert sizes[int(np.searchsorted([20.7, 28.5], extent))] == row["attributes"]["size"], extent
+        # the still is the clip's last frame: the object sits towards the edge it moves to
+        assert moved_towards(row["attributes"]["motion"], cols.mean() - 31.5, rows_.mean() - 31.5, margin=8)
 
 
 def test_video_decodes_with_colour_and_motion_of_the_caption(dataset):
@@ -128,11 +140,34 @@ def test_video_decodes_with_colour_and_motion_of_the_caption(dataset):
             rows_, cols = np.nonzero(mask)
             centres.append((cols.mean(), rows_.mean()))
         dx, dy = np.subtract(centres[-1], centres[0])
-        expected = {"left": dx < -5, "right": dx > 5, "up": dy < -5, "down": dy > 5}
-        assert expected[row["attributes"]["motion"]], (row["caption"], dx, dy)
+        assert moved_towards(row["attributes"]["motion"], dx, dy, margin=5), (row["caption"], dx, dy)
+        # from the centre towards the edge: even the positions' mean, without their order, gives the direction
+        assert moved_towards(row["attributes"]["motion"], *np.subtract(np.mean(centres, axis=0), 31.5), margin=3)
 
 
-def test_audio_pitch_and_pattern_match_the_caption(dataset):
+def test_video_sound_track_is_the_audio_clip_exactly(dataset):
+    for row in all_rows(dataset):
+        track, rate = read_sound_track(str(dataset / row["video"]), row["video"], "audio")
+        clip, clip_rate = sf.read(dataset / row["audio"], dtype="float32")
+        assert rate == clip_rate == SAMPLE_RATE
+        np.testing.assert_array_equal(track, clip)
+
+
+def heard_timbre(audio: np.ndarray, pitch: float) -> str:
+    """The timbre of a clip from its first 0.1 s (before a glide moves the partials): a chord has partials between
+    the root and its octave, a buzz many harmonics above the octave, a tone neither."""
+    start = int(0.02 * SAMPLE_RATE)
+    window = audio[start : start + SAMPLE_RATE // 10]
+    power = np.abs(np.fft.rfft(window * np.hanning(len(window)))) ** 2
+    frequencies = np.fft.rfftfreq(len(window), 1 / SAMPLE_RATE) / pitch
+
+    def share(low: float, high: float) -> float:
+        return power[(frequencies > low) & (frequencies < high)].sum() / power.sum()
+
+    return "chord" if share(1.15, 1.85) > 0.3 else "buzz" if share(2.5, 8.5) > 0.08 else "tone"
+
+
+def test_audio_pitch_pattern_and_timbre_match_the_caption(dataset):
     for row in all_rows(dataset):
         audio, sample_rate = sf.read(dataset / row["audio"])
         assert sample_rate == SAMPLE_RATE and audio.shape == (SAMPLE_RATE,)
@@ -147,14 +182,14 @@ def test_audio_pitch_and_pattern_match_the_caption(dataset):
         window_rms = np.sqrt((audio[: SAMPLE_RATE // 160 * 160].reshape(-1, 160) ** 2).mean(axis=1))
         quiet = (window_rms < 0.1 * window_rms.max()).mean()
         assert (quiet > 0.3) == (pattern == "beeping"), (row["caption"], quiet)
+        assert heard_timbre(audio, pitch) == row["attributes"]["timbre"], row["caption"]
 
 
-def test_depth_is_16_bit_and_nearer_for_large_objects(dataset):
+def test_depth_is_16_bit_and_nearer_for_larger_objects(dataset):
     for row in all_rows(dataset):
         depth = np.asarray(Image.open(dataset / row["depth"]))
         assert depth.dtype == np.uint16 and depth.shape == (64, 64)
-        nearest = depth.min()
-        assert nearest < 1600 if row["attributes"]["size"] == "large" else 2500 < nearest < 3100
+        assert depth.min() == {"small": 2700, "medium": 1900, "large": 1200}[row["attributes"]["size"]]
 
 
 def test_normal_map_is_8_bit_rgb_facing_the_camera(dataset):

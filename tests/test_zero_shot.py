@@ -45,7 +45,7 @@ def test_batched_scores_equal_the_pipelines(saved, data):
     assert truth == [
         json.loads(line)["attributes"]["pitch"] for line in (data / "test.jsonl").read_text().splitlines()
     ]
-    labels = ["low", "medium", "high"]
+    labels = ["low", "mid", "high"]
     probabilities = classify_items(model, processor, items, labels, batch_size=3, progress=False)
     classifier = pipeline("zero-shot-audio-classification", model=str(saved), trust_remote_code=True)
     for item, row in zip(items, probabilities):

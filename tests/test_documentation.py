@@ -102,6 +102,8 @@ COMMANDS = documented_commands()
 # Commands whose own test runs them: (page, the command's start, "tests/file.py::test_name").
 TORCHRUN = "torchrun --nproc_per_node 2 examples/run_pretrain.py --model_name_or_path runs/init"
 RUN_BY_TESTS = [
+    ("README.md", "bash scripts/main_job.sh", "tests/test_main_job.py::test_main_job_end_to_end_on_a_tiny_run"),
+    ("docs/main-job.md", "bash scripts/main_job.sh", "tests/test_main_job.py::test_main_job_end_to_end_on_a_tiny_run"),
     ("docs/ecosystem.md", "python examples/run_search.py index", "tests/test_search.py::test_run_search_command_line"),
     ("docs/ecosystem.md", "python examples/run_search.py query", "tests/test_search.py::test_run_search_command_line"),
     (
@@ -174,9 +176,7 @@ OUTSIDE_THE_SUITE = {
     "pip install '.[dev]'": "installs into the environment: tests/test_extras.py collects the tests with [dev]'s closure",
 }
 
-# Run here at a smaller size: through the script's own documented knobs (the command itself is unchanged) ...
-ENVIRONMENT = {"bash scripts/main_job.sh": {"MICO_SKIP_INSTALL": "1", "MICO_MAX_STEPS": "2", "MICO_NUM_SAMPLES": "40"}}
-# ... or with these option values in place of the page's (every other word of the command as documented).
+# Run here at a smaller size: these option values in place of the page's (every other word as documented).
 SIZES = {"docs/fine-tuning.md": {"--num_samples": "40", "--max_steps": "2"}}
 
 
@@ -284,7 +284,7 @@ def test_documented_commands_run(page, tmp_path):
         result = subprocess.run(
             ["bash", "-c", sized(page, command)],
             cwd=work,
-            env={**env, **ENVIRONMENT.get(command, {})},
+            env=env,
             capture_output=True,
             text=True,
             timeout=600,

@@ -70,8 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
     model = lora_args.wrap(model, "text")
 
-    def collator(training: bool):
-        return MiCoCaptionMaskingCollator(processor, config, data_args.modalities, training=training)
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+
+    def collator(training: bool):  # seeded captions, frames and masking in training: a resumed run repeats them
+        seed = data_seed if training else None
+        return MiCoCaptionMaskingCollator(processor, config, data_args.modalities, training=training, seed=seed)
 
     eval_dataset = (
         load_annotation_dataset(data_args.validation_file, config=config) if data_args.validation_file else None

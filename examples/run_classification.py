@@ -102,9 +102,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
     model = lora_args.wrap(model, "vision", modules_to_save=["fc_norm", "classifier"])  # the new head in full
 
-    def collator(training: bool):
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+
+    def collator(training: bool):  # seeded frames, slices and mixing in training: a resumed run repeats them
         mixing = {"mixup_alpha": finetune_args.mixup_alpha, "cutmix_alpha": finetune_args.cutmix_alpha}
-        return MiCoClassificationCollator(processor, config, modalities, training, multi_label, **mixing)
+        seed = data_seed if training else None
+        return MiCoClassificationCollator(processor, config, modalities, training, multi_label, **mixing, seed=seed)
 
     eval_dataset = datasets.Dataset.from_list(eval_rows) if eval_rows else None
     groups = layer_decay_parameter_groups(

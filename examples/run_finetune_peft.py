@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     processor = load_processor(model_args.model_name_or_path, config, data_args.num_frames)
     processor.check_matches(config)
 
-    def collator(training: bool):
-        return MiCoDataCollator(processor, data_args.modalities, training=training, config=config)
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+
+    def collator(training: bool):  # seeded per-row draws in training: a resumed run repeats them
+        seed = data_seed if training else None
+        return MiCoDataCollator(processor, data_args.modalities, training=training, config=config, seed=seed)
 
     targets = data_args.retrieval_targets or targets_for_columns(config, collator(True).modalities)
     train_dataset = load_annotation_dataset(data_args.train_file, config=config)

@@ -112,6 +112,7 @@ class MiCoDataCollator:
         seed (`int`, *optional*): draw each row's random choices from a generator seeded with `(seed, epoch, row
             position)` (rows stamped by `index_rows`; the epoch set by `set_epoch`), so that they do not depend on the
             order batches are collated in and a resumed run repeats them; `None`: torch's global RNG (per worker).
+            Subclasses draw their batch-level choices from `batch_generator(rows)`.
     """
 
     def __init__(
@@ -184,14 +185,25 @@ class MiCoDataCollator:
 
     def _row_generator(self, row: dict) -> torch.Generator | None:
         """The generator of a row's random draws in training with a `seed` (`None`: torch's global RNG)."""
+        return self._seeded_generator([row], batch=False)
+
+    def batch_generator(self, rows: Sequence[dict]) -> torch.Generator | None:
+        """The generator of a batch's random draws (mixup/cutmix, caption masking) in training with a `seed`, seeded
+        with `(seed, epoch, the rows' positions)`: the same whenever and wherever the batch is collated (`None`
+        without a seed or at evaluation: torch's global RNG)."""
+        return self._seeded_generator(rows, batch=True)
+
+    def _seeded_generator(self, rows: Sequence[dict], batch: bool) -> torch.Generator | None:
         if self.seed is None or not self.training:
             return None
-        if ROW_POSITION not in row:
+        if any(ROW_POSITION not in row for row in rows):
             raise ValueError(
-                f"MiCoDataCollator(seed={self.seed}) needs rows stamped with their position (`{ROW_POSITION}`): wrap "
-                "the training data set with `modeling_mico.data.index_rows`"
+                f"{type(self).__name__}(seed={self.seed}) needs rows stamped with their position (`{ROW_POSITION}`): "
+                "wrap the training data set with `modeling_mico.data.index_rows`"
             )
-        return torch.Generator().manual_seed(row_seed(self.seed, self._epoch.value, row[ROW_POSITION]))
+        position = "+".join(row[ROW_POSITION] for row in rows)
+        seed = row_seed(self.seed, self._epoch.value, f"batch:{position}" if batch else position)
+        return torch.Generator().manual_seed(seed)
 
     def _caption(self, row: dict, generator: torch.Generator | None = None) -> str:
         """`captions` (a random one in training, else the first) or `caption` (a list is treated as `captions`)."""

@@ -125,6 +125,9 @@ class MiCoClassificationCollator(MiCoDataCollator):
         training (`bool`): random frames / slices (as pretraining) and mixing; at evaluation the middle ones.
         multi_label (`bool`): labels are lists of names.
         mixup_alpha, cutmix_alpha (`float`): see `mix_batch`; 0 (default) switches each off.
+        seed (`int`, *optional*): in training, each row's frames / slices from its own generator and the batch's
+            mixing from `batch_generator(rows)`, seeded with `(seed, epoch, positions)` as [`MiCoDataCollator`]'s, so
+            that a resumed run mixes as the uninterrupted one did; `None`: torch's global RNG.
     """
 
     def __init__(
@@ -136,9 +139,10 @@ class MiCoClassificationCollator(MiCoDataCollator):
         multi_label: bool = False,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        seed: int | None = None,
     ):
         columns = [config.modality_specs[name].column for name in modalities]
-        super().__init__(processor, columns, training=training, config=config)
+        super().__init__(processor, columns, training=training, config=config, seed=seed)
         self.label2id = {str(name): int(index) for name, index in config.label2id.items()}
         self.multi_label = multi_label
         self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
@@ -151,7 +155,7 @@ class MiCoClassificationCollator(MiCoDataCollator):
         return [self.label2id[str(name)] for name in names]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        items = [self._decode_row(row, self.modalities) for row in rows]
+        items = [self._decode_row(row, self.modalities, self._row_generator(row)) for row in rows]
         batch = {key: torch.cat([item[key] for item in items]) for key in items[0]}
         ids = [self.label_ids(row["label"]) for row in rows]
         if self.multi_label:
@@ -162,28 +166,40 @@ class MiCoClassificationCollator(MiCoDataCollator):
             labels = torch.tensor([row_ids[0] for row_ids in ids])
         batch["labels"] = labels
         if self.training and (self.mixup_alpha or self.cutmix_alpha):
-            batch = mix_batch(batch, len(self.label2id), self.mixup_alpha, self.cutmix_alpha)
+            mixing = self.batch_generator(rows)
+            batch = mix_batch(batch, len(self.label2id), self.mixup_alpha, self.cutmix_alpha, generator=mixing)
         return batch
 
 
-def mix_batch(batch: dict[str, torch.Tensor], num_labels: int, mixup_alpha: float, cutmix_alpha: float) -> dict:
+def mix_batch(
+    batch: dict[str, torch.Tensor],
+    num_labels: int,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    generator: torch.Generator | None = None,
+) -> dict:
     """Mixup (Zhang et al.) or cutmix (Yun et al.; one of them at random when both are on) of every input of a batch
     with the batch reversed, one mixing ratio for the batch drawn from Beta(alpha, alpha); labels become the same mix
-    of one-hot (or multi-hot) targets. Cutmix pastes one box of the last two dimensions (pixels, spectrogram)."""
+    of one-hot (or multi-hot) targets. Cutmix pastes one box of the last two dimensions (pixels, spectrogram). The
+    draws come from `generator` (a CPU one; default: torch's global RNG)."""
     if mixup_alpha < 0 or cutmix_alpha < 0:
         raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
     labels = batch.pop("labels")
     targets = labels.float() if labels.is_floating_point() else nn.functional.one_hot(labels, num_labels).float()
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or bool(torch.rand(()) < 0.5))
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or bool(torch.rand((), generator=generator) < 0.5))
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if generator is None:
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    else:  # torch.distributions take no generator: numpy's Beta sampler, seeded from it
+        lam = float(np.random.default_rng(int(torch.randint(2**62, (), generator=generator))).beta(alpha, alpha))
     mixed = {}
     for key, values in batch.items():
         other = values.flip(0)
         if use_cutmix:
             height, width = values.shape[-2:]
             cut_h, cut_w = int(height * (1 - lam) ** 0.5), int(width * (1 - lam) ** 0.5)
-            top, left = int(torch.randint(height - cut_h + 1, ())), int(torch.randint(width - cut_w + 1, ()))
+            top = int(torch.randint(height - cut_h + 1, (), generator=generator))
+            left = int(torch.randint(width - cut_w + 1, (), generator=generator))
             values = values.clone()
             values[..., top : top + cut_h, left : left + cut_w] = other[..., top : top + cut_h, left : left + cut_w]
             ratio = 1 - cut_h * cut_w / (height * width)
@@ -260,12 +276,20 @@ class MiCoCaptionMaskingCollator(MiCoDataCollator):
         config ([`MiCoConfig`]): the model's configuration (mask probability, `[MASK]` id, vocabulary, modalities).
         modalities (`Sequence[str]`, *optional*): annotation columns to load, as for [`MiCoDataCollator`].
         training (`bool`, *optional*, defaults to `True`): random caption / frames in training, else the first ones.
+        seed (`int`, *optional*): in training, each row's caption / frames from its own generator and the masking
+            from `batch_generator(rows)`, seeded with `(seed, epoch, positions)` as [`MiCoDataCollator`]'s, so that a
+            resumed run masks as the uninterrupted one did; `None`: torch's global RNG.
     """
 
     def __init__(
-        self, processor: Any, config: MiCoConfig, modalities: Sequence[str] | None = None, training: bool = True
+        self,
+        processor: Any,
+        config: MiCoConfig,
+        modalities: Sequence[str] | None = None,
+        training: bool = True,
+        seed: int | None = None,
     ):
-        super().__init__(processor, modalities, training=training, config=config)
+        super().__init__(processor, modalities, training=training, config=config, seed=seed)
         self.config = config
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -277,6 +301,7 @@ class MiCoCaptionMaskingCollator(MiCoDataCollator):
             self.config.caption_mask_probability,
             text_config.mask_token_id,
             text_config.vocab_size,
+            generator=self.batch_generator(rows),
         )
         batch.pop("token_type_ids", None)
         return {**batch, "input_ids": masked, "labels": labels}

@@ -56,8 +56,10 @@ def mask_caption_tokens(
     probability: float,
     mask_token_id: int,
     vocab_size: int,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask caption tokens for the caption loss, vectorised with torch's global RNG.
+    """Mask caption tokens for the caption loss, vectorised, drawing from `generator` (on the device of `input_ids`;
+    default: torch's global RNG, as the model's own caption loss does).
 
     Every non-padding token after position 0 (`[SEP]` included) is chosen with `probability`, conditioned on at least
     one per row, as the original's "redraw until something is chosen" loop: the first chosen token is drawn from the
@@ -76,17 +78,19 @@ def mask_caption_tokens(
     if probability < 1:
         # inverse CDF of P(first = k | at least one) = p (1-p)^(k-1) / (1 - (1-p)^count), k = 1..count
         keep = torch.tensor(1 - probability, dtype=torch.float64, device=input_ids.device)
-        uniform = torch.rand(count.shape, dtype=torch.float64, device=input_ids.device)
+        uniform = torch.rand(count.shape, dtype=torch.float64, device=input_ids.device, generator=generator)
         first = torch.ceil(torch.log1p(-uniform * (1 - keep**count)) / torch.log(keep)).long().clamp(min=1)
         first = torch.minimum(first, count)
-        later = torch.rand(input_ids.shape, device=input_ids.device) < probability
+        later = torch.rand(input_ids.shape, device=input_ids.device, generator=generator) < probability
         chosen = eligible & ((rank == first) | ((rank > first) & later))
     else:
         chosen = eligible
     labels = input_ids.masked_fill(~chosen, -100)
-    action = torch.rand(input_ids.shape, device=input_ids.device)
+    action = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
     low = RANDOM_TOKEN_START if vocab_size > RANDOM_TOKEN_START else 0
-    random_ids = torch.randint(low, vocab_size, input_ids.shape, device=input_ids.device, dtype=input_ids.dtype)
+    random_ids = torch.randint(
+        low, vocab_size, input_ids.shape, device=input_ids.device, dtype=input_ids.dtype, generator=generator
+    )
     masked = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
     masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
     return masked, labels

@@ -11,7 +11,7 @@ from test_classification import synthetic_run
 
 from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoForPreTraining, MiCoProcessor
 from modeling_mico.caption_metrics import bleu, caption_scores, cider_d, rouge_l, tokenize
-from modeling_mico.data import MiCoDataCollator
+from modeling_mico.data import ROW_POSITION, MiCoDataCollator
 from modeling_mico.finetuning import MiCoCaptionMaskingCollator, references_of
 from modeling_mico.peft_utils import set_pretraining_losses
 
@@ -99,6 +99,43 @@ def test_caption_masking_collator_trains_the_pretraining_caption_loss(tmp_path):
         expected = pretraining(**plain).caption_loss
         loss = captioner(**batch).loss
     torch.testing.assert_close(loss, expected)
+
+
+def test_seeded_caption_masking_depends_on_the_rows_and_epoch_only(tmp_path):
+    """With a seed, the caption chosen per row and the batch's masking come from (seed, epoch, positions): the same
+    batch whatever was collated before and whatever torch's global RNG did, other draws in the next epoch; at
+    evaluation (no seed) the masking follows the global RNG as before."""
+    config = MiCoConfig.from_preset("tiny", caption_tasks=["tv"])
+    processor = MiCoProcessor.from_config(config)
+    captions = ["a red circle", "a small red circle moving", "a round red shape on grey", "red"]
+    rows = [{"image": str(MEDIA / "test.jpeg"), "captions": captions, ROW_POSITION: str(i)} for i in range(4)]
+    collator = MiCoCaptionMaskingCollator(processor, config, ["image"], seed=2)
+    first = collator(rows)
+    torch.manual_seed(5)
+    collator(rows[:3])  # another batch collated in between
+    again = collator(rows)
+    for key in ("input_ids", "attention_mask", "labels"):
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
+    collator.set_epoch(1)
+    assert not torch.equal(collator(rows)["labels"], first["labels"])
+    evaluation = MiCoCaptionMaskingCollator(processor, config, ["image"], training=False)
+    torch.manual_seed(0)
+    draws = evaluation(rows)["labels"]
+    torch.manual_seed(1)
+    assert not torch.equal(evaluation(rows)["labels"], draws)
+    # the captioning trainer stamps the training rows with their position and sets the epoch, as EvalCollatorTrainer
+    from transformers import TrainingArguments
+
+    from modeling_mico.finetuning import MiCoCaptioningTrainer
+    from modeling_mico.trainer_mico import CollatorEpochCallback
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False)
+    unstamped = [{key: value for key, value in row.items() if key != ROW_POSITION} for row in rows]
+    trainer = MiCoCaptioningTrainer.for_datasets(
+        MiCoForConditionalGeneration(config), args, processor, lambda training: collator, unstamped
+    )
+    assert trainer.train_dataset[3][ROW_POSITION] == "3"
+    assert any(isinstance(c, CollatorEpochCallback) for c in trainer.callback_handler.callbacks)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from modeling_mico import (
     MiCoModel,
     MiCoProcessor,
 )
+from modeling_mico.data import ROW_POSITION
 from modeling_mico.finetuning import (
     MiCoClassificationCollator,
     classification_compute_metrics,
@@ -253,6 +254,34 @@ def test_mixup_mixes_inputs_and_one_hot_targets_with_one_ratio():
     assert cut["labels"][0, 0].item() == pytest.approx(kept, abs=1e-6)
 
 
+def test_seeded_collator_slices_and_mixing_depend_on_the_rows_and_epoch_only():
+    """With a seed, each row's spectrogram slices and the batch's mixup/cutmix choice, ratio and box come from
+    (seed, epoch, positions): the same batch whatever was collated before and whatever torch's global RNG did (what
+    makes resuming exact), other draws in the next epoch; without a seed they follow the global RNG."""
+    config = tiny(id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    processor = MiCoProcessor.from_config(config)
+    rows = [{"audio": str(MEDIA / "test.flac"), "label": name, ROW_POSITION: str(i)} for i, name in enumerate("abc")]
+    mixing = {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}
+    collator = MiCoClassificationCollator(processor, config, ["audio"], **mixing, seed=5)
+    first = collator(rows)
+    torch.manual_seed(123)
+    collator(rows[1:])  # another batch collated in between
+    again = collator(rows)
+    for key in ("input_features", "labels"):
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
+    collator.set_epoch(1)
+    later = collator(rows)
+    assert not torch.equal(later["labels"], first["labels"])
+    assert not torch.equal(later["input_features"], first["input_features"])
+    unseeded = MiCoClassificationCollator(processor, config, ["audio"], **mixing)
+    torch.manual_seed(0)
+    draws = unseeded(rows)["labels"]
+    torch.manual_seed(1)
+    assert not torch.equal(unseeded(rows)["labels"], draws)
+    with pytest.raises(ValueError, match=r"MiCoClassificationCollator\(seed=5\) needs rows stamped"):
+        collator([{key: value for key, value in rows[0].items() if key != ROW_POSITION}])
+
+
 def test_metrics_accuracy_and_map():
     from transformers import EvalPrediction
 
@@ -321,6 +350,52 @@ def synthetic_run(tmp_path: Path, script: str, num_samples: int, num_test: int):
     MiCoForPreTraining(config).save_pretrained(tmp_path / "tiny")
     MiCoProcessor.from_config(config).save_pretrained(tmp_path / "tiny")
     return importlib.import_module(script)
+
+
+def _trained(run_classification, tmp_path: Path, output: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The logged losses and final weights of 4 steps of run_classification with mixup and cutmix (checkpoints
+    every 2 steps) in `output`, resuming from the checkpoint already there, if any."""
+    from safetensors.torch import load_file
+
+    run_classification.main([
+        "--model_name_or_path", str(tmp_path / "tiny"), "--modality", "image",
+        "--train_file", str(tmp_path / "data" / "train.jsonl"), "--label_column", "attributes.color",
+        "--output_dir", str(output), "--do_train", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--mixup_alpha", "0.4",
+        "--cutmix_alpha", "1.0", "--seed", "3", "--report_to", "none", "--disable_tqdm", "true",
+    ])  # fmt: skip
+    history = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry], load_file(output / "model.safetensors")
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "global-rng"])
+def test_run_classification_resumed_with_mixing_equals_the_uninterrupted_run(tmp_path, monkeypatch, seeded):
+    """run_classification seeds its training collator (`--data_seed`, else `--seed`), so a run resumed from
+    checkpoint-2 mixes batches 3-4 as the uninterrupted run did: the same losses and weights. With the collator's
+    draws from torch's global RNG (the code before), the resumed run mixes otherwise and ends elsewhere."""
+    import shutil
+
+    import modeling_mico.finetuning
+
+    run_classification = synthetic_run(tmp_path, "run_classification", num_samples=16, num_test=2)
+    if not seeded:
+
+        class GlobalRngCollator(MiCoClassificationCollator):
+            def __init__(self, *args, seed=None, **kwargs):
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(modeling_mico.finetuning, "MiCoClassificationCollator", GlobalRngCollator)
+    losses, weights = _trained(run_classification, tmp_path, tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed_losses, resumed_weights = _trained(run_classification, tmp_path, tmp_path / "resumed")
+    assert len(losses) == 4 and resumed_losses[:2] == losses[:2]  # steps 1-2: the checkpoint's history
+    if seeded:
+        assert resumed_losses == pytest.approx(losses, rel=1e-6)
+        for name, value in weights.items():
+            torch.testing.assert_close(resumed_weights[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    else:
+        print(f"global-rng losses: uninterrupted {losses[2:]}, resumed {resumed_losses[2:]}")
+        assert resumed_losses[2:] != pytest.approx(losses[2:], rel=1e-6)
 
 
 @pytest.mark.slow

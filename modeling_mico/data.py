@@ -194,6 +194,7 @@ class MiCoDataCollator:
         return self._seeded_generator(rows, batch=True)
 
     def _seeded_generator(self, rows: Sequence[dict], batch: bool) -> torch.Generator | None:
+        """A generator seeded with `(seed, epoch, the rows' positions)` (a batch's apart from its single row's)."""
         if self.seed is None or not self.training:
             return None
         if any(ROW_POSITION not in row for row in rows):

@@ -9,6 +9,7 @@ pretraining, retrieval evaluation, captioning and conversion all read it from he
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -185,6 +186,8 @@ DEFAULT_FUSED_HEADS = {
     "vas": ["vision", "audio", "subtitle"],
 }
 
+# The pretraining losses; `<kind>_tasks` configures the tasks of each.
+TASK_KINDS = ("contrastive", "matching", "caption")
 DEFAULT_CONTRASTIVE_TASKS = ["tv", "ta", "td", "tva"]
 DEFAULT_MATCHING_TASKS = ["tv", "ta", "tva"]
 DEFAULT_CAPTION_TASKS = ["tv", "ta", "tva"]
@@ -197,6 +200,10 @@ def _check_positive(config: PreTrainedConfig, prefix: str, *names: str) -> None:
             raise TypeError(f"{prefix}{name} must be an integer, got {value!r}")
         if value <= 0:
             raise ValueError(f"{prefix}{name} must be positive, got {value}")
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _check_heads(config: PreTrainedConfig, prefix: str) -> None:
@@ -414,6 +421,13 @@ class MiCoConfig(PreTrainedConfig):
             Contexts used by the caption loss.
         itm_loss_weight (`float`, *optional*, defaults to 0.1):
             Weight of the matching loss.
+        caption_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the caption loss (1 in the release).
+        task_loss_weights (`dict[str, float]`, *optional*):
+            Relative weights of tasks within their kind, keyed as [`MiCoForPreTraining`]'s `task_losses`
+            (`"contrastive_td"`, `"matching_tva"`, `"caption_ta"`); unlisted tasks weigh 1. Each kind's loss is the
+            weighted mean of its tasks' losses. Default: equal weights (the release). Useful when tasks compete for
+            the shared towers, e.g. to give modalities that show fewer of the captions' words more weight.
         caption_mask_probability (`float`, *optional*, defaults to 0.6):
             Token masking rate of the caption loss.
         label_smoothing (`float`, *optional*, defaults to 0.1):
@@ -452,6 +466,8 @@ class MiCoConfig(PreTrainedConfig):
     matching_tasks: list[str] | None = None
     caption_tasks: list[str] | None = None
     itm_loss_weight: float | int = 0.1
+    caption_loss_weight: float | int = 1.0
+    task_loss_weights: dict[str, float | int] | None = None
     caption_mask_probability: float = 0.6
     label_smoothing: float | int = 0.1
     initializer_range: float = 0.02
@@ -462,6 +478,8 @@ class MiCoConfig(PreTrainedConfig):
             self.knowledge_modalities = dict(DEFAULT_KNOWLEDGE_MODALITIES)
         if self.modalities is None:
             self.modalities = {}
+        if self.task_loss_weights is None:
+            self.task_loss_weights = {}
         # the release's heads and tasks, as far as this configuration has their modalities
         known = {*self.knowledge_modalities, SUBTITLE}
         if self.fused_heads is None:
@@ -548,9 +566,17 @@ class MiCoConfig(PreTrainedConfig):
                 )
             if head in specs or head in known:
                 raise ValueError(f"fused head {head!r} has the name of a modality")
-        for field in ("contrastive_tasks", "matching_tasks", "caption_tasks"):
-            for task in getattr(self, field):
+        for kind in TASK_KINDS:
+            for task in getattr(self, f"{kind}_tasks"):
                 self.parse_task(task)
+        tasks = [f"{kind}_{task}" for kind in TASK_KINDS for task in getattr(self, f"{kind}_tasks")]
+        for name, weight in self.task_loss_weights.items():
+            if name not in tasks:
+                raise ValueError(f"task_loss_weights names {name!r}, which is not a configured task; choose among {tasks}")
+            if not _is_positive_number(weight):
+                raise ValueError(f"task_loss_weights[{name!r}] must be a positive number, got {weight!r}")
+        if not _is_positive_number(self.caption_loss_weight):
+            raise ValueError(f"caption_loss_weight must be a positive number, got {self.caption_loss_weight!r}")
         for name in ("caption_mask_probability", "label_smoothing"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

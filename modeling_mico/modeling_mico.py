@@ -27,7 +27,14 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_mico import BUILTIN_MODALITIES, SUBTITLE, MiCoConfig, MiCoVisionConfig, ModalitySpec
+from .configuration_mico import (
+    BUILTIN_MODALITIES,
+    SUBTITLE,
+    TASK_KINDS,
+    MiCoConfig,
+    MiCoVisionConfig,
+    ModalitySpec,
+)
 from .distributed import all_gather_no_grad, all_gather_with_grad, present_everywhere
 from .generation_mico import MiCoGenerationMixin, default_generation_config
 from .modeling_mico_text import (
@@ -1007,10 +1014,11 @@ class MiCoForPreTrainingOutput(ModelOutput):
         matching_loss (`torch.FloatTensor`):
             Mean over matching tasks of `itm_loss_weight` x the matching cross-entropy.
         caption_loss (`torch.FloatTensor`):
-            Mean over caption tasks of the cross-entropy on the masked caption tokens.
+            Mean over caption tasks of `caption_loss_weight` x the cross-entropy on the masked caption tokens.
         task_losses (`dict[str, torch.FloatTensor]`):
-            Every task's term, keyed `contrastive_<task>`, `matching_<task>` (weighted) and `caption_<task>`, e.g.
-            `contrastive_tva`.
+            Every task's term, keyed `contrastive_<task>`, `matching_<task>` and `caption_<task>` (the last two
+            times `itm_loss_weight` / `caption_loss_weight`), e.g. `contrastive_tva`. Each mean above is weighted
+            by `config.task_loss_weights` (equal weights by default).
         logits_per_text, logits_per_modality (`dict[str, torch.FloatTensor]`):
             Per contrastive (and matching) task, the `(local_batch, global_batch)` similarities divided by the
             temperature; local row i's positive is column `offset + i`.
@@ -1069,7 +1077,7 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         super().__init__(config)
         self.tasks = {
             kind: {task: config.parse_task(task) for task in getattr(config, f"{kind}_tasks")}
-            for kind in ("contrastive", "matching", "caption")
+            for kind in TASK_KINDS
         }
         for parts in [*self.tasks["contrastive"].values(), *self.tasks["matching"].values()]:
             if len(parts) > 1:
@@ -1121,7 +1129,7 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         inputs = mico.modality_inputs(kwargs)
         batch = {spec.input_name: values for spec, values in inputs.values()}
         check_batch_sizes({"input_ids": input_ids, **batch, "subtitle_input_ids": subtitle_input_ids})
-        kinds = ("contrastive",) if not return_loss else ("contrastive", "matching", "caption")
+        kinds = ("contrastive",) if not return_loss else TASK_KINDS
         given = {spec.encoder for spec, _ in inputs.values()} | (
             {SUBTITLE} if subtitle_input_ids is not None else set()
         )
@@ -1152,7 +1160,7 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         )
         # similarities of contrastive tasks, and of matching tasks (their hard negatives are drawn from them)
         similarity: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
-        contrastive_terms = []
+        contrastive_terms = {}
         for task, parts in {**tasks.get("matching", {}), **tasks["contrastive"]}.items():
             modality_embeds = F.normalize(mico.project({part: pooled[part] for part in parts}), dim=-1)
             loss, logits_per_text, logits_per_modality, offset = contrastive_loss(
@@ -1163,12 +1171,12 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
             output.logits_per_modality[task] = logits_per_modality
             if task in tasks["contrastive"]:
                 output.task_losses[f"contrastive_{task}"] = loss
-                contrastive_terms.append(loss)
+                contrastive_terms[task] = loss
         if contrastive_terms:
-            output.contrastive_loss = torch.stack(contrastive_terms).mean()
+            output.contrastive_loss = self._kind_loss("contrastive", contrastive_terms)
 
         if return_loss:
-            matching_terms = []
+            matching_terms = {}
             for task, parts in tasks["matching"].items():
                 logits_per_text, logits_per_modality, offset = similarity[task]
                 if logits_per_text.shape[1] < 2:
@@ -1182,9 +1190,9 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
                 loss = self.config.itm_loss_weight * F.cross_entropy(logits, labels)
                 output.matching_logits = {**(output.matching_logits or {}), task: logits}
                 output.task_losses[f"matching_{task}"] = loss
-                matching_terms.append(loss)
+                matching_terms[task] = loss
             if matching_terms:
-                output.matching_loss = torch.stack(matching_terms).mean()
+                output.matching_loss = self._kind_loss("matching", matching_terms)
 
             if tasks["caption"]:
                 self._caption_losses(output, input_ids, attention_mask, tasks["caption"], context_of)
@@ -1209,7 +1217,7 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
         if not selected.any():  # captions of one token ([CLS]) only: nothing to predict, no loss (not a NaN)
             logger.warning_once("caption loss skipped: the captions of this batch have no token after [CLS]")
             return
-        terms = []
+        terms = {}
         for task, parts in tasks.items():
             hidden_states = self.mico.text_model(
                 input_ids=masked_ids,
@@ -1218,11 +1226,20 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
                 is_causal=True,
             ).last_hidden_state
             logits = self.lm_head(hidden_states[selected])
-            loss = F.cross_entropy(logits.float(), labels[selected])
+            loss = self.config.caption_loss_weight * F.cross_entropy(logits.float(), labels[selected])
             output.caption_logits[task] = logits
             output.task_losses[f"caption_{task}"] = loss
-            terms.append(loss)
-        output.caption_loss = torch.stack(terms).mean()
+            terms[task] = loss
+        output.caption_loss = self._kind_loss("caption", terms)
+
+    def _kind_loss(self, kind: str, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of one kind: the mean of its tasks' losses, weighted by `config.task_loss_weights`."""
+        weights = [self.config.task_loss_weights.get(f"{kind}_{task}", 1) for task in losses]
+        stacked = torch.stack(list(losses.values()))
+        if all(weight == 1 for weight in weights):
+            return stacked.mean()  # the release's arithmetic, bit for bit
+        weights = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+        return (stacked * weights).sum() / weights.sum()
 
     def _runnable_tasks(self, kinds: tuple[str, ...], given: set[str]) -> dict[str, dict[str, tuple[str, ...]]]:
         """The configured tasks whose modalities are in this batch on every process; raises when none is."""

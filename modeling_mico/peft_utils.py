@@ -20,6 +20,7 @@ from huggingface_hub import HfApi
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model
 from torch import nn
 
+from .configuration_mico import TASK_KINDS
 from .output_utils import atomic_output, write_text_atomic
 from .retrieval import format_results_table
 
@@ -102,12 +103,11 @@ def build_peft_model(model: nn.Module, config: PeftConfig | None = None, **confi
 def set_pretraining_losses(model: nn.Module, losses: Sequence[str]) -> None:
     """Keep only the given losses (`contrastive`, `matching`, `caption`) of a `MiCoForPreTraining` (or a PEFT
     wrapper of one): the tasks of the other kinds are switched off for this model instance, not in its config."""
-    kinds = ("contrastive", "matching", "caption")
-    unknown = [loss for loss in losses if loss not in kinds]
+    unknown = [loss for loss in losses if loss not in TASK_KINDS]
     if unknown or not losses:
-        raise ValueError(f"unknown losses {unknown or losses}; choose among {list(kinds)}")
+        raise ValueError(f"unknown losses {unknown or losses}; choose among {list(TASK_KINDS)}")
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    for kind in kinds:
+    for kind in TASK_KINDS:
         if kind not in losses:
             base.tasks[kind] = {}
 

@@ -1,7 +1,8 @@
 """🤗 `Trainer` subclasses for MiCo pretraining and fine-tuning, and the retrieval metric they report.
 
-- `EvalCollatorTrainer` collates evaluation batches with their own collator (first caption, middle frames), so that
-  the evaluation loss does not depend on random choices, and with a seeded training collator
+- `EvalCollatorTrainer` logs every pretraining task's loss beside the total (`loss_contrastive_td`, ...), collates
+  evaluation batches with their own collator (first caption, middle frames), so that the evaluation loss does not
+  depend on random choices, and with a seeded training collator
   (`MiCoDataCollator(seed=...)`) stamps the training rows with their position and tells the collator the epoch, so that
   a resumed run draws the captions and frames the uninterrupted run drew (`examples/run_pretrain.py`).
 - `MiCoRetrievalTrainer` also returns the batch's text and target embeddings as predictions
@@ -12,12 +13,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers.trainer_pt_utils import nested_gather
 
 from .data import index_rows
 from .evaluation import batch_retrieval_embeddings, mico_base_model, resolve_targets, target_prefix
@@ -68,9 +70,14 @@ class CollatorEpochCallback(TrainerCallback):
 
 
 class EvalCollatorTrainer(Trainer):
-    """A `Trainer` that collates evaluation batches with their own collator (first caption, middle frames), and with
-    a seeded training collator (`seed` set, e.g. `MiCoDataCollator(seed=...)`) stamps the training rows with their
-    position (`data.index_rows`) and sets the collator's epoch, so that resuming repeats the uninterrupted run's draws.
+    """A `Trainer` that logs each pretraining task's loss, collates evaluation batches with their own collator (first
+    caption, middle frames), and with a seeded training collator (`seed` set, e.g. `MiCoDataCollator(seed=...)`)
+    stamps the training rows with their position (`data.index_rows`) and sets the collator's epoch, so that resuming
+    repeats the uninterrupted run's draws.
+
+    With a model whose outputs carry `task_losses` ([`MiCoForPreTraining`]), every training log has, beside `loss`,
+    `loss_<task>` for each task (`loss_contrastive_td`, `loss_caption_tva`, ...): its mean over the steps since the
+    last log and over all processes, so that a task that does not learn (stuck at ln(batch size)) shows.
 
     Args:
         eval_data_collator: collator of evaluation batches (default: `data_collator`).
@@ -79,6 +86,8 @@ class EvalCollatorTrainer(Trainer):
     def __init__(self, *args, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
+        self._task_loss_sums: dict[str, torch.Tensor] = {}
+        self._task_loss_count = 0
         if getattr(self.data_collator, "seed", None) is not None and self.train_dataset is not None:
             self.train_dataset = index_rows(self.train_dataset)
             self.add_callback(CollatorEpochCallback(self.data_collator))
@@ -106,6 +115,25 @@ class EvalCollatorTrainer(Trainer):
             processing_class=processor,
             **kwargs,
         )
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        task_losses = outputs.get("task_losses") if isinstance(outputs, Mapping) else None
+        if model.training and task_losses:
+            for name, value in task_losses.items():
+                self._task_loss_sums[name] = self._task_loss_sums.get(name, 0) + value.detach().float()
+            self._task_loss_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._task_loss_count:
+            # every process runs the same tasks (`_runnable_tasks`), so the gathered vectors line up
+            names = sorted(self._task_loss_sums)
+            means = torch.stack([self._task_loss_sums[name] for name in names]) / self._task_loss_count
+            means = nested_gather(means, self.args.parallel_mode).view(-1, len(names)).mean(0)
+            logs.update({f"loss_{name}": round(float(mean), 4) for name, mean in zip(names, means)})
+            self._task_loss_sums, self._task_loss_count = {}, 0
+        super().log(logs, *args, **kwargs)
 
     def get_eval_dataloader(self, eval_dataset=None):
         train_collator, self.data_collator = self.data_collator, self.eval_data_collator or self.data_collator

@@ -54,7 +54,7 @@ class HelpFormatter(argparse.HelpFormatter):
         unsaid = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
         if action.required:
             return f"{help_text} (required)"
-        if unsaid or "%(default)" in help_text:
+        if unsaid or "%(default)" in help_text or "(default:" in help_text:  # said already
             return help_text
         return f"{help_text} (default: %(default)s)"
 

@@ -84,6 +84,7 @@ def test_help_prints_the_description_without_importing_torch(helps, script):
     assert len(description.split()) >= 30, "the description says what the script reads and writes"
     assert record["help"].startswith("usage: ")
     assert flat(description) in flat(record["help"])
+    assert not re.search(r"\(default: [^)]*\)\s*\(default:", flat(record["help"])), "a default said twice"
     if script.startswith("examples/"):
         assert "default outputs/" in flat(description), "the description says where the outputs go by default"
 

@@ -194,6 +194,37 @@ def test_caption_loss_matches_recomputation():
     torch.testing.assert_close(out.caption_loss, (losses[0] + losses[1]) / 2)
 
 
+def test_task_loss_weights_and_caption_loss_weight_weight_the_means():
+    weights = {"contrastive_ta": 3.0, "caption_tv": 0.5}
+    plain = model_for(only(tiny_config(), contrastive=["tv", "ta"], caption=["tv", "ta"]))
+    weighted = model_for(
+        only(tiny_config(task_loss_weights=weights, caption_loss_weight=0.2), contrastive=["tv", "ta"], caption=["tv", "ta"])
+    )
+    batch = make_batch()
+    torch.manual_seed(5)
+    reference = plain(**batch)
+    torch.manual_seed(5)
+    out = weighted(**batch)
+    contrastive = {task: reference.task_losses[f"contrastive_{task}"] for task in ("tv", "ta")}
+    torch.testing.assert_close(out.contrastive_loss, (contrastive["tv"] + 3 * contrastive["ta"]) / 4)
+    caption = {task: 0.2 * reference.task_losses[f"caption_{task}"] for task in ("tv", "ta")}
+    torch.testing.assert_close(out.task_losses["caption_ta"], caption["ta"])
+    torch.testing.assert_close(out.caption_loss, (0.5 * caption["tv"] + caption["ta"]) / 1.5)
+    torch.testing.assert_close(out.loss, out.contrastive_loss + out.caption_loss)
+    # equal weights keep the release's arithmetic exactly
+    assert torch.equal(reference.contrastive_loss, torch.stack(list(contrastive.values())).mean())
+
+
+def test_task_loss_weights_are_validated():
+    with pytest.raises(StrictDataclassClassValidationError, match="task_loss_weights names 'contrastive_tx', which is not a configured task"):
+        tiny_config(task_loss_weights={"contrastive_tx": 2.0})
+    for bad in (0, -1.0, float("nan"), True, "2"):
+        with pytest.raises(StrictDataclassClassValidationError, match=r"task_loss_weights\['contrastive_tv'\] must be a positive number"):
+            tiny_config(task_loss_weights={"contrastive_tv": bad})
+    with pytest.raises(StrictDataclassClassValidationError, match="caption_loss_weight must be a positive number, got 0"):
+        tiny_config(caption_loss_weight=0)
+
+
 def test_encoders_run_once_per_batch(monkeypatch):
     model = model_for(tiny_config())
     calls = []
@@ -331,6 +362,34 @@ def test_trainer_steps_reduce_the_loss(tmp_path):
     trainer.train()
     losses = logged_losses(trainer)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+
+
+def test_trainer_logs_each_task_loss(tmp_path):
+    from transformers import TrainingArguments
+
+    from modeling_mico.trainer_mico import EvalCollatorTrainer
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=2, report_to=[],
+        use_cpu=True, seed=7, remove_unused_columns=False, save_strategy="no",
+    )
+    torch.manual_seed(0)
+    model = MiCoForPreTraining(tiny_config())
+    seen = []
+    forward = model.forward
+    model.forward = lambda **inputs: seen.append(forward(**inputs)) or seen[-1]
+    trainer = EvalCollatorTrainer(model=model, args=args, train_dataset=TensorRows())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    tasks = sorted(f"loss_{name}" for name in seen[0].task_losses)
+    assert len(tasks) == 9 and [sorted(name for name in entry if name.startswith("loss_")) for entry in logs] == [
+        tasks,
+        tasks,
+    ]
+    for entry, outputs in zip(logs, (seen[:2], seen[2:])):
+        for name in ("contrastive_tv", "caption_ta"):
+            mean = sum(float(output.task_losses[name].detach()) for output in outputs) / 2
+            assert entry[f"loss_{name}"] == pytest.approx(mean, abs=1e-4)
 
 
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):

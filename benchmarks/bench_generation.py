@@ -69,27 +69,26 @@ def build_model() -> MiCoForConditionalGeneration:
 
 
 DECODING_VARIANTS = {
-    # name: (one context per item, preallocated self-attention cache, fused projections, transposed weights)
+    # name: (one context per item, preallocated self-attention cache, fused projections, prepacked weights)
     "generic": (False, False, False, False),
     "shared context": (True, False, False, False),
-    "package": (True, True, True, False),
-    "transposed weights": (True, True, True, True),
+    "unpacked": (True, True, True, False),
+    "package": (True, True, True, True),
 }
-BIT_IDENTICAL_VARIANTS = ("generic", "shared context", "package")
+BIT_IDENTICAL_VARIANTS = ("generic", "shared context", "unpacked")
 
 
 @contextlib.contextmanager
-def decoding_variant(name: str, model: MiCoForConditionalGeneration | None = None) -> Iterator[None]:
+def decoding_variant(name: str) -> Iterator[None]:
     """Decode as the variant `name` of `DECODING_VARIANTS` (the package's default is `"package"`):
 
     * without one context per item, Transformers' generic path: the context copied for every beam / returned
       sequence and the whole cache, the context's keys/values included, reordered between beams;
     * without the preallocated cache, Transformers' `DynamicCache` (grown by concatenation every step);
     * without fused projections, one matrix product each for query, key and value;
-    * with transposed weights (an experiment, not in the package; needs `model`): every linear layer of `model`'s
-      text tower and LM head multiplies by a contiguous `(in, out)` copy of its weight (`addmm` without a transposed
-      operand, a different BLAS kernel for the few rows of a decoding step; results differ in the last bits)."""
-    share_context, preallocate, fuse, transpose = DECODING_VARIANTS[name]
+    * without prepacked weights, `F.linear` for every product even when a step multiplies 4 rows or more (the package
+      then multiplies by weights prepacked for oneDNN: results differ in the last bits, `fused_projections`)."""
+    share_context, preallocate, fuse, prepack = DECODING_VARIANTS[name]
 
     def reorder_everything(cache, beam_idx):
         cache.reorder_cache(beam_idx)
@@ -107,38 +106,18 @@ def decoding_variant(name: str, model: MiCoForConditionalGeneration | None = Non
     for attribute, value in overrides.items():
         setattr(cls, attribute, value)
     if not fuse:
-        modeling_mico.modeling_mico.fused_projections = lambda text_model: contextlib.nullcontext()
-    elif transpose:
-        modeling_mico.modeling_mico.fused_projections = transposed_fused_projections
-    linears = [] if not transpose else [
-        module for part in (model.mico.text_model, model.lm_head) for module in part.modules()
-        if isinstance(module, torch.nn.Linear)
-    ]
+        modeling_mico.modeling_mico.fused_projections = lambda *modules, prepack=False: contextlib.nullcontext()
+    elif not prepack:
+        modeling_mico.modeling_mico.fused_projections = lambda *modules, prepack=False: fused_projections(*modules)
     try:
-        for linear in linears:
-            weight = linear.weight.detach().t().contiguous().t()  # (out, in) view of an (in, out) matrix
-            linear.forward = partial(torch.nn.functional.linear, weight=weight, bias=linear.bias)
         yield
     finally:
-        for linear in linears:
-            del linear.forward
         for attribute, value in saved.items():
             if value is None:
                 delattr(cls, attribute)
             else:
                 setattr(cls, attribute, value)
         modeling_mico.modeling_mico.fused_projections = saved_fusion
-
-
-@contextlib.contextmanager
-def transposed_fused_projections(text_model: torch.nn.Module) -> Iterator[None]:
-    """`fused_projections` whose concatenated weights are views of contiguous `(in, out)` matrices."""
-    with fused_projections(text_model):
-        for module in text_model.modules():
-            if getattr(module, "fused_projection", None) is not None:
-                weight, bias = module.fused_projection
-                module.fused_projection = (weight.t().contiguous().t(), bias)
-        yield
 
 
 def generic_decoding() -> contextlib.AbstractContextManager:
@@ -164,7 +143,7 @@ class StepClock(StoppingCriteria):
 def step_seconds(model, context: torch.Tensor, num_beams: int, variant: str = "package") -> float:
     """Median decoding step of a `STEP_TOKENS`-token caption of every item of `context`, decoded as `variant`."""
     clock = StepClock()
-    with decoding_variant(variant, model):
+    with decoding_variant(variant):
         model.generate(
             context=context,
             num_beams=num_beams,
@@ -220,13 +199,13 @@ def step_rows(model, machine: dict, repeats: int) -> list[dict]:
         )
         package = timings["package"]["seconds"]
         logits = {}
-        for variant in ("package", "transposed weights"):
-            with decoding_variant(variant, model):
+        for variant in ("package", "unpacked"):
+            with decoding_variant(variant):
                 logits[variant] = model.generate(
                     context=context, num_beams=beams, max_new_tokens=STEP_TOKENS, output_logits=True,
                     return_dict_in_generate=True,
                 )
-        reference, transposed = logits["package"], logits["transposed weights"]
+        reference, packed = logits["unpacked"], logits["package"]
         rows.append(
             {
                 "items": items,
@@ -234,10 +213,10 @@ def step_rows(model, machine: dict, repeats: int) -> list[dict]:
                 **{f"{variant}_ms": timing["seconds"] * 1e3 for variant, timing in timings.items()},
                 "speedup": timings["package"]["speedup"],
                 "speedup_over_shared_context": timings["shared context"]["seconds"] / package,
-                "transposed_speedup": package / timings["transposed weights"]["seconds"],
-                "transposed_same_tokens": torch.equal(reference.sequences, transposed.sequences),
-                "transposed_max_logit_difference": max(
-                    float((a - b).abs().max()) for a, b in zip(reference.logits, transposed.logits)
+                "prepacked_speedup": timings["unpacked"]["seconds"] / package,
+                "prepacked_same_tokens": torch.equal(reference.sequences, packed.sequences),
+                "prepacked_max_logit_difference": max(
+                    float((a - b).abs().max()) for a, b in zip(reference.logits, packed.logits)
                 ),
                 "roofline": roofline_row(label, package, cost, machine),
             }
@@ -432,8 +411,8 @@ def to_markdown(results: dict) -> str:
                 f"{row['speedup']:.2f}x",
                 f"{row['speedup_over_shared_context']:.2f}x",
                 f"{row['roofline']['fraction_of_bound']:.2f}",
-                f"{row['transposed_speedup']:.2f}x",
-                f"{'yes' if row['transposed_same_tokens'] else 'NO'}, {row['transposed_max_logit_difference']:.1e}",
+                f"{row['prepacked_speedup']:.2f}x",
+                f"{'yes' if row['prepacked_same_tokens'] else 'NO'}, {row['prepacked_max_logit_difference']:.1e}",
             ]
             for row in results["steps"]
         ]
@@ -446,10 +425,11 @@ def to_markdown(results: dict) -> str:
         parts += [
             f"Decoding step ({results['settings']['step_tokens']}-token captions, median step; variants rotated in "
             "one process: *generic* = Transformers' path (context and its cross-attention keys/values copied per "
-            "beam and reordered with the whole `DynamicCache`), *shared context* = one context per item, *package* = "
-            "also a preallocated self-attention cache and fused q/k/v and context k/v projections, the default; "
-            "bit-identical to generic), *transposed weights* = package with every text linear layer multiplying by a "
-            "contiguous (in, out) weight copy (an experiment, not bit-identical). "
+            "beam and reordered with the whole `DynamicCache`), *shared context* = one context per item, *unpacked* = "
+            "also a preallocated self-attention cache and fused q/k/v and context k/v projections (bit-identical to "
+            "generic), *package* = the default: also, when a step multiplies 4 rows or more (2+ captions or beams, "
+            "with the [MASK] probe), every product by a weight prepacked for oneDNN (results differ in the last "
+            "bits). "
             + machine_line(results["bounds"])
             + (f" A 3-beam step of one item costs {ratio:.2f}x a greedy step of 3 items." if ratio else ""),
             markdown_table(
@@ -461,8 +441,8 @@ def to_markdown(results: dict) -> str:
                     "package vs generic",
                     "package vs shared context",
                     "package fraction of bound",
-                    "transposed vs package",
-                    "transposed: same tokens, max logit difference",
+                    "package vs unpacked",
+                    "package vs unpacked: same tokens, max logit difference",
                 ],
                 steps,
             ),

@@ -1461,7 +1461,10 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             input_ids = torch.cat([input_ids.to(start.device), start], dim=1)
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.to(start.device), torch.ones_like(start)], dim=1)
-        with fused_projections(self.mico.text_model):  # one matrix product for q/k/v, one for the context's k/v
+        # one matrix product for q/k/v, one for the context's k/v; weights prepacked when a step multiplies 4 rows or
+        # more (the [MASK] probe doubles the rows of every caption or beam)
+        num_beams = generate_kwargs.get("num_beams", generation_config.num_beams) or 1
+        with fused_projections(self.mico.text_model, self.lm_head, prepack=batch_size * num_beams >= 2):
             return super().generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -99,13 +99,12 @@ def test_main_job_end_to_end_on_a_tiny_run(tmp_path):
         "video_motion.jsonl",
     ]
     captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
-    captions += [json.loads(line) for line in (out / "captions_depth.jsonl").read_text().splitlines()]
     assert sorted(record["modality"] for record in captions) == [
-        *["audio"] * 2,
-        *["depth"] * 2,
         *["image"] * 2,
         *["video+audio"] * 3,  # the synthetic videos have their sound track, and are captioned with it
     ]
+    config = json.loads((out / "config.json").read_text())
+    assert config["caption_tasks"] == ["tva", "ti"] and config["task_loss_weights"]["contrastive_td"] == 2
     assert (out / "model" / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert "Written under" in completed.stdout
 

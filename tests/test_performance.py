@@ -5,10 +5,11 @@ with `fullgraph=True`, and the precision benchmark's smoke mode."""
 import pytest
 import torch
 from test_generation import knowledge_inputs, tiny_config
+from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from benchmarks.bench_generation import BIT_IDENTICAL_VARIANTS, decoding_variant
-from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel
+from benchmarks.bench_generation import BIT_IDENTICAL_VARIANTS, DECODING_VARIANTS, decoding_variant
+from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel, modeling_mico_text
 from modeling_mico.generation_mico import PreallocatedCache, PreallocatedLayer
 from modeling_mico.modeling_mico_text import fused_projections
 
@@ -73,13 +74,14 @@ def test_generate_decodes_into_a_preallocated_cache(model):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_decoding_variants_give_bit_identical_logits(model, num_beams):
+def test_decoding_variants_agree_with_the_generic_path(model, num_beams):
     """One context per item, the preallocated cache and fused projections change no bit of the logits against
-    Transformers' generic path; the benchmark's transposed-weights experiment changes only the last bits."""
+    Transformers' generic path; the package's prepacked products (taken here for 2 items, 4 rows a step) change only
+    the last bits and no token."""
     inputs = knowledge_inputs("combined", seed=4)
     outputs = {}
-    for variant in (*BIT_IDENTICAL_VARIANTS, "transposed weights"):
-        with decoding_variant(variant, model):
+    for variant in DECODING_VARIANTS:
+        with decoding_variant(variant):
             outputs[variant] = model.generate(
                 **inputs, num_beams=num_beams, max_new_tokens=8, output_logits=True, return_dict_in_generate=True
             )
@@ -87,11 +89,34 @@ def test_decoding_variants_give_bit_identical_logits(model, num_beams):
     for variant, output in outputs.items():
         assert torch.equal(output.sequences, reference.sequences), variant
         logits = torch.stack(output.logits)
-        if variant == "transposed weights":
-            torch.testing.assert_close(logits, torch.stack(reference.logits), rtol=1e-5, atol=1e-5)
-        else:
+        if variant in BIT_IDENTICAL_VARIANTS:
             assert torch.equal(logits, torch.stack(reference.logits)), variant
-    assert not any("forward" in vars(module) for module in model.modules())  # the experiment is undone
+        else:  # prepacked products (see the next test): equal within rounding (bit-equal at this tiny width)
+            torch.testing.assert_close(logits, torch.stack(reference.logits), rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(module) for module in model.modules())  # prepacked products are undone
+
+
+def test_prepacked_products_run_only_for_several_rows(model, monkeypatch):
+    """`generate` prepacks the weights of the text tower's products and the LM head's once per call when a step
+    multiplies 4 rows or more (2 captions, or 1 caption with 2+ beams, e.g. the default 3); a single greedy caption
+    keeps `F.linear`."""
+    prepacked = []
+    product = modeling_mico_text.linear_product
+
+    def recording_product(weight, bias, prepack=False):
+        prepacked.append(prepack)
+        return product(weight, bias, prepack=prepack)
+
+    monkeypatch.setattr(modeling_mico_text, "linear_product", recording_product)
+    single = knowledge_inputs("video", batch_size=1)
+    model.generate(**single, num_beams=1, max_new_tokens=3)
+    attention_modules = 2 * model.config.text_config.num_hidden_layers
+    assert prepacked == [False] * attention_modules  # the fused projections, not prepacked
+    linears = [m for part in (model.mico.text_model, model.lm_head) for m in part.modules() if isinstance(m, nn.Linear)]
+    for settings in (knowledge_inputs("video", batch_size=2), dict(single, num_beams=2)):
+        prepacked.clear()
+        model.generate(**settings, max_new_tokens=3)
+        assert prepacked == [True] * (attention_modules + len(linears))
 
 
 def test_fused_projections_are_bit_identical_and_scoped(model):
@@ -104,8 +129,10 @@ def test_fused_projections_are_bit_identical_and_scoped(model):
         separate = model(input_ids=ids, context=context).logits
         with fused_projections(model):
             attention = model.mico.text_model.encoder.layer[0].attention.self
-            weight, bias = attention.fused_projection
-            assert weight.shape == (3 * attention.query.out_features, attention.query.in_features)
+            assert attention.fused_projection(torch.ones(1, attention.query.in_features)).shape == (
+                1,
+                3 * attention.query.out_features,
+            )
             fused = model(input_ids=ids, context=context).logits
     assert torch.equal(fused, separate)
     assert attention.fused_projection is None and list(model.state_dict()) == keys

@@ -572,7 +572,9 @@ class MiCoConfig(PreTrainedConfig):
         tasks = [f"{kind}_{task}" for kind in TASK_KINDS for task in getattr(self, f"{kind}_tasks")]
         for name, weight in self.task_loss_weights.items():
             if name not in tasks:
-                raise ValueError(f"task_loss_weights names {name!r}, which is not a configured task; choose among {tasks}")
+                raise ValueError(
+                    f"task_loss_weights names {name!r}, which is not a configured task; choose among {tasks}"
+                )
             if not _is_positive_number(weight):
                 raise ValueError(f"task_loss_weights[{name!r}] must be a positive number, got {weight!r}")
         if not _is_positive_number(self.caption_loss_weight):

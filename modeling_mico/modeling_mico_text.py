@@ -179,11 +179,12 @@ def fused_projections(model: nn.Module, *others: nn.Module, prepack: bool = Fals
     2-3x faster, at the price of packing the weights once per call (about 1 ms per MB here) and of results within
     relative 1e-6 of the unpacked ones instead of bit-identical."""
     modules = [module for module in model.modules() if isinstance(module, MiCoTextAttentionBase)]
+    roots = (model, *others) if prepack else ()
     linears = [
         module
-        for root in (model, *others)
+        for root in roots
         for module in root.modules()
-        if prepack and isinstance(module, nn.Linear) and can_prepack(module.weight)
+        if isinstance(module, nn.Linear) and can_prepack(module.weight)
     ]
     try:
         with torch.no_grad():

@@ -106,9 +106,13 @@ def decoding_variant(name: str) -> Iterator[None]:
     for attribute, value in overrides.items():
         setattr(cls, attribute, value)
     if not fuse:
-        modeling_mico.modeling_mico.fused_projections = lambda *modules, prepack=False: contextlib.nullcontext()
+        modeling_mico.modeling_mico.fused_projections = lambda *modules, prepack=False, keep=False: (
+            contextlib.nullcontext()
+        )
     elif not prepack:
-        modeling_mico.modeling_mico.fused_projections = lambda *modules, prepack=False: fused_projections(*modules)
+        modeling_mico.modeling_mico.fused_projections = lambda *modules, prepack=False, keep=False: fused_projections(
+            *modules, keep=keep
+        )
     try:
         yield
     finally:
@@ -202,7 +206,10 @@ def step_rows(model, machine: dict, repeats: int) -> list[dict]:
         for variant in ("package", "unpacked"):
             with decoding_variant(variant):
                 logits[variant] = model.generate(
-                    context=context, num_beams=beams, max_new_tokens=STEP_TOKENS, output_logits=True,
+                    context=context,
+                    num_beams=beams,
+                    max_new_tokens=STEP_TOKENS,
+                    output_logits=True,
                     return_dict_in_generate=True,
                 )
         reference, packed = logits["unpacked"], logits["package"]
@@ -239,7 +246,10 @@ def bf16_rows(model, machine: dict, repeats: int) -> list[dict]:
     for items, beams in BF16_CASES:
         context, cost, label = step_case(model, items, beams, value_bytes=2)
         timings = rotate(
-            {"fp32": partial(step_seconds, model, context, beams), "bf16": partial(step_seconds, half, context, beams)},
+            {
+                "fp32": partial(step_seconds, model, context, beams),
+                "bf16": partial(step_seconds, half, context, beams),
+            },
             repeats,
             reference="fp32",
         )

@@ -45,6 +45,7 @@ from .modeling_mico_text import (
     MiCoTextSelfAttention,
     eager_attention_forward,
     fused_projections,
+    release_decoding_weights,
 )
 from .pretraining_mico import contrastive_loss, mask_caption_tokens, sample_hard_negatives
 
@@ -1076,8 +1077,7 @@ class MiCoForPreTraining(MiCoModelWithHeadBase):
     def __init__(self, config: MiCoConfig):
         super().__init__(config)
         self.tasks = {
-            kind: {task: config.parse_task(task) for task in getattr(config, f"{kind}_tasks")}
-            for kind in TASK_KINDS
+            kind: {task: config.parse_task(task) for task in getattr(config, f"{kind}_tasks")} for kind in TASK_KINDS
         }
         for parts in [*self.tasks["contrastive"].values(), *self.tasks["matching"].values()]:
             if len(parts) > 1:
@@ -1322,6 +1322,17 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
         self.post_init()
         self.generation_config = default_generation_config(config)
 
+    def release_decoding_weights(self) -> None:
+        """Free the decoding weights `generate` keeps between calls (the concatenated projections and, after
+        decoding several captions or beams, the text tower's and head's weights prepacked for oneDNN: about the size
+        of those weights), as `generate` rebuilds them whenever the weights they come from change."""
+        release_decoding_weights(self)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to()`, `.float()`, `.cuda()`, ...: the kept decoding weights would pin the old storage until the next call
+        release_decoding_weights(self)
+        return super()._apply(fn, recurse)
+
     @can_return_tuple
     def forward(
         self,
@@ -1462,9 +1473,10 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.to(start.device), torch.ones_like(start)], dim=1)
         # one matrix product for q/k/v, one for the context's k/v; weights prepacked when a step multiplies 4 rows or
-        # more (the [MASK] probe doubles the rows of every caption or beam)
+        # more (the [MASK] probe doubles the rows of every caption or beam); both kept for the next call
         num_beams = generate_kwargs.get("num_beams", generation_config.num_beams) or 1
-        with fused_projections(self.mico.text_model, self.lm_head, prepack=batch_size * num_beams >= 2):
+        prepack = batch_size * num_beams >= 2
+        with fused_projections(self.mico.text_model, self.lm_head, prepack=prepack, keep=True):
             return super().generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -2,6 +2,9 @@
 its masked-language-model head (as BLIP keeps `modeling_blip_text.py`)."""
 
 import contextlib
+import dataclasses
+import functools
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -164,35 +167,102 @@ def linear_product(
     return lambda states: torch.ops.mkldnn._linear_pointwise(states, packed, bias, "none", [], "")
 
 
+@dataclasses.dataclass
+class _KeptProduct:
+    """A product built by `fused_projections` from `sources` (detached views: they keep the sources' storage alive,
+    so that no other tensor can take its address) and still valid while every source has the address and version
+    counter recorded in `stamps`: an in-place update (an optimizer step, `load_state_dict`) or new storage
+    (`model.to(...)`, `param.data = ...`) changes one of them."""
+
+    product: Callable[[torch.Tensor], torch.Tensor]
+    prepack: bool
+    sources: tuple[torch.Tensor, ...]
+    stamps: tuple[tuple[int, int], ...]
+
+
+# The products `fused_projections` keeps between blocks, per module (an entry goes with its module).
+_KEPT_PRODUCTS: weakref.WeakKeyDictionary[nn.Module, _KeptProduct] = weakref.WeakKeyDictionary()
+
+
+def _stamps(sources: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], ...] | None:
+    """Address and version counter of each source; `None` for inference tensors, which count no versions (their
+    products are rebuilt every time)."""
+    if any(source.is_inference() for source in sources):
+        return None
+    return tuple((source.data_ptr(), source._version) for source in sources)
+
+
+def _product_for(
+    module: nn.Module,
+    sources: tuple[torch.Tensor, ...],
+    weight_and_bias: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+    prepack: bool,
+    keep: bool,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The kept product of `module` if it was built from `sources` as they are now with the same `prepack`, else the
+    `linear_product` of `weight_and_bias()`, kept when `keep`."""
+    stamps = _stamps(sources)
+    kept = _KEPT_PRODUCTS.get(module)
+    if kept is not None and stamps is not None and kept.prepack == prepack and kept.stamps == stamps:
+        return kept.product
+    _KEPT_PRODUCTS.pop(module, None)  # stale: its packed copy goes before the new one is built
+    product = linear_product(*weight_and_bias(), prepack=prepack)
+    if keep and stamps is not None:
+        _KEPT_PRODUCTS[module] = _KeptProduct(product, prepack, tuple(s.detach() for s in sources), stamps)
+    return product
+
+
+def _weight_and_bias(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return linear.weight, linear.bias
+
+
+def release_decoding_weights(model: nn.Module) -> None:
+    """Free the concatenated and prepacked weights that `fused_projections(..., keep=True)` (and so `generate`) kept
+    for the modules of `model`."""
+    for module in model.modules():
+        _KEPT_PRODUCTS.pop(module, None)
+
+
 @contextlib.contextmanager
-def fused_projections(model: nn.Module, *others: nn.Module, prepack: bool = False) -> Iterator[None]:
+def fused_projections(
+    model: nn.Module, *others: nn.Module, prepack: bool = False, keep: bool = False
+) -> Iterator[None]:
     """Within the block, every text attention module of `model` projects with one matrix product: query, key and
-    value together for self-attention, key and value of the context for cross-attention. The concatenated weights are
-    built on entry and dropped on exit (the modules' parameters and state-dict keys are untouched; weights changed
-    inside the block are not seen). Inference only: a forward pass with gradients enabled inside the block raises a
+    value together for self-attention, key and value of the context for cross-attention. The module parameters and
+    state-dict keys are untouched. Inference only: a forward pass with gradients enabled inside the block raises a
     `RuntimeError`. In float32 every output column is the same reduction as with separate products, so the results
     are bit-identical (`tests/test_performance.py`); `generate` decodes inside it.
 
     With `prepack` (on a CPU where `can_prepack`; elsewhere it is ignored) every linear layer of `model` and of
-    `others` (the language-model head) also multiplies by a weight packed on entry for oneDNN (`linear_product`):
-    `generate` does so when a step multiplies 4 rows or more (several captions or beams), where each product is up to
-    2-3x faster, at the price of packing the weights once per call (about 1 ms per MB here) and of results within
-    relative 1e-6 of the unpacked ones instead of bit-identical."""
+    `others` (the language-model head) also multiplies by a weight packed for oneDNN (`linear_product`): `generate`
+    does so when a step multiplies 4 rows or more (several captions or beams), where each product is up to 2-3x
+    faster, with results within relative 1e-6 of the unpacked ones instead of bit-identical.
+
+    The concatenated (and packed) weights are built on entry from the weights as they are then. With `keep` they are
+    kept after the block (about one more copy of the text tower's and head's weights when prepacked) and reused by the
+    next block while the weights they come from are unchanged (same storage, no in-place update);
+    `release_decoding_weights` frees them. Packing costs about 1 ms per MB of weights, so `generate` keeps them."""
     modules = [module for module in model.modules() if isinstance(module, MiCoTextAttentionBase)]
-    roots = (model, *others) if prepack else ()
+    fused = {id(getattr(module, name)) for module in modules for name in module.fusable_projections}
     linears = [
         module
-        for root in roots
+        for root in (model, *others)
         for module in root.modules()
-        if isinstance(module, nn.Linear) and can_prepack(module.weight)
+        if isinstance(module, nn.Linear) and id(module) not in fused and can_prepack(module.weight)
     ]
     try:
         with torch.no_grad():
             for module in modules:
-                weight, bias = module.concatenated_projection()
-                module.fused_projection = linear_product(weight, bias, prepack=can_prepack(weight) and prepack)
+                layers = [getattr(module, name) for name in module.fusable_projections]
+                sources = (*(layer.weight for layer in layers), *(layer.bias for layer in layers))
+                packed = prepack and can_prepack(layers[0].weight)
+                module.fused_projection = _product_for(module, sources, module.concatenated_projection, packed, keep)
             for module in linears:
-                module.forward = linear_product(module.weight, module.bias, prepack=True)
+                if not prepack:
+                    _KEPT_PRODUCTS.pop(module, None)  # a packed copy kept by an earlier block is not used here
+                    continue
+                sources = (module.weight,) if module.bias is None else (module.weight, module.bias)
+                module.forward = _product_for(module, sources, functools.partial(_weight_and_bias, module), True, keep)
         yield
     finally:
         for module in modules:
@@ -550,4 +620,10 @@ class MiCoTextModel(MiCoTextPreTrainedModel):
         )
 
 
-__all__ = ["MiCoLMHead", "MiCoTextModel", "MiCoTextPreTrainedModel", "fused_projections"]
+__all__ = [
+    "MiCoLMHead",
+    "MiCoTextModel",
+    "MiCoTextPreTrainedModel",
+    "fused_projections",
+    "release_decoding_weights",
+]

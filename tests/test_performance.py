@@ -96,27 +96,89 @@ def test_decoding_variants_agree_with_the_generic_path(model, num_beams):
     assert not any("forward" in vars(module) for module in model.modules())  # prepacked products are undone
 
 
-def test_prepacked_products_run_only_for_several_rows(model, monkeypatch):
-    """`generate` prepacks the weights of the text tower's products and the LM head's once per call when a step
-    multiplies 4 rows or more (2 captions, or 1 caption with 2+ beams, e.g. the default 3); a single greedy caption
-    keeps `F.linear`."""
-    prepacked = []
+def recorded_products(monkeypatch) -> list[bool]:
+    """The `prepack` flag of every product `fused_projections` builds from here on."""
+    built = []
     product = modeling_mico_text.linear_product
 
     def recording_product(weight, bias, prepack=False):
-        prepacked.append(prepack)
+        built.append(prepack)
         return product(weight, bias, prepack=prepack)
 
     monkeypatch.setattr(modeling_mico_text, "linear_product", recording_product)
+    return built
+
+
+def unfused_linears(model: MiCoForConditionalGeneration) -> list[nn.Linear]:
+    """The text tower's and head's linear layers that are not part of a fused projection."""
+    attention = [m for m in model.mico.text_model.modules() if isinstance(m, modeling_mico_text.MiCoTextAttentionBase)]
+    fused = {id(getattr(m, name)) for m in attention for name in m.fusable_projections}
+    parts = (model.mico.text_model, model.lm_head)
+    return [m for part in parts for m in part.modules() if isinstance(m, nn.Linear) and id(m) not in fused]
+
+
+def test_prepacked_products_run_only_for_several_rows(model, monkeypatch):
+    """`generate` prepacks the weights of the text tower's products and the LM head's when a step multiplies 4 rows
+    or more (2 captions, or 1 caption with 2+ beams, e.g. the default 3); a single greedy caption keeps `F.linear`.
+    The fused query/key/value linears are packed once, concatenated, not each on its own."""
+    model.release_decoding_weights()
+    built = recorded_products(monkeypatch)
     single = knowledge_inputs("video", batch_size=1)
     model.generate(**single, num_beams=1, max_new_tokens=3)
     attention_modules = 2 * model.config.text_config.num_hidden_layers
-    assert prepacked == [False] * attention_modules  # the fused projections, not prepacked
-    linears = [m for part in (model.mico.text_model, model.lm_head) for m in part.modules() if isinstance(m, nn.Linear)]
-    for settings in (knowledge_inputs("video", batch_size=2), dict(single, num_beams=2)):
-        prepacked.clear()
-        model.generate(**settings, max_new_tokens=3)
-        assert prepacked == [True] * (attention_modules + len(linears))
+    assert built == [False] * attention_modules  # the fused projections, not prepacked
+    built.clear()
+    model.generate(**knowledge_inputs("video", batch_size=2), max_new_tokens=3)
+    assert built == [True] * (attention_modules + len(unfused_linears(model)))
+
+
+def test_generate_keeps_its_decoding_weights_while_the_weights_are_unchanged(monkeypatch):
+    """The concatenated and prepacked weights of one `generate` call serve the next (nothing is rebuilt, same tokens
+    and logits) until a weight changes in place, gets new storage (`.to()`), or they are released; a rebuilt product
+    reads the new weights (the logits equal a fresh model's with those weights)."""
+    torch.manual_seed(0)
+    model = MiCoForConditionalGeneration(tiny_config()).eval()
+    inputs = dict(knowledge_inputs("video", batch_size=2), num_beams=2, max_new_tokens=4)
+    inputs.update(output_logits=True, return_dict_in_generate=True)
+    first = model.generate(**inputs)
+    built = recorded_products(monkeypatch)
+    again = model.generate(**inputs)
+    assert built == []
+    assert torch.equal(again.sequences, first.sequences)
+    assert torch.equal(torch.stack(again.logits), torch.stack(first.logits))
+
+    with torch.no_grad():
+        model.lm_head.decoder.bias.add_(torch.linspace(-3, 3, model.lm_head.decoder.bias.numel()))
+        model.mico.text_model.encoder.layer[0].attention.self.value.weight.mul_(1.5)
+    updated = model.generate(**inputs)
+    assert built == [True, True]  # the first layer's self-attention (fused) and the head
+    fresh = MiCoForConditionalGeneration(tiny_config()).eval()
+    fresh.load_state_dict(model.state_dict())
+    reference = fresh.generate(**inputs)
+    assert torch.equal(updated.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(updated.logits), torch.stack(reference.logits), rtol=0, atol=0)
+
+    kept = modeling_mico_text._KEPT_PRODUCTS
+    attention_modules = 2 * model.config.text_config.num_hidden_layers
+    assert sum(module in kept for module in model.modules()) == attention_modules + len(unfused_linears(model))
+    model.float()  # `.to()` and friends release them, so the old storage is not pinned
+    assert not any(module in kept for module in model.modules())
+    model.generate(**inputs)
+    model.release_decoding_weights()
+    assert not any(module in kept for module in model.modules())
+
+
+def test_decoding_weights_of_inference_tensors_are_rebuilt_every_call(monkeypatch):
+    """Weights created under `torch.inference_mode()` count no versions, so their products are never kept."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = MiCoForConditionalGeneration(tiny_config()).eval()
+        inputs = dict(knowledge_inputs("audio", batch_size=1), max_new_tokens=3)
+        expected = model.generate(**inputs)
+        built = recorded_products(monkeypatch)
+        assert torch.equal(model.generate(**inputs), expected)
+    assert built == [True] * (2 * model.config.text_config.num_hidden_layers + len(unfused_linears(model)))
+    assert not any(module in modeling_mico_text._KEPT_PRODUCTS for module in model.modules())
 
 
 def test_fused_projections_are_bit_identical_and_scoped(model):

@@ -45,6 +45,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks import roofline  # noqa: E402
 from benchmarks.common import markdown_table, write_json  # noqa: E402
 from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoProcessor  # noqa: E402
 from modeling_mico.convert_original import export_to_original  # noqa: E402
@@ -259,8 +260,11 @@ def compare_arrays(original: np.ndarray, package: np.ndarray, tolerance: float) 
     return {"identical": difference <= tolerance, "max_abs_diff": difference, "tolerance": tolerance}
 
 
-def caption_row(model, original: OriginalProcess, context: torch.Tensor, beams: int, mode: Mode) -> dict:
-    """Captions of every item of `context` with `beams` beams (1: greedy), original vs package."""
+def caption_row(
+    model, original: OriginalProcess, context: torch.Tensor, beams: int, mode: Mode, machine: dict | None = None
+) -> dict:
+    """Captions of every item of `context` with `beams` beams (1: greedy), original vs package; with `machine` (the
+    roofline's rates), also the package's bound time per caption and the speed-up it would give."""
     batch = context.shape[0]
     name = f"caption_b{batch}_k{beams}"
     kwargs = dict(num_beams=beams, max_new_tokens=mode.new_tokens, length_penalty=0.6)
@@ -281,6 +285,21 @@ def caption_row(model, original: OriginalProcess, context: torch.Tensor, beams: 
     check = {"identical": expected == got, "tokens_per_caption": statistics.mean(map(len, expected))}
     if expected != got:
         check["detail"] = f"original {expected}, package {got}"
+    if machine is not None:
+        text = model.config.text_config
+        steps = result["ids"].shape[1] - 1  # every new position, the last `[SEP]` included
+        bound = roofline.caption_bound_seconds(
+            text.hidden_size,
+            text.intermediate_size,
+            text.num_hidden_layers,
+            text.vocab_size,
+            context.shape[1],
+            batch,
+            batch * beams,
+            steps,
+            machine,
+        )
+        check.update(bound_s=bound / batch, speedup_at_bound=timing["original_s"] / bound)
     return {
         "path": f"{'greedy' if beams == 1 else f'{beams}-beam'} caption, batch {batch}",
         "unit": "s / caption",
@@ -363,8 +382,10 @@ def run(
     quick: bool = False,
     smoke: bool = False,
     threads: int | None = None,
+    machine: dict | None = None,
 ) -> dict:
-    """Run every case against the original; returns `{"rows": [...], "settings": {...}, "original": {...}}`."""
+    """Run every case against the original; returns `{"rows": [...], "settings": {...}, "original": {...}}`. With
+    `machine` (the roofline's rates, `benchmarks.roofline.measure_machine`) caption rows also give their bound."""
     original_repo, original_python = Path(original_repo), Path(original_python)
     if not (original_repo / "model" / "mico.py").is_file():
         raise FileNotFoundError(f"--original_repo {original_repo} is not a MiCo checkout (no model/mico.py)")
@@ -383,7 +404,7 @@ def run(
         original = OriginalProcess(original_repo, original_python, workdir, threads)
         try:
             rows = [
-                caption_row(model, original, torch.from_numpy(inputs[f"context_b{batch}"]), beams, mode)
+                caption_row(model, original, torch.from_numpy(inputs[f"context_b{batch}"]), beams, mode, machine)
                 for batch, beams in mode.caption_cases
             ]
             rows.append(vit_row(model, original, inputs, mode))
@@ -435,7 +456,31 @@ def to_markdown(results: dict) -> str:
         "threads each, alternated runs (median; speed-up = median of per-pair ratios). Captions stop at `[SEP]` or "
         f"after {settings['new_tokens']} new tokens (the rows give the tokens identical or the first difference)."
     )
-    return note + "\n\n" + markdown_table(header, rows, "llrrrl")
+    return note + "\n\n" + markdown_table(header, rows, "llrrrl") + caption_bounds_markdown(results["rows"])
+
+
+def caption_bounds_markdown(rows: list[dict]) -> str:
+    """The caption rows against their roofline bound (empty when the run had no machine rates)."""
+    bounded = [row for row in rows if "bound_s" in row]
+    if not bounded:
+        return ""
+    header = ["path", "package s / caption", "bound s / caption", "fraction of bound", "speed-up at the bound"]
+    table = [
+        [
+            row["path"],
+            f"{row['package']:.3g}",
+            f"{row['bound_s']:.3g}",
+            f"{row['bound_s'] / row['package']:.2f}",
+            f"{row['speedup_at_bound']:.2f}x",
+        ]
+        for row in bounded
+    ]
+    note = (
+        "Bound: the context's key/value projections at the fp32 GEMM rate plus every decoding step at its own roofline "
+        "bound (`benchmarks.roofline.caption_bound_seconds`, the rates measured at the start of the run); the speed-up "
+        "at the bound is the most any fp32 implementation could show against the original on this machine."
+    )
+    return "\n\n" + note + "\n\n" + markdown_table(header, table, "lrrrr")
 
 
 def main() -> None:
@@ -447,7 +492,8 @@ def main() -> None:
     size.add_argument("--smoke", action="store_true", help="tiny towers, short captions (seconds; for tests)")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="where to write the JSON results")
     args = parser.parse_args()
-    results = run(args.original_repo, args.original_python, quick=args.quick, smoke=args.smoke)
+    machine = roofline.measure_machine(quick=args.quick or args.smoke)
+    results = run(args.original_repo, args.original_python, quick=args.quick, smoke=args.smoke, machine=machine)
     print(to_markdown(results))
     write_json(Path(args.output), results)
 

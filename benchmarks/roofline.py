@@ -105,6 +105,34 @@ def decoding_step_cost(
     return per_layer * layers + head + embeddings
 
 
+def caption_bound_seconds(
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    vocab: int,
+    context_length: int,
+    items: int,
+    rows: int,
+    steps: int,
+    machine: dict[str, float],
+    value_bytes: int = 4,
+) -> float:
+    """The roofline time of decoding `steps` tokens for `items` items (`rows` text rows: items x beams): the
+    context's key/value projections (once, at the first step) plus every step at its own bound (its self-attention
+    cache grows by one token per step)."""
+    projections = linear_cost(items * context_length, hidden, 2 * hidden, value_bytes) * layers
+    step_bounds = (
+        bound_seconds(
+            decoding_step_cost(
+                hidden, intermediate, layers, vocab, context_length, items, rows, step + 1, value_bytes
+            ),
+            machine,
+        )
+        for step in range(steps)
+    )
+    return bound_seconds(projections, machine) + sum(step_bounds)
+
+
 def encoder_cost(
     width: int, intermediate: int, layers: int, tokens: int, batch: int, context_length: int = 0, value_bytes: int = 4
 ) -> Cost:

@@ -141,6 +141,25 @@ def test_roofline_counts_of_a_decoding_step():
     assert row["fraction_of_bound"] == pytest.approx(row["bound_ms"] / 100)
 
 
+def test_roofline_bound_of_a_whole_caption():
+    """A caption's bound: the context's key/value projections (FLOP-bound, 29 GFLOP for BERT-base over 1,028 tokens)
+    plus each step at its own bound with one more cached token per step; 40 greedy steps at batch 1 take about 1 s
+    at 378 GFLOP/s and 23.4 GB/s (the original needed 6.4 s there: at most 6.1x)."""
+    from benchmarks import roofline
+
+    shape = dict(hidden=768, intermediate=3072, layers=12, vocab=30522, context_length=1028)
+    machine = {"fp32_gflops": 378.0, "read_gb_s": 23.4}
+    projections = roofline.linear_cost(1028, 768, 1536, 4) * 12
+    assert round(projections.flops / 1e9) == 29
+    first = roofline.caption_bound_seconds(**shape, items=1, rows=1, steps=1, machine=machine)
+    step = roofline.decoding_step_cost(**shape, items=1, rows=1, cached_tokens=1)
+    assert first == pytest.approx(projections.flops / 378e9 + step.bytes / 23.4e9)
+    caption = roofline.caption_bound_seconds(**shape, items=1, rows=1, steps=40, machine=machine)
+    assert 1.0 < caption < 1.1 and round(6.39 / caption, 1) == 6.1
+    beams = roofline.caption_bound_seconds(**shape, items=1, rows=3, steps=40, machine=machine)
+    assert caption < beams < caption * 1.01  # beams add rows, which cost FLOPs, not bytes, at this size
+
+
 def test_roofline_of_the_attention_rows():
     """Every tower of the attention benchmark gets a cost: ViT blocks from the shape, the text tower with its
     cross-attention to the context."""

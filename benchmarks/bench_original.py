@@ -287,17 +287,16 @@ def caption_row(
         check["detail"] = f"original {expected}, package {got}"
     if machine is not None:
         text = model.config.text_config
-        steps = result["ids"].shape[1] - 1  # every new position, the last `[SEP]` included
         bound = roofline.caption_bound_seconds(
-            text.hidden_size,
-            text.intermediate_size,
-            text.num_hidden_layers,
-            text.vocab_size,
-            context.shape[1],
-            batch,
-            batch * beams,
-            steps,
             machine,
+            steps=result["ids"].shape[1] - 1,  # every new position, the last `[SEP]` included
+            hidden=text.hidden_size,
+            intermediate=text.intermediate_size,
+            layers=text.num_hidden_layers,
+            vocab=text.vocab_size,
+            context_length=context.shape[1],
+            items=batch,
+            rows=batch * beams,
         )
         check.update(bound_s=bound / batch, speedup_at_bound=timing["original_s"] / bound)
     return {

@@ -105,32 +105,18 @@ def decoding_step_cost(
     return per_layer * layers + head + embeddings
 
 
-def caption_bound_seconds(
-    hidden: int,
-    intermediate: int,
-    layers: int,
-    vocab: int,
-    context_length: int,
-    items: int,
-    rows: int,
-    steps: int,
-    machine: dict[str, float],
-    value_bytes: int = 4,
-) -> float:
-    """The roofline time of decoding `steps` tokens for `items` items (`rows` text rows: items x beams): the
-    context's key/value projections (once, at the first step) plus every step at its own bound (its self-attention
-    cache grows by one token per step)."""
-    projections = linear_cost(items * context_length, hidden, 2 * hidden, value_bytes) * layers
-    step_bounds = (
-        bound_seconds(
-            decoding_step_cost(
-                hidden, intermediate, layers, vocab, context_length, items, rows, step + 1, value_bytes
-            ),
-            machine,
-        )
-        for step in range(steps)
+def caption_bound_seconds(machine: dict[str, float], steps: int, **shape) -> float:
+    """The roofline time of decoding `steps` tokens of a caption batch of `shape` (the arguments of
+    `decoding_step_cost` but `cached_tokens`): the context's key/value projections (once, at the first step) plus
+    every step at its own bound (its self-attention cache grows by one token per step)."""
+    value_bytes = shape.get("value_bytes", 4)
+    projections = linear_cost(
+        shape["items"] * shape["context_length"], shape["hidden"], 2 * shape["hidden"], value_bytes
     )
-    return bound_seconds(projections, machine) + sum(step_bounds)
+    steps_bound = sum(
+        bound_seconds(decoding_step_cost(**shape, cached_tokens=step + 1), machine) for step in range(steps)
+    )
+    return bound_seconds(projections * shape["layers"], machine) + steps_bound
 
 
 def encoder_cost(

@@ -151,12 +151,12 @@ def test_roofline_bound_of_a_whole_caption():
     machine = {"fp32_gflops": 378.0, "read_gb_s": 23.4}
     projections = roofline.linear_cost(1028, 768, 1536, 4) * 12
     assert round(projections.flops / 1e9) == 29
-    first = roofline.caption_bound_seconds(**shape, items=1, rows=1, steps=1, machine=machine)
+    first = roofline.caption_bound_seconds(machine, 1, **shape, items=1, rows=1)
     step = roofline.decoding_step_cost(**shape, items=1, rows=1, cached_tokens=1)
     assert first == pytest.approx(projections.flops / 378e9 + step.bytes / 23.4e9)
-    caption = roofline.caption_bound_seconds(**shape, items=1, rows=1, steps=40, machine=machine)
+    caption = roofline.caption_bound_seconds(machine, 40, **shape, items=1, rows=1)
     assert 1.0 < caption < 1.1 and round(6.39 / caption, 1) == 6.1
-    beams = roofline.caption_bound_seconds(**shape, items=1, rows=3, steps=40, machine=machine)
+    beams = roofline.caption_bound_seconds(machine, 40, **shape, items=1, rows=3)
     assert caption < beams < caption * 1.01  # beams add rows, which cost FLOPs, not bytes, at this size
 
 

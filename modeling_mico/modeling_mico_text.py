@@ -175,13 +175,12 @@ class _KeptProduct:
     (`model.to(...)`, `param.data = ...`) changes one of them."""
 
     product: Callable[[torch.Tensor], torch.Tensor]
-    prepack: bool
     sources: tuple[torch.Tensor, ...]
     stamps: tuple[tuple[int, int], ...]
 
 
-# The products `fused_projections` keeps between blocks, per module (an entry goes with its module).
-_KEPT_PRODUCTS: weakref.WeakKeyDictionary[nn.Module, _KeptProduct] = weakref.WeakKeyDictionary()
+# The products `fused_projections` keeps between blocks, per module and `prepack` flag (an entry goes with its module).
+_KEPT_PRODUCTS: weakref.WeakKeyDictionary[nn.Module, dict[bool, _KeptProduct]] = weakref.WeakKeyDictionary()
 
 
 def _stamps(sources: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], ...] | None:
@@ -199,16 +198,18 @@ def _product_for(
     prepack: bool,
     keep: bool,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The kept product of `module` if it was built from `sources` as they are now with the same `prepack`, else the
-    `linear_product` of `weight_and_bias()`, kept when `keep`."""
+    """The kept product of `module` for `prepack` if it was built from `sources` as they are now, else the
+    `linear_product` of `weight_and_bias()`, kept when `keep`. Kept products of stale sources are dropped first."""
     stamps = _stamps(sources)
-    kept = _KEPT_PRODUCTS.get(module)
-    if kept is not None and stamps is not None and kept.prepack == prepack and kept.stamps == stamps:
-        return kept.product
-    _KEPT_PRODUCTS.pop(module, None)  # stale: its packed copy goes before the new one is built
-    product = linear_product(*weight_and_bias(), prepack=prepack)
-    if keep and stamps is not None:
-        _KEPT_PRODUCTS[module] = _KeptProduct(product, prepack, tuple(s.detach() for s in sources), stamps)
+    kept = {flag: product for flag, product in _KEPT_PRODUCTS.pop(module, {}).items() if product.stamps == stamps}
+    if prepack in kept:
+        product = kept[prepack].product
+    else:
+        product = linear_product(*weight_and_bias(), prepack=prepack)
+        if keep and stamps is not None:
+            kept[prepack] = _KeptProduct(product, tuple(source.detach() for source in sources), stamps)
+    if kept:
+        _KEPT_PRODUCTS[module] = kept
     return product
 
 
@@ -239,14 +240,15 @@ def fused_projections(
     faster, with results within relative 1e-6 of the unpacked ones instead of bit-identical.
 
     The concatenated (and packed) weights are built on entry from the weights as they are then. With `keep` they are
-    kept after the block (about one more copy of the text tower's and head's weights when prepacked) and reused by the
-    next block while the weights they come from are unchanged (same storage, no in-place update);
-    `release_decoding_weights` frees them. Packing costs about 1 ms per MB of weights, so `generate` keeps them."""
+    kept after the block, packed and unpacked apart (the packed ones are about one more copy of the text tower's and
+    head's weights), and reused by later blocks while the weights they come from are unchanged (same storage, no
+    in-place update); `release_decoding_weights` frees them. Packing costs about 1 ms per MB of weights, so `generate`
+    keeps them."""
     modules = [module for module in model.modules() if isinstance(module, MiCoTextAttentionBase)]
     fused = {id(getattr(module, name)) for module in modules for name in module.fusable_projections}
     linears = [
         module
-        for root in (model, *others)
+        for root in ((model, *others) if prepack else ())
         for module in root.modules()
         if isinstance(module, nn.Linear) and id(module) not in fused and can_prepack(module.weight)
     ]
@@ -258,9 +260,6 @@ def fused_projections(
                 packed = prepack and can_prepack(layers[0].weight)
                 module.fused_projection = _product_for(module, sources, module.concatenated_projection, packed, keep)
             for module in linears:
-                if not prepack:
-                    _KEPT_PRODUCTS.pop(module, None)  # a packed copy kept by an earlier block is not used here
-                    continue
                 sources = (module.weight,) if module.bias is None else (module.weight, module.bias)
                 module.forward = _product_for(module, sources, functools.partial(_weight_and_bias, module), True, keep)
         yield

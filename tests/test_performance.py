@@ -168,6 +168,18 @@ def test_generate_keeps_its_decoding_weights_while_the_weights_are_unchanged(mon
     assert not any(module in kept for module in model.modules())
 
 
+def test_single_greedy_captions_and_beams_keep_their_decoding_weights_apart(model, monkeypatch):
+    """Alternating one greedy caption (unpacked fused projections) with beams (prepacked) rebuilds nothing: both sets
+    are kept."""
+    single = dict(knowledge_inputs("audio", batch_size=1), max_new_tokens=3)
+    for num_beams in (1, 3):
+        model.generate(**single, num_beams=num_beams)
+    built = recorded_products(monkeypatch)
+    for num_beams in (1, 3, 1, 3):
+        model.generate(**single, num_beams=num_beams)
+    assert built == []
+
+
 def test_decoding_weights_of_inference_tensors_are_rebuilt_every_call(monkeypatch):
     """Weights created under `torch.inference_mode()` count no versions, so their products are never kept."""
     with torch.inference_mode():

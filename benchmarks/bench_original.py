@@ -281,11 +281,12 @@ def caption_row(
     def original_caption() -> float:
         return original.call("caption", batch=batch, save=name, **kwargs)
 
-    # one untimed call on each side: the package's builds the decoding weights that `generate` keeps (timed apart)
-    model.release_decoding_weights()
-    first_call = package()
-    original_caption()
-    timing = alternate(original_caption, package, mode.caption_repeats, 0)
+    # captioning batch after batch as `caption_files` does, inside `keep_decoding_weights`: one untimed call on each
+    # side first; the package's builds the decoding weights the later calls reuse (timed apart)
+    with model.keep_decoding_weights():
+        first_call = package()
+        original_caption()
+        timing = alternate(original_caption, package, mode.caption_repeats, 0)
     expected, got = caption_tokens(original.output(name)), caption_tokens(result["ids"])
     check = {"identical": expected == got, "tokens_per_caption": statistics.mean(map(len, expected))}
     if expected != got:
@@ -493,8 +494,9 @@ def caption_bounds_markdown(rows: list[dict]) -> str:
         "Bound: the context's key/value projections at the fp32 GEMM rate plus every decoding step at its own roofline "
         "bound (`benchmarks.roofline.caption_bound_seconds`, the rates measured at the start of the run); the speed-up "
         "at the bound is the most any fp32 implementation could show against the original on this machine. The "
-        "package's first call also builds the decoding weights that `generate` keeps for later calls (fused and, for "
-        "several captions or beams, prepacked); the timed calls follow one untimed call on each side."
+        "package captions inside `keep_decoding_weights` (as `caption_files` does): its first call also builds the "
+        "decoding weights the later calls reuse (fused and, for several captions or beams, prepacked); the timed calls "
+        "follow one untimed call on each side."
     )
     return "\n\n" + note + "\n\n" + markdown_table(header, table, "lrrrrr")
 

@@ -66,10 +66,21 @@ def vision_tower(settings: Settings) -> tuple[torch.nn.Module, Callable[[torch.n
         return tower(images.to(dtype)).last_hidden_state
 
     tokens = (settings.image_size // 14) ** 2 + 1
-    cost = encoder_cost(shape["hidden_size"], shape["intermediate_size"], settings.vision_layers, tokens,
-                        settings.vision_batch)
-    return model, forward, {"tower": "vision", "shape": shape, "layers": settings.vision_layers, "cost": cost,
-                            "batch": settings.vision_batch, "tokens": tokens}
+    cost = encoder_cost(
+        shape["hidden_size"], shape["intermediate_size"], settings.vision_layers, tokens, settings.vision_batch
+    )
+    return (
+        model,
+        forward,
+        {
+            "tower": "vision",
+            "shape": shape,
+            "layers": settings.vision_layers,
+            "cost": cost,
+            "batch": settings.vision_batch,
+            "tokens": tokens,
+        },
+    )
 
 
 def text_tower(settings: Settings) -> tuple[torch.nn.Module, Callable[[torch.nn.Module, torch.dtype], object], dict]:
@@ -92,10 +103,26 @@ def text_tower(settings: Settings) -> tuple[torch.nn.Module, Callable[[torch.nn.
     def forward(tower: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
         return tower(input_ids=ids, attention_mask=mask, encoder_hidden_states=context.to(dtype)).last_hidden_state
 
-    cost = encoder_cost(shape["hidden_size"], shape["intermediate_size"], settings.text_layers, settings.text_tokens,
-                        settings.text_batch, settings.context_length)
-    return model, forward, {"tower": "text + cross-attention", "shape": shape, "layers": settings.text_layers,
-                            "cost": cost, "batch": settings.text_batch, "tokens": settings.text_tokens}
+    cost = encoder_cost(
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        settings.text_layers,
+        settings.text_tokens,
+        settings.text_batch,
+        settings.context_length,
+    )
+    return (
+        model,
+        forward,
+        {
+            "tower": "text + cross-attention",
+            "shape": shape,
+            "layers": settings.text_layers,
+            "cost": cost,
+            "batch": settings.text_batch,
+            "tokens": settings.text_tokens,
+        },
+    )
 
 
 def variant_runners(
@@ -206,8 +233,16 @@ def to_markdown(results: dict) -> str:
             ]
             for row in tower["variants"]
         ]
-        header = ["variant", "ms/forward", "items/s", "speed-up vs fp32", "fraction of bound", "compile s",
-                  "rel. L2 vs fp32 (all tokens)", "rel. L2 (first token)"]
+        header = [
+            "variant",
+            "ms/forward",
+            "items/s",
+            "speed-up vs fp32",
+            "fraction of bound",
+            "compile s",
+            "rel. L2 vs fp32 (all tokens)",
+            "rel. L2 (first token)",
+        ]
         parts += [f"{tower['label']} ({tower['tokens']} tokens per item):", markdown_table(header, rows)]
     roofline = [row["roofline"] for tower in results["towers"] for row in tower["variants"]]
     parts.append(markdown_table(ROOFLINE_HEADER, roofline_table_rows(roofline)))
@@ -215,5 +250,11 @@ def to_markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    run_cli(__doc__, run, to_markdown, quick="fewer layers, a shorter context, 2 repeats",
-            smoke="tiny shapes (seconds; for tests)", output=DEFAULT_OUTPUT)
+    run_cli(
+        __doc__,
+        run,
+        to_markdown,
+        quick="fewer layers, a shorter context, 2 repeats",
+        smoke="tiny shapes (seconds; for tests)",
+        output=DEFAULT_OUTPUT,
+    )

@@ -9,6 +9,7 @@ PNG: `modality="depth"`). The files are grouped by modality (each becomes one ki
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -125,6 +126,13 @@ def decode_media(
     return kept, torch.cat(values) if values else None
 
 
+def decoding_weights_kept(model: Any) -> contextlib.AbstractContextManager:
+    """`model.keep_decoding_weights()` for a MiCo captioning model (also behind a PEFT wrapper), else a no-op: caption
+    loops reuse the decoding weights `generate` builds across their batches."""
+    keep = getattr(model, "keep_decoding_weights", None)
+    return keep() if keep is not None else contextlib.nullcontext()
+
+
 def caption_files(
     model: Any,
     processor: Any,
@@ -172,7 +180,8 @@ def caption_files(
         groups.setdefault(names, []).append(index)
 
     captions: list[str | None] = [None] * len(paths)
-    with tqdm(total=len(paths), desc="captioning", unit="file", disable=not progress) as bar:
+    progress_bar = tqdm(total=len(paths), desc="captioning", unit="file", disable=not progress)
+    with progress_bar as bar, decoding_weights_kept(model):
         for names, indices in groups.items():
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size]

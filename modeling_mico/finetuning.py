@@ -29,7 +29,7 @@ from transformers import EvalPrediction
 
 from .annotations import is_present, nested_value
 from .caption_metrics import caption_scores
-from .captioning import media_modality
+from .captioning import decoding_weights_kept, media_modality
 from .configuration_mico import MiCoConfig
 from .data import MiCoDataCollator
 from .output_utils import prepare_training_output_dir, require_work
@@ -329,12 +329,13 @@ def generate_captions(
     """Captions of annotation `rows` by `model.generate` on the media `collator` decodes (text inputs dropped)."""
     captions: list[str] = []
     media_inputs = {spec.input_name for spec in model.config.modality_specs.values()}
-    for start in tqdm(range(0, len(rows), batch_size), desc="captioning", disable=not progress):
-        batch = collator(list(rows[start : start + batch_size]))
-        inputs = {key: value.to(model.device, model.dtype) for key, value in batch.items() if key in media_inputs}
-        with torch.no_grad():
-            ids = model.generate(**inputs, **generate_kwargs)
-        captions.extend(text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True))
+    with decoding_weights_kept(model):
+        for start in tqdm(range(0, len(rows), batch_size), desc="captioning", disable=not progress):
+            batch = collator(list(rows[start : start + batch_size]))
+            inputs = {key: value.to(model.device, model.dtype) for key, value in batch.items() if key in media_inputs}
+            with torch.no_grad():
+                ids = model.generate(**inputs, **generate_kwargs)
+            captions.extend(text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True))
     return captions
 
 

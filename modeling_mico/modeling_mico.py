@@ -4,7 +4,8 @@
 exposes the projection API; the head classes compose it (`self.mico`) with the language-model head.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Unpack
 
@@ -1315,6 +1316,8 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
     ```
     """
 
+    _decoding_weights_kept = 0  # depth of `keep_decoding_weights` blocks
+
     def __init__(self, config: MiCoConfig):
         super().__init__(config)
         # labels are the token *at* each position (MiCo predicts where a [MASK] stands): no shift
@@ -1322,14 +1325,24 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
         self.post_init()
         self.generation_config = default_generation_config(config)
 
-    def release_decoding_weights(self) -> None:
-        """Free the decoding weights `generate` keeps between calls (the concatenated projections and, after
-        decoding several captions or beams, the text tower's and head's weights prepacked for oneDNN: about the size
-        of those weights), as `generate` rebuilds them whenever the weights they come from change."""
-        release_decoding_weights(self)
+    @contextlib.contextmanager
+    def keep_decoding_weights(self) -> Iterator[None]:
+        """Within the block, `generate` keeps the decoding weights it builds (the concatenated projections and, for
+        several captions or beams, the text tower's and head's weights prepacked for oneDNN, about one more copy of
+        them) and reuses them at the next call instead of building them again (about 0.2 s for BERT-base): for
+        captioning many batches. A weight updated in place or given new storage is seen and its decoding weight
+        rebuilt, but a change through `.data` (PEFT's `merge_adapter`, hand-written EMA updates) is not: change
+        weights that way outside the block. They are freed on leaving it."""
+        self._decoding_weights_kept += 1
+        try:
+            yield
+        finally:
+            self._decoding_weights_kept -= 1
+            if not self._decoding_weights_kept:
+                release_decoding_weights(self)
 
     def _apply(self, fn, recurse: bool = True):
-        # `.to()`, `.float()`, `.cuda()`, ...: the kept decoding weights would pin the old storage until the next call
+        # `.to()`, `.float()`, `.cuda()`, ...: kept decoding weights would pin the old storage until the next call
         release_decoding_weights(self)
         return super()._apply(fn, recurse)
 
@@ -1473,10 +1486,11 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.to(start.device), torch.ones_like(start)], dim=1)
         # one matrix product for q/k/v, one for the context's k/v; weights prepacked when a step multiplies 4 rows or
-        # more (the [MASK] probe doubles the rows of every caption or beam); both kept for the next call
+        # more (the [MASK] probe doubles the rows of every caption or beam); kept inside `keep_decoding_weights`
         num_beams = generate_kwargs.get("num_beams", generation_config.num_beams) or 1
         prepack = batch_size * num_beams >= 2
-        with fused_projections(self.mico.text_model, self.lm_head, prepack=prepack, keep=True):
+        keep = self._decoding_weights_kept > 0
+        with fused_projections(self.mico.text_model, self.lm_head, prepack=prepack, keep=keep):
             return super().generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

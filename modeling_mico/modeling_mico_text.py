@@ -153,6 +153,19 @@ def can_prepack(weight: torch.Tensor) -> bool:
     )
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` computes exactly `F.linear(x, module.weight, module.bias)` when called: an `nn.Linear` itself
+    (not a subclass such as a quantized layer), not wrapped (an adapter such as PEFT's LoRA replaces it by a wrapper),
+    with no forward hooks and no `forward` patched onto it (as accelerate's hooks do). Only such layers are fused or
+    prepacked; any other keeps its own forward."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in vars(module)
+    )
+
+
 def linear_product(
     weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -218,8 +231,8 @@ def _weight_and_bias(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def release_decoding_weights(model: nn.Module) -> None:
-    """Free the concatenated and prepacked weights that `fused_projections(..., keep=True)` (and so `generate`) kept
-    for the modules of `model`."""
+    """Free the concatenated and prepacked weights that `fused_projections(..., keep=True)` kept for the modules of
+    `model`."""
     for module in model.modules():
         _KEPT_PRODUCTS.pop(module, None)
 
@@ -229,12 +242,14 @@ def fused_projections(
     model: nn.Module, *others: nn.Module, prepack: bool = False, keep: bool = False
 ) -> Iterator[None]:
     """Within the block, every text attention module of `model` projects with one matrix product: query, key and
-    value together for self-attention, key and value of the context for cross-attention. The module parameters and
-    state-dict keys are untouched. Inference only: a forward pass with gradients enabled inside the block raises a
-    `RuntimeError`. In float32 every output column is the same reduction as with separate products, so the results
-    are bit-identical (`tests/test_performance.py`); `generate` decodes inside it.
+    value together for self-attention, key and value of the context for cross-attention, when those projections are
+    plain linear layers (`is_plain_linear`: an adapted, quantized or hooked projection keeps its own forward, so that
+    adapters and hooks still apply). The module parameters and state-dict keys are untouched. Inference only: a
+    forward pass with gradients enabled inside the block raises a `RuntimeError`. In float32 every output column is
+    the same reduction as with separate products, so the results are bit-identical (`tests/test_performance.py`);
+    `generate` decodes inside it.
 
-    With `prepack` (on a CPU where `can_prepack`; elsewhere it is ignored) every linear layer of `model` and of
+    With `prepack` (on a CPU where `can_prepack`; elsewhere it is ignored) every plain linear layer of `model` and of
     `others` (the language-model head) also multiplies by a weight packed for oneDNN (`linear_product`): `generate`
     does so when a step multiplies 4 rows or more (several captions or beams), where each product is up to 2-3x
     faster, with results within relative 1e-6 of the unpacked ones instead of bit-identical.
@@ -242,15 +257,20 @@ def fused_projections(
     The concatenated (and packed) weights are built on entry from the weights as they are then. With `keep` they are
     kept after the block, packed and unpacked apart (the packed ones are about one more copy of the text tower's and
     head's weights), and reused by later blocks while the weights they come from are unchanged (same storage, no
-    in-place update); `release_decoding_weights` frees them. Packing costs about 1 ms per MB of weights, so `generate`
-    keeps them."""
-    modules = [module for module in model.modules() if isinstance(module, MiCoTextAttentionBase)]
+    in-place update); `release_decoding_weights` frees them. Packing costs about 1 ms per MB of weights: `generate`
+    keeps them inside `MiCoForConditionalGeneration.keep_decoding_weights`."""
+    modules = [
+        module
+        for module in model.modules()
+        if isinstance(module, MiCoTextAttentionBase)
+        and all(is_plain_linear(getattr(module, name)) for name in module.fusable_projections)
+    ]
     fused = {id(getattr(module, name)) for module in modules for name in module.fusable_projections}
     linears = [
         module
         for root in ((model, *others) if prepack else ())
         for module in root.modules()
-        if isinstance(module, nn.Linear) and id(module) not in fused and can_prepack(module.weight)
+        if is_plain_linear(module) and id(module) not in fused and can_prepack(module.weight)
     ]
     try:
         with torch.no_grad():

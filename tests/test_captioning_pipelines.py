@@ -171,3 +171,18 @@ def test_remote_code_captioning_without_the_package(saved, model, processor, tmp
     result = run_python(BLOCK_PACKAGE, script, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_caption_files_builds_the_decoding_weights_once(model, processor, monkeypatch):
+    """`caption_files` decodes inside `keep_decoding_weights`: the first batch builds the fused and prepacked weights
+    (3 beams by default), the next batches reuse them, and nothing is kept afterwards."""
+    from test_performance import recorded_products, unfused_linears
+
+    from modeling_mico import modeling_mico_text
+
+    built = recorded_products(monkeypatch)
+    records = caption_files(model, processor, [VIDEO, VIDEO, VIDEO], batch_size=1, progress=False, **SHORT)
+    assert len(records) == 3 and len({record["caption"] for record in records}) == 1
+    attention_modules = 2 * model.config.text_config.num_hidden_layers
+    assert built == [True] * (attention_modules + len(unfused_linears(model)))
+    assert not any(module in modeling_mico_text._KEPT_PRODUCTS for module in model.modules())

@@ -120,64 +120,101 @@ def unfused_linears(model: MiCoForConditionalGeneration) -> list[nn.Linear]:
 def test_prepacked_products_run_only_for_several_rows(model, monkeypatch):
     """`generate` prepacks the weights of the text tower's products and the LM head's when a step multiplies 4 rows
     or more (2 captions, or 1 caption with 2+ beams, e.g. the default 3); a single greedy caption keeps `F.linear`.
-    The fused query/key/value linears are packed once, concatenated, not each on its own."""
-    model.release_decoding_weights()
+    The fused query/key/value linears are packed once, concatenated, not each on its own. Outside
+    `keep_decoding_weights` every call builds them anew and keeps nothing."""
     built = recorded_products(monkeypatch)
     single = knowledge_inputs("video", batch_size=1)
     model.generate(**single, num_beams=1, max_new_tokens=3)
     attention_modules = 2 * model.config.text_config.num_hidden_layers
     assert built == [False] * attention_modules  # the fused projections, not prepacked
-    built.clear()
-    model.generate(**knowledge_inputs("video", batch_size=2), max_new_tokens=3)
-    assert built == [True] * (attention_modules + len(unfused_linears(model)))
+    for _ in range(2):
+        built.clear()
+        model.generate(**knowledge_inputs("video", batch_size=2), max_new_tokens=3)
+        assert built == [True] * (attention_modules + len(unfused_linears(model)))
+    assert not any(module in modeling_mico_text._KEPT_PRODUCTS for module in model.modules())
 
 
 def test_generate_keeps_its_decoding_weights_while_the_weights_are_unchanged(monkeypatch):
-    """The concatenated and prepacked weights of one `generate` call serve the next (nothing is rebuilt, same tokens
-    and logits) until a weight changes in place, gets new storage (`.to()`), or they are released; a rebuilt product
-    reads the new weights (the logits equal a fresh model's with those weights)."""
+    """Inside `keep_decoding_weights`, the concatenated and prepacked weights of one `generate` call serve the next
+    (nothing is rebuilt, same tokens and logits) until a weight changes in place or gets new storage (`.to()`); a
+    rebuilt product reads the new weights (the logits equal a fresh model's with those weights). Leaving the block
+    frees them."""
     torch.manual_seed(0)
     model = MiCoForConditionalGeneration(tiny_config()).eval()
     inputs = dict(knowledge_inputs("video", batch_size=2), num_beams=2, max_new_tokens=4)
     inputs.update(output_logits=True, return_dict_in_generate=True)
-    first = model.generate(**inputs)
-    built = recorded_products(monkeypatch)
-    again = model.generate(**inputs)
-    assert built == []
-    assert torch.equal(again.sequences, first.sequences)
-    assert torch.equal(torch.stack(again.logits), torch.stack(first.logits))
+    kept = modeling_mico_text._KEPT_PRODUCTS
+    attention_modules = 2 * model.config.text_config.num_hidden_layers
+    with model.keep_decoding_weights():
+        first = model.generate(**inputs)
+        built = recorded_products(monkeypatch)
+        again = model.generate(**inputs)
+        assert built == []
+        assert torch.equal(again.sequences, first.sequences)
+        assert torch.equal(torch.stack(again.logits), torch.stack(first.logits))
 
-    with torch.no_grad():
-        model.lm_head.decoder.bias.add_(torch.linspace(-3, 3, model.lm_head.decoder.bias.numel()))
-        model.mico.text_model.encoder.layer[0].attention.self.value.weight.mul_(1.5)
-    updated = model.generate(**inputs)
-    assert built == [True, True]  # the first layer's self-attention (fused) and the head
+        with torch.no_grad():
+            model.lm_head.decoder.bias.add_(torch.linspace(-3, 3, model.lm_head.decoder.bias.numel()))
+            model.mico.text_model.encoder.layer[0].attention.self.value.weight.mul_(1.5)
+        updated = model.generate(**inputs)
+        assert built == [True, True]  # the first layer's self-attention (fused) and the head
+        assert sum(module in kept for module in model.modules()) == attention_modules + len(unfused_linears(model))
+        model.float()  # `.to()` and friends release them, so the old storage is not pinned
+        assert not any(module in kept for module in model.modules())
+        model.generate(**inputs)
+        assert any(module in kept for module in model.modules())
+    assert not any(module in kept for module in model.modules())
+
     fresh = MiCoForConditionalGeneration(tiny_config()).eval()
     fresh.load_state_dict(model.state_dict())
     reference = fresh.generate(**inputs)
     assert torch.equal(updated.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(updated.logits), torch.stack(reference.logits), rtol=0, atol=0)
 
-    kept = modeling_mico_text._KEPT_PRODUCTS
-    attention_modules = 2 * model.config.text_config.num_hidden_layers
-    assert sum(module in kept for module in model.modules()) == attention_modules + len(unfused_linears(model))
-    model.float()  # `.to()` and friends release them, so the old storage is not pinned
-    assert not any(module in kept for module in model.modules())
-    model.generate(**inputs)
-    model.release_decoding_weights()
-    assert not any(module in kept for module in model.modules())
-
 
 def test_single_greedy_captions_and_beams_keep_their_decoding_weights_apart(model, monkeypatch):
     """Alternating one greedy caption (unpacked fused projections) with beams (prepacked) rebuilds nothing: both sets
     are kept."""
     single = dict(knowledge_inputs("audio", batch_size=1), max_new_tokens=3)
-    for num_beams in (1, 3):
-        model.generate(**single, num_beams=num_beams)
-    built = recorded_products(monkeypatch)
-    for num_beams in (1, 3, 1, 3):
-        model.generate(**single, num_beams=num_beams)
+    with model.keep_decoding_weights():
+        for num_beams in (1, 3):
+            model.generate(**single, num_beams=num_beams)
+        built = recorded_products(monkeypatch)
+        for num_beams in (1, 3, 1, 3):
+            model.generate(**single, num_beams=num_beams)
     assert built == []
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_adapted_and_hooked_projections_keep_their_own_forward(num_beams):
+    """LoRA adapters on the attention projections and on the feed-forward layer take part in `generate` (its logits
+    equal those of the merged model), and a forward hook on a projection still runs: such layers are neither fused
+    nor prepacked."""
+    from peft import LoraConfig
+
+    from modeling_mico.peft_utils import build_peft_model
+
+    torch.manual_seed(0)
+    model = MiCoForConditionalGeneration(tiny_config()).eval()
+    adapters = LoraConfig(r=4, target_modules=["query", "key", "value", "dense"], init_lora_weights=False)
+    adapted = build_peft_model(model, adapters).eval()
+    inputs = dict(knowledge_inputs("video", batch_size=2), num_beams=num_beams, max_new_tokens=5)
+    inputs.update(output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        output = adapted.generate(**inputs)
+        merged = adapted.merge_and_unload().generate(**inputs)
+    assert torch.equal(output.sequences, merged.sequences)
+    torch.testing.assert_close(torch.stack(output.logits), torch.stack(merged.logits), rtol=1e-5, atol=1e-5)
+
+    torch.manual_seed(0)
+    model = MiCoForConditionalGeneration(tiny_config()).eval()
+    calls = []
+    query = model.mico.text_model.encoder.layer[1].crossattention.self.query
+    key = model.mico.text_model.encoder.layer[0].attention.self.key
+    for layer in (query, key):
+        layer.register_forward_hook(lambda module, args, output, calls=calls: calls.append(module))
+    model.generate(**inputs)
+    assert calls.count(key) == inputs["max_new_tokens"] and calls.count(query) == inputs["max_new_tokens"]
 
 
 def test_decoding_weights_of_inference_tensors_are_rebuilt_every_call(monkeypatch):
@@ -186,9 +223,10 @@ def test_decoding_weights_of_inference_tensors_are_rebuilt_every_call(monkeypatc
         torch.manual_seed(0)
         model = MiCoForConditionalGeneration(tiny_config()).eval()
         inputs = dict(knowledge_inputs("audio", batch_size=1), max_new_tokens=3)
-        expected = model.generate(**inputs)
-        built = recorded_products(monkeypatch)
-        assert torch.equal(model.generate(**inputs), expected)
+        with model.keep_decoding_weights():
+            expected = model.generate(**inputs)
+            built = recorded_products(monkeypatch)
+            assert torch.equal(model.generate(**inputs), expected)
     assert built == [True] * (2 * model.config.text_config.num_hidden_layers + len(unfused_linears(model)))
     assert not any(module in modeling_mico_text._KEPT_PRODUCTS for module in model.modules())
 

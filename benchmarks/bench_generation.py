@@ -1,5 +1,5 @@
 """Caption generation speed: the key/value cache against the original scheme (recompute the whole prefix every
-step), and the decoding step against the machine's roofline in three decoding variants.
+step), and the decoding step against the machine's roofline in several decoding variants.
 
 A BERT-base-size text decoder (12 layers, 768 wide, vocab 30,522, random weights, float32) cross-attends to a context
 of 4 frames x 257 tokens. Measurements, each rotating its variants in one process:
@@ -8,8 +8,9 @@ of 4 frames x 257 tokens. Measurements, each rotating its variants in one proces
 * the time of one decoding step (median step of a caption, the first step, which projects the context, excluded) at
   batch 1, 3 and 4, greedy and 3 beams, in the variants of `DECODING_VARIANTS`: *generic* (Transformers' path: the
   context copied per beam, the whole `DynamicCache`, context keys/values included, reordered between beams),
-  *shared context* (one context per item) and *package* (also a preallocated self-attention cache and fused
-  projections: the default), with the step's FLOP and byte bounds (`benchmarks/roofline.py`);
+  *shared context* (one context per item), *unpacked* (also a preallocated self-attention cache and fused
+  projections), *oneDNN* (also weights prepacked for oneDNN at 4+ rows) and *package* (the default: every product
+  by weights packed for the few-row kernel), with the step's FLOP and byte bounds (`benchmarks/roofline.py`);
 * the same step in bfloat16 (weights and activations) with its agreement with float32, and bfloat16 against float32
   on the parity fixture (features and caption tokens).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import statistics
 import sys
 import time
@@ -45,7 +47,7 @@ from benchmarks.roofline import (  # noqa: E402
     roofline_row,
     roofline_table_rows,
 )
-from modeling_mico import MiCoConfig, MiCoForConditionalGeneration  # noqa: E402
+from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, few_row_linear  # noqa: E402
 from modeling_mico.modeling_mico_text import fused_projections  # noqa: E402
 
 
@@ -69,11 +71,12 @@ def build_model() -> MiCoForConditionalGeneration:
 
 
 DECODING_VARIANTS = {
-    # name: (one context per item, preallocated self-attention cache, fused projections, prepacked weights)
-    "generic": (False, False, False, False),
-    "shared context": (True, False, False, False),
-    "unpacked": (True, True, True, False),
-    "package": (True, True, True, True),
+    # name: (one context per item, preallocated self-attention cache, fused projections, packed weights, kernel)
+    "generic": (False, False, False, False, False),
+    "shared context": (True, False, False, False, False),
+    "unpacked": (True, True, True, False, False),
+    "oneDNN": (True, True, True, True, False),
+    "package": (True, True, True, True, True),
 }
 BIT_IDENTICAL_VARIANTS = ("generic", "shared context", "unpacked")
 
@@ -86,9 +89,10 @@ def decoding_variant(name: str) -> Iterator[None]:
       sequence and the whole cache, the context's keys/values included, reordered between beams;
     * without the preallocated cache, Transformers' `DynamicCache` (grown by concatenation every step);
     * without fused projections, one matrix product each for query, key and value;
-    * without prepacked weights, `F.linear` for every product even when a step multiplies 4 rows or more (the package
-      then multiplies by weights prepacked for oneDNN: results differ in the last bits, `fused_projections`)."""
-    share_context, preallocate, fuse, prepack = DECODING_VARIANTS[name]
+    * without packed weights, `F.linear` for every product (the package multiplies by weights packed for the few-row
+      kernel, or without it, at 4 rows or more, for oneDNN: results differ in the last bits, `fused_projections`);
+    * without the kernel, `MICO_FEW_ROW_KERNEL=0` (`modeling_mico.few_row_linear`)."""
+    share_context, preallocate, fuse, prepack, kernel = DECODING_VARIANTS[name]
 
     def reorder_everything(cache, beam_idx):
         cache.reorder_cache(beam_idx)
@@ -103,6 +107,9 @@ def decoding_variant(name: str) -> Iterator[None]:
         overrides["_prepare_cache_for_generation"] = GenerationMixin._prepare_cache_for_generation
     saved = {attribute: cls.__dict__.get(attribute) for attribute in overrides}
     saved_fusion = modeling_mico.modeling_mico.fused_projections
+    saved_switch = os.environ.get(few_row_linear.SWITCH)
+    if not kernel:
+        os.environ[few_row_linear.SWITCH] = "0"
     for attribute, value in overrides.items():
         setattr(cls, attribute, value)
     if not fuse:
@@ -122,6 +129,10 @@ def decoding_variant(name: str) -> Iterator[None]:
             else:
                 setattr(cls, attribute, value)
         modeling_mico.modeling_mico.fused_projections = saved_fusion
+        if saved_switch is None:
+            os.environ.pop(few_row_linear.SWITCH, None)
+        else:
+            os.environ[few_row_linear.SWITCH] = saved_switch
 
 
 def generic_decoding() -> contextlib.AbstractContextManager:
@@ -221,6 +232,7 @@ def step_rows(model, machine: dict, repeats: int) -> list[dict]:
                 "speedup": timings["package"]["speedup"],
                 "speedup_over_shared_context": timings["shared context"]["seconds"] / package,
                 "prepacked_speedup": timings["unpacked"]["seconds"] / package,
+                "kernel_speedup": timings["oneDNN"]["seconds"] / package,
                 "prepacked_same_tokens": torch.equal(reference.sequences, packed.sequences),
                 "prepacked_max_logit_difference": max(
                     float((a - b).abs().max()) for a, b in zip(reference.logits, packed.logits)
@@ -422,6 +434,7 @@ def to_markdown(results: dict) -> str:
                 f"{row['speedup_over_shared_context']:.2f}x",
                 f"{row['roofline']['fraction_of_bound']:.2f}",
                 f"{row['prepacked_speedup']:.2f}x",
+                f"{row['kernel_speedup']:.2f}x",
                 f"{'yes' if row['prepacked_same_tokens'] else 'NO'}, {row['prepacked_max_logit_difference']:.1e}",
             ]
             for row in results["steps"]
@@ -437,9 +450,11 @@ def to_markdown(results: dict) -> str:
             "one process: *generic* = Transformers' path (context and its cross-attention keys/values copied per "
             "beam and reordered with the whole `DynamicCache`), *shared context* = one context per item, *unpacked* = "
             "also a preallocated self-attention cache and fused q/k/v and context k/v projections (bit-identical to "
-            "generic), *package* = the default: also, when a step multiplies 4 rows or more (2+ captions or beams, "
-            "with the [MASK] probe), every product by a weight prepacked for oneDNN (results differ in the last "
-            "bits). "
+            "generic with one caption; with beams, where SDPA's CPU kernel gives a query row the same bits whatever "
+            "the rows beside it), *oneDNN* = also, when a step multiplies 4 rows or more (2+ captions or beams, with "
+            "the [MASK] probe), every product by a weight prepacked for oneDNN (the default without the few-row "
+            "kernel), *package* = the default: every product of every step by a weight packed for the few-row "
+            "kernel (`modeling_mico.few_row_linear`; results differ in the last bits). "
             + machine_line(results["bounds"])
             + (f" A 3-beam step of one item costs {ratio:.2f}x a greedy step of 3 items." if ratio else ""),
             markdown_table(
@@ -452,6 +467,7 @@ def to_markdown(results: dict) -> str:
                     "package vs shared context",
                     "package fraction of bound",
                     "package vs unpacked",
+                    "package vs oneDNN",
                     "package vs unpacked: same tokens, max logit difference",
                 ],
                 steps,

@@ -37,6 +37,7 @@ from .configuration_mico import (
     ModalitySpec,
 )
 from .distributed import all_gather_no_grad, all_gather_with_grad, present_everywhere
+from .few_row_linear import few_row_kernel_available
 from .generation_mico import MiCoGenerationMixin, default_generation_config
 from .modeling_mico_text import (
     MiCoLMHead,
@@ -1327,9 +1328,9 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
 
     @contextlib.contextmanager
     def keep_decoding_weights(self) -> Iterator[None]:
-        """Within the block, `generate` keeps the decoding weights it builds (the concatenated projections and, for
-        several captions or beams, the text tower's and head's weights prepacked for oneDNN, about one more copy of
-        them) and reuses them at the next call instead of building them again (about 0.2 s for BERT-base): for
+        """Within the block, `generate` keeps the decoding weights it builds (the concatenated projections and the
+        text tower's and head's weights packed for the few-row kernel, or for oneDNN for several captions or beams,
+        about one more copy of them) and reuses them at the next call instead of building them again (about 0.2 s for BERT-base): for
         captioning many batches. A weight updated in place or given new storage is seen and its decoding weight
         rebuilt, but a change through `.data` (PEFT's `merge_adapter`, hand-written EMA updates) is not: change
         weights that way outside the block. They are freed on leaving it."""
@@ -1485,10 +1486,11 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
             input_ids = torch.cat([input_ids.to(start.device), start], dim=1)
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.to(start.device), torch.ones_like(start)], dim=1)
-        # one matrix product for q/k/v, one for the context's k/v; weights prepacked when a step multiplies 4 rows or
-        # more (the [MASK] probe doubles the rows of every caption or beam); kept inside `keep_decoding_weights`
+        # one matrix product for q/k/v, one for the context's k/v; weights packed for the few-row kernel where it
+        # serves, else for oneDNN when a step multiplies 4 rows or more (the [MASK] probe doubles the rows of every
+        # caption or beam); kept inside `keep_decoding_weights`
         num_beams = generate_kwargs.get("num_beams", generation_config.num_beams) or 1
-        prepack = batch_size * num_beams >= 2
+        prepack = batch_size * num_beams >= 2 or few_row_kernel_available()
         keep = self._decoding_weights_kept > 0
         with fused_projections(self.mico.text_model, self.lm_head, prepack=prepack, keep=keep):
             return super().generate(

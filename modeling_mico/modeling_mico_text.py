@@ -19,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mico import MiCoTextConfig
+from .few_row_linear import few_row_kernel_available, few_row_product
 
 
 # Attention implementations whose kernels take only a 2-D padding mask plus a causal flag.
@@ -169,13 +170,15 @@ def is_plain_linear(module: nn.Module) -> bool:
 def linear_product(
     weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`states -> F.linear(states, weight, bias)`, or with `prepack` (see `can_prepack`) oneDNN's product with the
-    weight packed once, here, into its kernel's layout. `F.linear` on CPU hands a few-row product to MKL, which packs
-    the weight anew at every call: at 4 to 24 rows (the decoding steps of several captions or beams) it reads the
-    weight at a third to a half of the memory bandwidth, while the prepacked product streams it. The prepacked product
-    sums in another order: its results differ from `F.linear`'s in the last bits (relative 1e-6)."""
+    """`states -> F.linear(states, weight, bias)`, or with `prepack` (see `can_prepack`) a product by a copy of the
+    weight packed once, here: the few-row decoding kernel's (`few_row_product`, on CPUs with AVX-512) or else oneDNN's.
+    `F.linear` on CPU hands a few-row product to MKL, which packs the weight anew at every call and reads it at a
+    third to a half of the memory bandwidth (a seventh on AMD CPUs), while the packed products stream it. They sum in
+    another order: their results differ from `F.linear`'s in the last bits (relative 1e-6)."""
     if not prepack:
         return lambda states: F.linear(states, weight, bias)
+    if few_row_kernel_available():
+        return few_row_product(weight, bias)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
     return lambda states: torch.ops.mkldnn._linear_pointwise(states, packed, bias, "none", [], "")
 

@@ -47,7 +47,7 @@ from benchmarks.roofline import (  # noqa: E402
     roofline_row,
     roofline_table_rows,
 )
-from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, few_row_linear  # noqa: E402
+from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, decoding_kernels  # noqa: E402
 from modeling_mico.modeling_mico_text import fused_projections  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def decoding_variant(name: str) -> Iterator[None]:
     * without fused projections, one matrix product each for query, key and value;
     * without packed weights, `F.linear` for every product (the package multiplies by weights packed for the few-row
       kernel, or without it, at 4 rows or more, for oneDNN: results differ in the last bits, `fused_projections`);
-    * without the kernel, `MICO_FEW_ROW_KERNEL=0` (`modeling_mico.few_row_linear`)."""
+    * without the kernel, `MICO_DECODING_KERNELS=0` (`modeling_mico.decoding_kernels`)."""
     share_context, preallocate, fuse, prepack, kernel = DECODING_VARIANTS[name]
 
     def reorder_everything(cache, beam_idx):
@@ -107,9 +107,9 @@ def decoding_variant(name: str) -> Iterator[None]:
         overrides["_prepare_cache_for_generation"] = GenerationMixin._prepare_cache_for_generation
     saved = {attribute: cls.__dict__.get(attribute) for attribute in overrides}
     saved_fusion = modeling_mico.modeling_mico.fused_projections
-    saved_switch = os.environ.get(few_row_linear.SWITCH)
+    saved_switch = os.environ.get(decoding_kernels.SWITCH)
     if not kernel:
-        os.environ[few_row_linear.SWITCH] = "0"
+        os.environ[decoding_kernels.SWITCH] = "0"
     for attribute, value in overrides.items():
         setattr(cls, attribute, value)
     if not fuse:
@@ -130,9 +130,9 @@ def decoding_variant(name: str) -> Iterator[None]:
                 setattr(cls, attribute, value)
         modeling_mico.modeling_mico.fused_projections = saved_fusion
         if saved_switch is None:
-            os.environ.pop(few_row_linear.SWITCH, None)
+            os.environ.pop(decoding_kernels.SWITCH, None)
         else:
-            os.environ[few_row_linear.SWITCH] = saved_switch
+            os.environ[decoding_kernels.SWITCH] = saved_switch
 
 
 def generic_decoding() -> contextlib.AbstractContextManager:
@@ -454,7 +454,7 @@ def to_markdown(results: dict) -> str:
             "the rows beside it), *oneDNN* = also, when a step multiplies 4 rows or more (2+ captions or beams, with "
             "the [MASK] probe), every product by a weight prepacked for oneDNN (the default without the few-row "
             "kernel), *package* = the default: every product of every step by a weight packed for the few-row "
-            "kernel (`modeling_mico.few_row_linear`; results differ in the last bits). "
+            "kernel (`modeling_mico.decoding_kernels`; results differ in the last bits). "
             + machine_line(results["bounds"])
             + (f" A 3-beam step of one item costs {ratio:.2f}x a greedy step of 3 items." if ratio else ""),
             markdown_table(

@@ -36,8 +36,8 @@ from .configuration_mico import (
     MiCoVisionConfig,
     ModalitySpec,
 )
+from .decoding_kernels import decoding_kernels_available
 from .distributed import all_gather_no_grad, all_gather_with_grad, present_everywhere
-from .few_row_linear import few_row_kernel_available
 from .generation_mico import MiCoGenerationMixin, default_generation_config
 from .modeling_mico_text import (
     MiCoLMHead,
@@ -1490,7 +1490,7 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
         # serves, else for oneDNN when a step multiplies 4 rows or more (the [MASK] probe doubles the rows of every
         # caption or beam); kept inside `keep_decoding_weights`
         num_beams = generate_kwargs.get("num_beams", generation_config.num_beams) or 1
-        prepack = batch_size * num_beams >= 2 or few_row_kernel_available()
+        prepack = batch_size * num_beams >= 2 or decoding_kernels_available()
         keep = self._decoding_weights_kept > 0
         with fused_projections(self.mico.text_model, self.lm_head, prepack=prepack, keep=keep):
             return super().generate(

@@ -82,6 +82,6 @@ if ! command -v c++ > /dev/null && command -v apt-get > /dev/null && [ "$(id -u)
     echo "    no C++ compiler: installing g++ with apt-get"
     apt-get install -y --no-install-recommends g++ > /dev/null
 fi
-python -c 'from modeling_mico.few_row_linear import few_row_kernel_available as ok; print("    " + ("built" if ok() else "not used here (no AVX-512, no compiler, or MICO_FEW_ROW_KERNEL=0): decoding uses oneDNN"))'
+python -c 'from modeling_mico.decoding_kernels import decoding_kernels_available as ok; print("    " + ("built" if ok() else "not used here (no AVX-512, no compiler, or MICO_DECODING_KERNELS=0): decoding uses oneDNN"))'
 echo "    done in $((SECONDS - start)) s"
 python -c 'import modeling_mico, torch, transformers; print(f"Installed: torch {torch.__version__}, transformers {transformers.__version__}, modeling_mico from {modeling_mico.__path__[0]}")'

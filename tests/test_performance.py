@@ -9,7 +9,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from benchmarks.bench_generation import BIT_IDENTICAL_VARIANTS, DECODING_VARIANTS, decoding_variant
-from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel, few_row_linear, modeling_mico_text
+from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, MiCoModel, decoding_kernels, modeling_mico_text
 from modeling_mico.generation_mico import PreallocatedCache, PreallocatedLayer
 from modeling_mico.modeling_mico_text import fused_projections
 
@@ -133,7 +133,7 @@ def test_prepacked_products_run_only_for_several_rows(model, monkeypatch):
     oneDNN when a step multiplies 4 rows or more (2 captions, or 1 caption with 2+ beams, e.g. the default 3); a
     single greedy caption keeps `F.linear`. The fused query/key/value linears are packed once, concatenated, not each
     on its own. Outside `keep_decoding_weights` every call builds them anew and keeps nothing."""
-    monkeypatch.setenv(few_row_linear.SWITCH, "0")
+    monkeypatch.setenv(decoding_kernels.SWITCH, "0")
     built = recorded_products(monkeypatch)
     single = knowledge_inputs("video", batch_size=1)
     model.generate(**single, num_beams=1, max_new_tokens=3)

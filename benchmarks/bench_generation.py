@@ -10,7 +10,7 @@ of 4 frames x 257 tokens. Measurements, each rotating its variants in one proces
   context copied per beam, the whole `DynamicCache`, context keys/values included, reordered between beams),
   *shared context* (one context per item), *unpacked* (also a preallocated self-attention cache and fused
   projections), *oneDNN* (also weights prepacked for oneDNN at 4+ rows) and *package* (the default: every product
-  by weights packed for the few-row kernel), with the step's FLOP and byte bounds (`benchmarks/roofline.py`);
+  by weights packed for the few-row kernel, cross-attention by the few-query kernel), with the step's FLOP and byte bounds (`benchmarks/roofline.py`);
 * the same step in bfloat16 (weights and activations) with its agreement with float32, and bfloat16 against float32
   on the parity fixture (features and caption tokens).
 
@@ -452,9 +452,10 @@ def to_markdown(results: dict) -> str:
             "also a preallocated self-attention cache and fused q/k/v and context k/v projections (bit-identical to "
             "generic with one caption; with beams, where SDPA's CPU kernel gives a query row the same bits whatever "
             "the rows beside it), *oneDNN* = also, when a step multiplies 4 rows or more (2+ captions or beams, with "
-            "the [MASK] probe), every product by a weight prepacked for oneDNN (the default without the few-row "
-            "kernel), *package* = the default: every product of every step by a weight packed for the few-row "
-            "kernel (`modeling_mico.decoding_kernels`; results differ in the last bits). "
+            "the [MASK] probe), every product by a weight prepacked for oneDNN (the default without the decoding "
+            "kernels), *package* = the default: every product of every step by a weight packed for the few-row "
+            "kernel and cross-attention by the few-query kernel (`modeling_mico.decoding_kernels`; results differ in "
+            "the last bits). "
             + machine_line(results["bounds"])
             + (f" A 3-beam step of one item costs {ratio:.2f}x a greedy step of 3 items." if ratio else ""),
             markdown_table(

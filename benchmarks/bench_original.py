@@ -495,8 +495,8 @@ def caption_bounds_markdown(rows: list[dict]) -> str:
         "bound (`benchmarks.roofline.caption_bound_seconds`, the rates measured at the start of the run); the speed-up "
         "at the bound is the most any fp32 implementation could show against the original on this machine. The "
         "package captions inside `keep_decoding_weights` (as `caption_files` does): its first call also builds the "
-        "decoding weights the later calls reuse (fused and, for several captions or beams, prepacked); the timed calls "
-        "follow one untimed call on each side."
+        "decoding weights the later calls reuse (fused, and packed for the decoding kernels or, without them, for "
+        "oneDNN with several captions or beams); the timed calls follow one untimed call on each side."
     )
     return "\n\n" + note + "\n\n" + markdown_table(header, table, "lrrrrr")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs PyTorch (the CPU build unless asked otherwise), then this checkout with its extras, then builds the
-# few-row decoding kernel, one line per step.
+# decoding kernels, one line per step.
 set -euo pipefail
 
 usage() {
@@ -9,12 +9,12 @@ usage: bash scripts/install.sh [--help]
 
 Installs PyTorch, then this checkout in editable mode with the extras in EXTRAS (default `dev`: training, the
 ecosystem integrations and the test tools), into the `python` on PATH (activate a virtual environment first to keep
-it apart), then builds the few-row decoding kernel on CPUs with AVX-512 (about 30 s once per machine; g++ is
-installed with apt-get when no C++ compiler is found and the script runs as root); in the checkout it writes only the
-package's .egg-info folder. Each step prints a line, pip's downloads and its summary. It takes about 2 minutes on 2 CPU cores with the packages on a local mirror (measured 1 min 45 s
-into an empty virtual environment, 1 min 40 s with everything already installed; several times longer while other
-jobs load the cores); on a new machine add the download of about 1 GB (PyTorch's CPU build is 192 MB; the dev
-environment takes 2.0 GB on disk).
+it apart), then builds the decoding kernels on CPUs with AVX-512 (about 30 s once per machine; g++ is installed with
+apt-get when no C++ compiler is found and the script runs as root); in the checkout it writes only the package's
+.egg-info folder. Each step prints a line, pip's downloads and its summary. It takes about 2 minutes on 2 CPU cores
+with the packages on a local mirror (measured 1 min 45 s into an empty virtual environment, 1 min 40 s with
+everything already installed; several times longer while other jobs load the cores); on a new machine add the
+download of about 1 GB (PyTorch's CPU build is 192 MB; the dev environment takes 2.0 GB on disk).
 
 PyTorch (pip's plain `pip install torch` takes the multi-GB CUDA build on Linux, even on a machine without a GPU):
   1. a torch that satisfies TORCH_SPEC is already installed: it is kept;
@@ -76,7 +76,7 @@ echo "[2/3] mico-transformers$([ -n "$EXTRAS" ] && echo "[$EXTRAS]") (editable, 
 start=$SECONDS
 pip_install -e "$TARGET"
 echo "    done in $((SECONDS - start)) s"
-echo "[3/3] the few-row decoding kernel (AVX-512 CPUs; built once, cached in TORCH_EXTENSIONS_DIR)"
+echo "[3/3] the decoding kernels (AVX-512 CPUs; built once, cached in TORCH_EXTENSIONS_DIR)"
 start=$SECONDS
 if ! command -v c++ > /dev/null && command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
     echo "    no C++ compiler: installing g++ with apt-get"

@@ -195,8 +195,16 @@ class _KeptProduct:
     stamps: tuple[tuple[int, int], ...]
 
 
-# The products `fused_projections` keeps between blocks, per module and `prepack` flag (an entry goes with its module).
-_KEPT_PRODUCTS: weakref.WeakKeyDictionary[nn.Module, dict[bool, _KeptProduct]] = weakref.WeakKeyDictionary()
+# The products `fused_projections` keeps between blocks, per module and kind of product (`_product_kind`; an entry goes
+# with its module).
+_KEPT_PRODUCTS: weakref.WeakKeyDictionary[nn.Module, dict[str, _KeptProduct]] = weakref.WeakKeyDictionary()
+
+
+def _product_kind(prepack: bool) -> str:
+    """What `linear_product(..., prepack=prepack)` builds now: the kernels can be switched on and off between calls."""
+    if not prepack:
+        return "unpacked"
+    return "kernel" if decoding_kernels_available() else "oneDNN"
 
 
 def _stamps(sources: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], ...] | None:
@@ -214,16 +222,18 @@ def _product_for(
     prepack: bool,
     keep: bool,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The kept product of `module` for `prepack` if it was built from `sources` as they are now, else the
-    `linear_product` of `weight_and_bias()`, kept when `keep`. Kept products of stale sources are dropped first."""
+    """The kept product of `module` of the kind `prepack` builds now if it was built from `sources` as they are now,
+    else the `linear_product` of `weight_and_bias()`, kept when `keep`. Kept products of stale sources are dropped
+    first."""
     stamps = _stamps(sources)
-    kept = {flag: product for flag, product in _KEPT_PRODUCTS.pop(module, {}).items() if product.stamps == stamps}
-    if prepack in kept:
-        product = kept[prepack].product
+    kept = {kind: product for kind, product in _KEPT_PRODUCTS.pop(module, {}).items() if product.stamps == stamps}
+    kind = _product_kind(prepack)
+    if kind in kept:
+        product = kept[kind].product
     else:
         product = linear_product(*weight_and_bias(), prepack=prepack)
         if keep and stamps is not None:
-            kept[prepack] = _KeptProduct(product, tuple(source.detach() for source in sources), stamps)
+            kept[kind] = _KeptProduct(product, tuple(source.detach() for source in sources), stamps)
     if kept:
         _KEPT_PRODUCTS[module] = kept
     return product

@@ -175,3 +175,27 @@ def test_generate_decodes_with_the_kernels(monkeypatch, num_beams):
     without = model.generate(**inputs)
     assert torch.equal(with_kernel.sequences, without.sequences)
     torch.testing.assert_close(torch.stack(with_kernel.logits), torch.stack(without.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_kept_decoding_weights_follow_the_switch(monkeypatch):
+    """Inside `keep_decoding_weights`, switching the kernels off between calls builds oneDNN's products instead of
+    reusing the kernel's (and the kernel's serve again, unbuilt, once switched back on)."""
+    torch.manual_seed(0)
+    model = MiCoForConditionalGeneration(tiny_config()).eval()
+    inputs = dict(knowledge_inputs("video", batch_size=2), max_new_tokens=3)
+    used = []
+    monkeypatch.setattr(
+        modeling_mico_text, "few_row_product", lambda *args: used.append("kernel") or few_row_product(*args)
+    )
+    with model.keep_decoding_weights():
+        model.generate(**inputs)
+        products = len(used)
+        assert products > 0
+        built = recorded_products(monkeypatch)
+        monkeypatch.setenv(decoding_kernels.SWITCH, "0")
+        model.generate(**inputs)
+        assert len(built) == products and len(used) == products  # rebuilt, for oneDNN
+        built.clear()
+        monkeypatch.delenv(decoding_kernels.SWITCH)
+        model.generate(**inputs)
+        assert built == [] and len(used) == products  # the kept kernel products

@@ -1330,8 +1330,8 @@ class MiCoForConditionalGeneration(MiCoModelWithHeadBase, MiCoGenerationMixin):
     def keep_decoding_weights(self) -> Iterator[None]:
         """Within the block, `generate` keeps the decoding weights it builds (the concatenated projections and the
         text tower's and head's weights packed for the few-row kernel, or for oneDNN for several captions or beams,
-        about one more copy of them) and reuses them at the next call instead of building them again (about 0.2 s for BERT-base): for
-        captioning many batches. A weight updated in place or given new storage is seen and its decoding weight
+        about one more copy of them) and reuses them at the next call instead of building them again (about 0.2 s
+        for BERT-base): for captioning many batches. A weight updated in place or given new storage is seen and its decoding weight
         rebuilt, but a change through `.data` (PEFT's `merge_adapter`, hand-written EMA updates) is not: change
         weights that way outside the block. They are freed on leaving it."""
         self._decoding_weights_kept += 1

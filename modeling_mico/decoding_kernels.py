@@ -22,6 +22,7 @@ logged and does the same.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -84,14 +85,23 @@ def _built() -> ModuleType:
     return extension
 
 
-def few_row_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+@dataclasses.dataclass(frozen=True)
+class PackedProduct:
+    """`states -> F.linear(states, weight, bias)` (within rounding) by a weight packed once for `few_row_product`."""
+
+    packed: torch.Tensor
+    bias: torch.Tensor | None
+    out_features: int
+
+    def __call__(self, states: torch.Tensor) -> torch.Tensor:
+        return _built().linear(states, self.packed, self.bias, self.out_features)
+
+
+def few_row_product(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedProduct:
     """`states -> F.linear(states, weight, bias)` (within rounding) with `weight` packed once, here; float32 on CPU,
     inference only (no gradient), and only where `decoding_kernels_available()`."""
-    extension = _built()
-    packed = extension.pack(weight.detach())
-    bias = None if bias is None else bias.detach().contiguous()
-    out_features = weight.shape[0]
-    return lambda states: extension.linear(states, packed, bias, out_features)
+    packed = _built().pack(weight.detach())
+    return PackedProduct(packed, None if bias is None else bias.detach().contiguous(), weight.shape[0])
 
 
 def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -100,3 +110,12 @@ def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     each head vector is contiguous, head_dim at most `MAX_HEAD_DIM`); inference only, and only where
     `decoding_kernels_available()`."""
     return _built().attention(query, key, value, scale)
+
+
+def fused_decoding_step(
+    weights: list[torch.Tensor], num_heads: int, layer_norm_eps: float
+) -> Callable[..., torch.Tensor]:
+    """The C++ decoding step of a whole stack of text layers (`DecodingStep` in the kernels' source): `weights` holds,
+    per layer, the packed products (`PackedProduct.packed`), biases and LayerNorm parameters in the order that source
+    names. Called as `step(hidden, mask, keys, values, context_keys, context_values)`."""
+    return _built().DecodingStep(weights, num_heads, layer_norm_eps)

@@ -76,14 +76,22 @@ class PreallocatedLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
+        start = self.length
+        keys, values = self.extend(key_states.shape[-2])
+        keys[:, :, start:].copy_(key_states)
+        values[:, :, start:].copy_(value_states)
+        return keys, values
+
+    def extend(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance the valid length of an initialized layer over `count` more positions (growing the buffers when
+        needed) and return the views of all valid positions; the caller writes the keys/values of the last `count`
+        (what `update` does, and the fused decoding step of `MiCoTextModel` in place)."""
+        end = self.length + count
         if end > self.capacity:
             keys, values = self.keys, self.values
-            self._allocate(key_states, value_states, max(end, 2 * self.capacity))
+            self._allocate(keys, values, max(end, 2 * self.capacity))
             self._buffers[0][:, :, : self.length].copy_(keys)
             self._buffers[1][:, :, : self.length].copy_(values)
-        self._buffers[0][:, :, self.length : end].copy_(key_states)
-        self._buffers[1][:, :, self.length : end].copy_(value_states)
         self.length = end
         self._set_views()
         return self.keys, self.values

@@ -147,6 +147,24 @@ def attention_calls(monkeypatch) -> list[tuple[int, ...]]:
     return calls
 
 
+def fused_steps(monkeypatch) -> list[tuple[int, ...]]:
+    """The hidden-state shape of every call of a fused decoding step built from here on."""
+    calls = []
+    build = modeling_mico_text.fused_decoding_step
+
+    def recording_build(*args):
+        step = build(*args)
+
+        def recording_step(hidden, *rest):
+            calls.append(tuple(hidden.shape))
+            return step(hidden, *rest)
+
+        return recording_step
+
+    monkeypatch.setattr(modeling_mico_text, "fused_decoding_step", recording_build)
+    return calls
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_generate_decodes_with_the_kernels(monkeypatch, num_beams):
     """With the kernels, a single greedy caption too multiplies by packed weights (the fused projections and every
@@ -159,17 +177,21 @@ def test_generate_decodes_with_the_kernels(monkeypatch, num_beams):
     steps = 6
     inputs = dict(knowledge_inputs("video", batch_size=1), num_beams=num_beams, max_new_tokens=steps)
     inputs.update(output_logits=True, return_dict_in_generate=True)
-    built, calls = recorded_products(monkeypatch), attention_calls(monkeypatch)
+    built, calls, steps_taken = recorded_products(monkeypatch), attention_calls(monkeypatch), fused_steps(monkeypatch)
     with_kernel = model.generate(**inputs)
     assert built == [True] * (2 * layers + len(unfused_linears(model)))
     head_dim = model.config.text_config.hidden_size // heads
-    assert calls == [(1, heads, 2 * num_beams, head_dim)] * (layers * steps)  # one item, a token and a probe per beam
+    # the first step (which projects the context) through the layer modules: one item, a token and a probe per beam
+    assert calls == [(1, heads, 2 * num_beams, head_dim)] * layers
+    # every later step through all layers at once
+    assert steps_taken == [(num_beams, 2, model.config.text_config.hidden_size)] * (steps - 1)
 
     calls.clear()
+    steps_taken.clear()
     eager = MiCoForConditionalGeneration._from_config(tiny_config(), attn_implementation="eager").eval()
     eager.load_state_dict(model.state_dict())
     eager_output = eager.generate(**inputs)
-    assert calls == [] and torch.equal(eager_output.sequences, with_kernel.sequences)
+    assert calls == [] and steps_taken == [] and torch.equal(eager_output.sequences, with_kernel.sequences)
 
     monkeypatch.setenv(decoding_kernels.SWITCH, "0")
     without = model.generate(**inputs)
@@ -199,3 +221,91 @@ def test_kept_decoding_weights_follow_the_switch(monkeypatch):
         monkeypatch.delenv(decoding_kernels.SWITCH)
         model.generate(**inputs)
         assert built == [] and len(used) == products  # the kept kernel products
+
+
+def without_fused_step(monkeypatch) -> None:
+    """Decode every step through the layer modules (the kernels' products and cross-attention still serve)."""
+    monkeypatch.setattr(modeling_mico_text, "_fused_decoding_step", lambda model: None)
+
+
+QUESTION = torch.tensor([[101, 7, 8, 9, 102, 0, 0], [101, 20, 21, 102, 0, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(batch_size=2, num_beams=1),
+        dict(batch_size=1, num_beams=3),
+        dict(batch_size=2, num_beams=3, input_ids=QUESTION, attention_mask=(QUESTION != 0).long()),
+        dict(batch_size=2, num_beams=2, input_ids=QUESTION, num_return_sequences=2),
+    ],
+    ids=["greedy", "beams", "padded question", "question, mask from [PAD]"],
+)
+def test_the_fused_step_decodes_as_the_layers(monkeypatch, case):
+    """Greedy, beams, and a question prefix read bidirectionally with padding (the self-attention mask): the fused
+    step of all layers gives the tokens of the layer modules and their logits within rounding (its self-attention is
+    the kernel's, the modules' SDPA), over captions longer than the preallocated cache's first capacity."""
+    torch.manual_seed(0)
+    model = MiCoForConditionalGeneration(tiny_config()).eval()
+    case = dict(case)
+    inputs = dict(knowledge_inputs("video", batch_size=case.pop("batch_size")), **case, max_new_tokens=12)
+    inputs.update(output_logits=True, return_dict_in_generate=True)
+    steps_taken = fused_steps(monkeypatch)
+    fused = model.generate(**inputs)
+    assert len(steps_taken) == 11
+    without_fused_step(monkeypatch)
+    layers = model.generate(**inputs)
+    assert torch.equal(fused.sequences, layers.sequences)
+    torch.testing.assert_close(torch.stack(fused.logits), torch.stack(layers.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_step_stands_aside_for_hooks_and_recorded_outputs(monkeypatch):
+    """Requested attentions or hidden states, and a forward hook anywhere in the text layers, take the layer modules:
+    the hidden states of every step are returned and the hook fires at every step."""
+    torch.manual_seed(0)
+    model = MiCoForConditionalGeneration(tiny_config()).eval()
+    layers = model.config.text_config.num_hidden_layers
+    inputs = dict(knowledge_inputs("video", batch_size=1), num_beams=1, max_new_tokens=5)
+    steps_taken = fused_steps(monkeypatch)
+    recorded = model.generate(**inputs, output_hidden_states=True, return_dict_in_generate=True)
+    assert steps_taken == [] and len(recorded.hidden_states) == 5
+    assert all(len(step) == layers + 1 for step in recorded.hidden_states)
+    model.generate(**inputs, output_attentions=True, return_dict_in_generate=True)
+    assert steps_taken == []
+
+    fired = []
+    handle = model.mico.text_model.encoder.layer[-1].output.LayerNorm.register_forward_hook(
+        lambda module, args, output: fired.append(output.shape)
+    )
+    try:
+        hooked = model.generate(**inputs)
+    finally:
+        handle.remove()
+    assert steps_taken == [] and len(fired) == 5
+    assert torch.equal(hooked, model.generate(**inputs)) and len(steps_taken) == 4
+
+
+def test_the_fused_step_rejects_caches_of_another_shape():
+    """The C++ step checks what it is given and names it."""
+    torch.manual_seed(0)
+    model = MiCoForConditionalGeneration(tiny_config()).eval()
+    text = model.mico.text_model
+    config = text.config
+    heads, width = config.num_attention_heads, config.hidden_size
+    with torch.no_grad(), modeling_mico_text.fused_projections(text, prepack=True):
+        step = text.fused_decoding_step
+        assert step is not None
+        layers = config.num_hidden_layers
+        hidden = torch.randn(2, 2, width)
+        keys = [torch.zeros(2, heads, 5, width // heads) for _ in range(layers)]
+        context = [torch.zeros(1, heads, 7, width // heads) for _ in range(layers)]
+        out = step(hidden, None, keys, [key.clone() for key in keys], context, context)
+        assert out.shape == (2, 2, width) and torch.isfinite(out).all()
+        assert keys[0][:, :, 3:].abs().sum() > 0  # the step's keys written into the last 2 positions
+        with pytest.raises(RuntimeError, match=r"self-attention cache of layer 0 must be float32 \(2, 2, 5, 16\)"):
+            step(hidden, None, [key[:, :1] for key in keys], keys, context, context)
+        with pytest.raises(RuntimeError, match="3 rows for 2 context items"):
+            step(torch.randn(3, 2, width), None, keys, keys, [torch.zeros(2, heads, 7, 16)] * layers, context)
+        with pytest.raises(RuntimeError, match=r"mask must be boolean \(2, 1, 2, 5\)"):
+            step(hidden, torch.ones(2, 1, 2, 4, dtype=torch.bool), keys, keys, context, context)
+    assert "fused_decoding_step" not in vars(text)

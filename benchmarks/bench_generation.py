@@ -9,8 +9,10 @@ of 4 frames x 257 tokens. Measurements, each rotating its variants in one proces
   batch 1, 3 and 4, greedy and 3 beams, in the variants of `DECODING_VARIANTS`: *generic* (Transformers' path: the
   context copied per beam, the whole `DynamicCache`, context keys/values included, reordered between beams),
   *shared context* (one context per item), *unpacked* (also a preallocated self-attention cache and fused
-  projections), *oneDNN* (also weights prepacked for oneDNN at 4+ rows) and *package* (the default: every product
-  by weights packed for the few-row kernel, cross-attention by the few-query kernel), with the step's FLOP and byte bounds (`benchmarks/roofline.py`);
+  projections), *oneDNN* (also weights prepacked for oneDNN at 4+ rows), *layer kernels* (every product by weights
+  packed for the few-row kernel, cross-attention by the few-query kernel, layer by layer in Python) and *package*
+  (the default: the same kernels, every step after the first through all layers in one C++ call), with the step's
+  FLOP and byte bounds (`benchmarks/roofline.py`);
 * the same step in bfloat16 (weights and activations) with its agreement with float32, and bfloat16 against float32
   on the parity fixture (features and caption tokens).
 
@@ -47,7 +49,7 @@ from benchmarks.roofline import (  # noqa: E402
     roofline_row,
     roofline_table_rows,
 )
-from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, decoding_kernels  # noqa: E402
+from modeling_mico import MiCoConfig, MiCoForConditionalGeneration, decoding_kernels, modeling_mico_text  # noqa: E402
 from modeling_mico.modeling_mico_text import fused_projections  # noqa: E402
 
 
@@ -71,12 +73,14 @@ def build_model() -> MiCoForConditionalGeneration:
 
 
 DECODING_VARIANTS = {
-    # name: (one context per item, preallocated self-attention cache, fused projections, packed weights, kernel)
-    "generic": (False, False, False, False, False),
-    "shared context": (True, False, False, False, False),
-    "unpacked": (True, True, True, False, False),
-    "oneDNN": (True, True, True, True, False),
-    "package": (True, True, True, True, True),
+    # name: (one context per item, preallocated self-attention cache, fused projections, packed weights, kernels,
+    # fused decoding step)
+    "generic": (False, False, False, False, False, False),
+    "shared context": (True, False, False, False, False, False),
+    "unpacked": (True, True, True, False, False, False),
+    "oneDNN": (True, True, True, True, False, False),
+    "layer kernels": (True, True, True, True, True, False),
+    "package": (True, True, True, True, True, True),
 }
 BIT_IDENTICAL_VARIANTS = ("generic", "shared context", "unpacked")
 
@@ -91,8 +95,9 @@ def decoding_variant(name: str) -> Iterator[None]:
     * without fused projections, one matrix product each for query, key and value;
     * without packed weights, `F.linear` for every product (the package multiplies by weights packed for the few-row
       kernel, or without it, at 4 rows or more, for oneDNN: results differ in the last bits, `fused_projections`);
-    * without the kernel, `MICO_DECODING_KERNELS=0` (`modeling_mico.decoding_kernels`)."""
-    share_context, preallocate, fuse, prepack, kernel = DECODING_VARIANTS[name]
+    * without the kernel, `MICO_DECODING_KERNELS=0` (`modeling_mico.decoding_kernels`);
+    * without the fused step, every step through the layer modules (`MiCoTextModel.fused_decoding_step` unset)."""
+    share_context, preallocate, fuse, prepack, kernel, fused_step = DECODING_VARIANTS[name]
 
     def reorder_everything(cache, beam_idx):
         cache.reorder_cache(beam_idx)
@@ -107,6 +112,9 @@ def decoding_variant(name: str) -> Iterator[None]:
         overrides["_prepare_cache_for_generation"] = GenerationMixin._prepare_cache_for_generation
     saved = {attribute: cls.__dict__.get(attribute) for attribute in overrides}
     saved_fusion = modeling_mico.modeling_mico.fused_projections
+    saved_step = modeling_mico_text._fused_decoding_step
+    if not fused_step:
+        modeling_mico_text._fused_decoding_step = lambda model: None
     saved_switch = os.environ.get(decoding_kernels.SWITCH)
     if not kernel:
         os.environ[decoding_kernels.SWITCH] = "0"
@@ -129,6 +137,7 @@ def decoding_variant(name: str) -> Iterator[None]:
             else:
                 setattr(cls, attribute, value)
         modeling_mico.modeling_mico.fused_projections = saved_fusion
+        modeling_mico_text._fused_decoding_step = saved_step
         if saved_switch is None:
             os.environ.pop(decoding_kernels.SWITCH, None)
         else:
@@ -156,14 +165,16 @@ class StepClock(StoppingCriteria):
 
 
 def step_seconds(model, context: torch.Tensor, num_beams: int, variant: str = "package") -> float:
-    """Median decoding step of a `STEP_TOKENS`-token caption of every item of `context`, decoded as `variant`."""
+    """Median decoding step of a `STEP_TOKENS`-token caption of every item of `context`, decoded as `variant`. The
+    captions have no end token (`eos_token_id=None`) so that every step decodes every row, without the logits
+    processor of `min_new_tokens` (a scan of the vocabulary per step, which default captioning does not run)."""
     clock = StepClock()
     with decoding_variant(variant):
         model.generate(
             context=context,
             num_beams=num_beams,
             max_new_tokens=STEP_TOKENS,
-            min_new_tokens=STEP_TOKENS,
+            eos_token_id=None,
             stopping_criteria=StoppingCriteriaList([clock]),
         )
     return clock.step_s()
@@ -202,16 +213,35 @@ def step_case(model, items: int, beams: int, value_bytes: int = 4) -> tuple[torc
     return context, cost, f"decoding step, batch {items}, " + ("greedy" if beams == 1 else f"{beams} beams")
 
 
+def read_seconds(buffer: torch.Tensor) -> float:
+    """Seconds to read `buffer` once (a sum)."""
+    start = time.perf_counter()
+    buffer.sum()
+    return time.perf_counter() - start
+
+
+def side_by_side_bandwidth(machine: dict, timers: dict[str, Callable[[], float]], step_bytes: float) -> dict:
+    """`machine` with its memory read bandwidth measured again beside the timers: the host's bandwidth varies from
+    minute to minute (26 to 67 GB/s measured on the same shared cloud VM), so the read of a buffer of the step's size joins the
+    rotation of `timers` (added as `"read probe"`) and its median gives the step's byte bound."""
+    buffer = torch.ones(int(step_bytes) // 4)
+    timers["read probe"] = partial(read_seconds, buffer)
+    return {**machine, "read_probe_bytes": buffer.numel() * 4}
+
+
+def bound_machine(machine: dict, timings: dict) -> dict:
+    """`machine` with the read bandwidth of the side-by-side probe (`side_by_side_bandwidth`)."""
+    return {**machine, "read_gb_s": machine["read_probe_bytes"] / timings["read probe"]["seconds"] / 1e9}
+
+
 def step_rows(model, machine: dict, repeats: int) -> list[dict]:
     """ms per step of every (items, beams) case in every decoding variant (rotated), with the package's roofline."""
     rows = []
     for items, beams in STEP_CASES:
         context, cost, label = step_case(model, items, beams)
-        timings = rotate(
-            {variant: partial(step_seconds, model, context, beams, variant) for variant in DECODING_VARIANTS},
-            repeats,
-            reference="generic",
-        )
+        timers = {variant: partial(step_seconds, model, context, beams, variant) for variant in DECODING_VARIANTS}
+        probed = side_by_side_bandwidth(machine, timers, cost.bytes)
+        timings = rotate(timers, repeats, reference="generic")
         package = timings["package"]["seconds"]
         logits = {}
         for variant in ("package", "unpacked"):
@@ -233,11 +263,12 @@ def step_rows(model, machine: dict, repeats: int) -> list[dict]:
                 "speedup_over_shared_context": timings["shared context"]["seconds"] / package,
                 "prepacked_speedup": timings["unpacked"]["seconds"] / package,
                 "kernel_speedup": timings["oneDNN"]["seconds"] / package,
+                "fused_step_speedup": timings["layer kernels"]["seconds"] / package,
                 "prepacked_same_tokens": torch.equal(reference.sequences, packed.sequences),
                 "prepacked_max_logit_difference": max(
                     float((a - b).abs().max()) for a, b in zip(reference.logits, packed.logits)
                 ),
-                "roofline": roofline_row(label, package, cost, machine),
+                "roofline": roofline_row(label, package, cost, bound_machine(probed, timings)),
             }
         )
     return rows
@@ -257,14 +288,12 @@ def bf16_rows(model, machine: dict, repeats: int) -> list[dict]:
     rows = []
     for items, beams in BF16_CASES:
         context, cost, label = step_case(model, items, beams, value_bytes=2)
-        timings = rotate(
-            {
-                "fp32": partial(step_seconds, model, context, beams),
-                "bf16": partial(step_seconds, half, context, beams),
-            },
-            repeats,
-            reference="fp32",
-        )
+        timers = {
+            "fp32": partial(step_seconds, model, context, beams),
+            "bf16": partial(step_seconds, half, context, beams),
+        }
+        probed = side_by_side_bandwidth(machine, timers, cost.bytes)
+        timings = rotate(timers, repeats, reference="fp32")
         fp32, bf16 = timings["fp32"]["seconds"], timings["bf16"]["seconds"]
         speedup = timings["bf16"]["speedup"]
         settings = dict(num_beams=beams, max_new_tokens=STEP_TOKENS)
@@ -277,7 +306,7 @@ def bf16_rows(model, machine: dict, repeats: int) -> list[dict]:
                 "bf16_ms": bf16 * 1e3,
                 "speedup": speedup,
                 "same_tokens": float((tokens[0] == tokens[1]).float().mean()),
-                "roofline": roofline_row(label, bf16, cost, machine, dtype="bf16"),
+                "roofline": roofline_row(label, bf16, cost, bound_machine(probed, timings), dtype="bf16"),
             }
         )
     return rows
@@ -435,6 +464,7 @@ def to_markdown(results: dict) -> str:
                 f"{row['roofline']['fraction_of_bound']:.2f}",
                 f"{row['prepacked_speedup']:.2f}x",
                 f"{row['kernel_speedup']:.2f}x",
+                f"{row['fused_step_speedup']:.2f}x",
                 f"{'yes' if row['prepacked_same_tokens'] else 'NO'}, {row['prepacked_max_logit_difference']:.1e}",
             ]
             for row in results["steps"]
@@ -453,9 +483,11 @@ def to_markdown(results: dict) -> str:
             "generic with one caption; with beams, where SDPA's CPU kernel gives a query row the same bits whatever "
             "the rows beside it), *oneDNN* = also, when a step multiplies 4 rows or more (2+ captions or beams, with "
             "the [MASK] probe), every product by a weight prepacked for oneDNN (the default without the decoding "
-            "kernels), *package* = the default: every product of every step by a weight packed for the few-row "
-            "kernel and cross-attention by the few-query kernel (`modeling_mico.decoding_kernels`; results differ in "
-            "the last bits). "
+            "kernels), *layer kernels* = every product of every step by a weight packed for the few-row kernel and "
+            "cross-attention by the few-query kernel (`modeling_mico.decoding_kernels`; results differ in the last "
+            "bits), layer by layer in Python, *package* = the default: the same kernels, and every step after the "
+            "first through all layers in one C++ call (the fused decoding step; its self-attention is a kernel "
+            "too). "
             + machine_line(results["bounds"])
             + (f" A 3-beam step of one item costs {ratio:.2f}x a greedy step of 3 items." if ratio else ""),
             markdown_table(
@@ -469,6 +501,7 @@ def to_markdown(results: dict) -> str:
                     "package fraction of bound",
                     "package vs unpacked",
                     "package vs oneDNN",
+                    "package vs layer kernels",
                     "package vs unpacked: same tokens, max logit difference",
                 ],
                 steps,

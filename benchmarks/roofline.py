@@ -172,6 +172,7 @@ def roofline_row(path: str, seconds: float, cost: Cost, machine: dict[str, float
         "gb_read": cost.bytes / 1e9,
         "flop_bound_ms": compute_s * 1e3,
         "byte_bound_ms": read_s * 1e3,
+        "read_gb_s": machine["read_gb_s"],
         "bound_ms": bound * 1e3,
         "fraction_of_bound": bound / seconds,
     }
@@ -184,6 +185,7 @@ ROOFLINE_HEADER = [
     "GFLOP",
     "GB read",
     "FLOP bound ms",
+    "read GB/s",
     "byte bound ms",
     "fraction of bound",
 ]
@@ -199,6 +201,7 @@ def roofline_table_rows(rows: list[dict]) -> list[list[str]]:
             f"{row['gflop']:.3f}",
             f"{row['gb_read']:.3f}",
             f"{row['flop_bound_ms']:.2f}",
+            f"{row['read_gb_s']:.1f}",
             f"{row['byte_bound_ms']:.2f}",
             f"{row['fraction_of_bound']:.2f}",
         ]

@@ -316,7 +316,9 @@ def roofline_section(results: dict, bounds: dict) -> str:
             "",
             roofline.machine_line(bounds) + " A path's bound is max(FLOPs / GEMM rate, bytes read / bandwidth) "
             "(`benchmarks/roofline.py` counts them); its fraction of the bound is bound / measured time (1 = at the "
-            "bound). Measured on the same shared cores as the timings.",
+            "bound). Measured on the same shared cores as the timings. The host's memory bandwidth varies from "
+            "minute to minute, so a decoding step's byte bound uses the bandwidth of a read of its bytes alternated "
+            "with its timings (column *read GB/s*); the towers use the bandwidth measured at the start.",
             "",
             markdown_table(roofline.ROOFLINE_HEADER, roofline.roofline_table_rows(rows)),
         ]

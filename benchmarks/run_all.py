@@ -318,7 +318,9 @@ def roofline_section(results: dict, bounds: dict) -> str:
             "(`benchmarks/roofline.py` counts them); its fraction of the bound is bound / measured time (1 = at the "
             "bound). Measured on the same shared cores as the timings. The host's memory bandwidth varies from "
             "minute to minute, so a decoding step's byte bound uses the bandwidth of a read of its bytes alternated "
-            "with its timings (column *read GB/s*); the towers use the bandwidth measured at the start.",
+            "with its timings (column *read GB/s*); the towers use the bandwidth measured at the start. A fraction "
+            "above 1 means a probe ran slower than the path in its window (a busy moment of the shared host), not "
+            "that the path beat the machine.",
             "",
             markdown_table(roofline.ROOFLINE_HEADER, roofline.roofline_table_rows(rows)),
         ]

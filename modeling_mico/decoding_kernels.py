@@ -5,14 +5,18 @@ text tower and the language-model head, and attends from those few rows to the m
 frames): it is bound by reading the weights and the context's keys/values. On CPU, `F.linear` hands such products to
 MKL, which packs the weight anew at every call (and takes a slow path on AMD CPUs), oneDNN's prepacked product reads
 the weight at about half the memory bandwidth at 4+ rows, and SDPA reads the context's keys/values at a fifth of it
-for a few query rows. Two kernels stream them instead (measured in `docs/performance.md`):
+for a few query rows. Two kernels stream them instead, and a third runs the whole step (measured in
+`docs/performance.md`):
 
 - `few_row_product`: a weight packed once into panels of 32 output columns, up to 6 rows kept in registers; each
   output sums its inputs in chunks of 64 (one fused multiply-add chain each), so it differs from `F.linear` in the
   last bits, with a smaller rounding error, and does not depend on the other rows of the product;
 - `few_query_attention`: softmax(q k^T * scale) v per head, every key and value read once for all the query rows of
   the head; the exponentials are ATen's vectorized `exp_u20` (as SDPA's CPU kernel), so results agree with SDPA
-  within rounding (relative 1e-6).
+  within rounding (relative 1e-6);
+- `fused_decoding_step`: a whole decoding step of the text layers in one C++ call (the two kernels above, a masked
+  self-attention over the preallocated cache, ATen's GELU and LayerNorms), without the Python and dispatch overhead
+  of the layer modules, which took a quarter of a step.
 
 They are compiled once per machine with torch's C++ extension loader (about 30 s on first use; needs a C++ compiler
 and ninja) and cached in `TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`). Set

@@ -244,7 +244,7 @@ QUESTION = torch.tensor([[101, 7, 8, 9, 102, 0, 0], [101, 20, 21, 102, 0, 0, 0]]
 def test_the_fused_step_decodes_as_the_layers(monkeypatch, case):
     """Greedy, beams, and a question prefix read bidirectionally with padding (the self-attention mask): the fused
     step of all layers gives the tokens of the layer modules and their logits within rounding (its self-attention is
-    the kernel's, the modules' SDPA), over captions longer than the preallocated cache's first capacity."""
+    the kernel's, the modules' SDPA)."""
     torch.manual_seed(0)
     model = MiCoForConditionalGeneration(tiny_config()).eval()
     case = dict(case)

@@ -25,6 +25,22 @@ def states(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return torch.randn(batch, 2, length, 4, generator=generator), torch.randn(batch, 2, length, 4, generator=generator)
 
 
+def test_preallocated_layer_extends_in_place_and_grows():
+    """`extend` advances the valid length over positions the caller writes (in the buffers while the capacity holds)
+    and, past the capacity, moves the valid keys/values into larger buffers first."""
+    layer = PreallocatedLayer(capacity=3)
+    keys, values = states(2, 2, 0)
+    layer.update(keys, values)
+    buffer = layer.keys.data_ptr()
+    extended_keys, extended_values = layer.extend(1)
+    assert extended_keys.shape == (2, 2, 3, 4) and extended_keys.data_ptr() == buffer
+    extended_keys[:, :, 2:] = 7.0
+    grown_keys, grown_values = layer.extend(2)
+    assert layer.capacity == 6 and layer.get_seq_length() == 5 and grown_keys.shape == (2, 2, 5, 4)
+    assert torch.equal(grown_keys[:, :, :2], keys) and torch.equal(grown_values[:, :, :2], values)
+    assert torch.equal(grown_keys[:, :, 2], torch.full((2, 2, 4), 7.0))
+
+
 def test_preallocated_layer_equals_a_dynamic_layer():
     """Updates, crops, beam reorders, growth past the capacity and batch edits give the keys/values of Transformers'
     `DynamicLayer`; updates write into the same buffers (no reallocation) while the capacity holds."""

@@ -99,18 +99,30 @@ python examples/run_retrieval_eval.py --model_name_or_path "$out/model" \
 
 echo "== 4/6 zero-shot classification of held-out items"
 mkdir -p "$out/zero_shot"
-zero_shot() {  # NAME MODALITY ATTRIBUTE TEMPLATE LABELS...
-  local name=$1 modality=$2 attribute=$3 template=$4
-  shift 4
-  python examples/run_zero_shot_classification.py --model_name_or_path "$out/model" \
-    --inputs "$out/data/test.jsonl" --modalities "$modality" --label_column "attributes.$attribute" \
-    --template "$template" --labels "$@" --output_file "$out/zero_shot/$name.jsonl"
-}
-zero_shot image_color image color "a {} shape" red green blue yellow purple orange
-zero_shot video_motion video motion "a shape moving {}" left right up down
-zero_shot audio_timbre audio timbre "a sound that is a {}" tone buzz chord
-zero_shot depth_size depth size "a {} shape" small medium large
-zero_shot normal_shape normal shape "a {}" circle square triangle cross
+# one process for the five tasks (examples/run_zero_shot_classification.py's main per task): Python, torch and the
+# package are imported once instead of five times
+python - "$out" <<'PY'
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "examples")
+from run_zero_shot_classification import main
+
+out = Path(sys.argv[1])
+TASKS = (  # output name, modality, attribute, prompt template, labels
+    ("image_color", "image", "color", "a {} shape", "red green blue yellow purple orange"),
+    ("video_motion", "video", "motion", "a shape moving {}", "left right up down"),
+    ("audio_timbre", "audio", "timbre", "a sound that is a {}", "tone buzz chord"),
+    ("depth_size", "depth", "size", "a {} shape", "small medium large"),
+    ("normal_shape", "normal", "shape", "a {}", "circle square triangle cross"),
+)
+for name, modality, attribute, template, labels in TASKS:
+    main(
+        ["--model_name_or_path", str(out / "model"), "--inputs", str(out / "data" / "test.jsonl")]
+        + ["--modalities", modality, "--label_column", f"attributes.{attribute}", "--template", template]
+        + ["--labels", *labels.split(), "--output_file", str(out / "zero_shot" / f"{name}.jsonl")]
+    )
+PY
 
 echo "== 5/6 captions of held-out items: videos with their sound, images"
 python - "$out" <<'PY'

@@ -360,8 +360,13 @@ def test_beam_search_reproduces_transformers_4_31(model, sep_bias, length_penalt
             expected = [reference_beam_search_431(model, c[None], 3, 12, length_penalty) for c in contexts]
         for use_cache in (True, False):
             output = model.generate(
-                **inputs, num_beams=3, max_new_tokens=12, length_penalty=length_penalty, use_cache=use_cache,
-                return_dict_in_generate=True, output_scores=True,
+                **inputs,
+                num_beams=3,
+                max_new_tokens=12,
+                length_penalty=length_penalty,
+                use_cache=use_cache,
+                return_dict_in_generate=True,
+                output_scores=True,
             )
             assert strip(output.sequences) == [ids for ids, _ in expected]
             torch.testing.assert_close(output.sequences_scores, torch.tensor([s for _, s in expected]))
@@ -386,8 +391,12 @@ def test_current_transformers_scoring_is_an_option(model):
             assert strip(release) != strip(current)  # the rules pick different beams here
             for includes_prompt in (True, False):
                 output = model.generate(
-                    **inputs, num_beams=3, max_new_tokens=4, length_penalty_includes_prompt=includes_prompt,
-                    return_dict_in_generate=True, output_scores=True,
+                    **inputs,
+                    num_beams=3,
+                    max_new_tokens=4,
+                    length_penalty_includes_prompt=includes_prompt,
+                    return_dict_in_generate=True,
+                    output_scores=True,
                 )
                 for context, row, score in zip(contexts, output.sequences, output.sequences_scores):
                     tokens = row[1:].tolist()
@@ -439,18 +448,42 @@ def test_flash_attention_limits_are_explicit(model):
 PINNED_GENERATION_API = {
     "_prepare_generation_config": ["self", "generation_config"],
     "_prepare_cache_for_generation": [
-        "self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length",
+        "self",
+        "generation_config",
+        "model_kwargs",
+        "generation_mode",
+        "batch_size",
+        "max_cache_length",
     ],
     "_beam_search": ["self", "input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus"],
     "_update_finished_beams": [
-        "self", "sequences", "topk_running_sequences", "beam_scores", "topk_log_probs", "beam_indices",
-        "topk_running_beam_indices", "is_early_stop_heuristic_unsatisfied", "is_sent_finished",
-        "next_token_hits_stopping_criteria", "top_num_beam_mask", "num_beams", "cur_len", "decoder_prompt_len",
-        "length_penalty", "early_stopping",
+        "self",
+        "sequences",
+        "topk_running_sequences",
+        "beam_scores",
+        "topk_log_probs",
+        "beam_indices",
+        "topk_running_beam_indices",
+        "is_early_stop_heuristic_unsatisfied",
+        "is_sent_finished",
+        "next_token_hits_stopping_criteria",
+        "top_num_beam_mask",
+        "num_beams",
+        "cur_len",
+        "decoder_prompt_len",
+        "length_penalty",
+        "early_stopping",
     ],
     "_check_early_stop_heuristic": [  # a staticmethod in 5.x
-        "is_early_stop_heuristic_unsatisfied", "running_beam_scores", "beam_scores", "is_sent_finished",
-        "cur_len", "max_length", "decoder_prompt_len", "early_stopping", "length_penalty",
+        "is_early_stop_heuristic_unsatisfied",
+        "running_beam_scores",
+        "beam_scores",
+        "is_sent_finished",
+        "cur_len",
+        "max_length",
+        "decoder_prompt_len",
+        "early_stopping",
+        "length_penalty",
     ],
     "_update_model_kwargs_for_generation": ["self", "outputs", "model_kwargs"],
     "_gather_beams": ["tensor", "beam_indices"],
@@ -493,10 +526,24 @@ def test_run_captioning_cli(tmp_path):
     MiCoForConditionalGeneration(tiny_config(image_size=224)).save_pretrained(model_dir)
     MiCoProcessor().save_pretrained(model_dir)
     output = tmp_path / "captions.jsonl"
-    main([
-        "--model_name_or_path", str(model_dir), "--inputs", str(MEDIA), "--output_file", str(output),
-        "--batch_size", "2", "--num_beams", "1", "--max_new_tokens", "4", "--num_frames", "2",
-    ])
+    main(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--inputs",
+            str(MEDIA),
+            "--output_file",
+            str(output),
+            "--batch_size",
+            "2",
+            "--num_beams",
+            "1",
+            "--max_new_tokens",
+            "4",
+            "--num_frames",
+            "2",
+        ]
+    )
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(record["modality"] for record in records) == ["audio", "image", "video"]
     assert all(isinstance(record["caption"], str) for record in records)
@@ -540,14 +587,23 @@ def test_answers_of_the_original_code(parity_model, num_beams):
     qa = json.loads((PARITY / "captions.json").read_text())["qa_tv"]
     tokenizer = load_default_tokenizer()
     questions = tokenizer(
-        [q for item in qa["questions"] for q in item], padding="max_length", truncation=True, max_length=40,
+        [q for item in qa["questions"] for q in item],
+        padding="max_length",
+        truncation=True,
+        max_length=40,
         return_tensors="pt",
     )
-    context = parity_model.mico.get_multimodal_context(pixel_values_videos=torch.from_numpy(reference["in_pixel_values_video"]))
+    context = parity_model.mico.get_multimodal_context(
+        pixel_values_videos=torch.from_numpy(reference["in_pixel_values_video"])
+    )
     context = torch.cat([context[i : i + 1].expand(len(item), -1, -1) for i, item in enumerate(qa["questions"])])
     ids = parity_model.generate(
-        input_ids=questions.input_ids, attention_mask=questions.attention_mask, context=context,
-        num_beams=num_beams, max_new_tokens=10, length_penalty=1.0,
+        input_ids=questions.input_ids,
+        attention_mask=questions.attention_mask,
+        context=context,
+        num_beams=num_beams,
+        max_new_tokens=10,
+        length_penalty=1.0,
     )
     answers = tokenizer.batch_decode(ids[:, 41:], skip_special_tokens=True)
     assert answers == qa["answers"][f"beam{num_beams}"]

@@ -114,7 +114,9 @@ def test_lora_targets_exactly_the_tower_projections(towers):
     # explicit names stay inside the chosen towers ("dense" exists only in the text tower)
     if towers != "vision":
         names = adapted_modules(
-            build_peft_model(MiCoForPreTraining(MiCoConfig.from_preset("tiny")), towers=towers, target_modules=["dense"])
+            build_peft_model(
+                MiCoForPreTraining(MiCoConfig.from_preset("tiny")), towers=towers, target_modules=["dense"]
+            )
         )
         assert len(names) == 8 and all(n.startswith("text_model.encoder.") and n.endswith("dense") for n in names)
 

@@ -36,7 +36,11 @@ def tiny_config(**overrides) -> MiCoConfig:
 
 def only(config: MiCoConfig, contrastive=(), matching=(), caption=()) -> MiCoConfig:
     """Select the tasks (set after construction: the config treats empty lists as 'use the defaults')."""
-    config.contrastive_tasks, config.matching_tasks, config.caption_tasks = list(contrastive), list(matching), list(caption)
+    config.contrastive_tasks, config.matching_tasks, config.caption_tasks = (
+        list(contrastive),
+        list(matching),
+        list(caption),
+    )
     return config
 
 
@@ -198,7 +202,11 @@ def test_task_loss_weights_and_caption_loss_weight_weight_the_means():
     weights = {"contrastive_ta": 3.0, "caption_tv": 0.5}
     plain = model_for(only(tiny_config(), contrastive=["tv", "ta"], caption=["tv", "ta"]))
     weighted = model_for(
-        only(tiny_config(task_loss_weights=weights, caption_loss_weight=0.2), contrastive=["tv", "ta"], caption=["tv", "ta"])
+        only(
+            tiny_config(task_loss_weights=weights, caption_loss_weight=0.2),
+            contrastive=["tv", "ta"],
+            caption=["tv", "ta"],
+        )
     )
     batch = make_batch()
     torch.manual_seed(5)
@@ -216,12 +224,20 @@ def test_task_loss_weights_and_caption_loss_weight_weight_the_means():
 
 
 def test_task_loss_weights_are_validated():
-    with pytest.raises(StrictDataclassClassValidationError, match="task_loss_weights names 'contrastive_tx', which is not a configured task"):
+    with pytest.raises(
+        StrictDataclassClassValidationError,
+        match="task_loss_weights names 'contrastive_tx', which is not a configured task",
+    ):
         tiny_config(task_loss_weights={"contrastive_tx": 2.0})
     for bad in (0, -1.0, float("nan"), True, "2"):
-        with pytest.raises(StrictDataclassClassValidationError, match=r"task_loss_weights\['contrastive_tv'\] must be a positive number"):
+        with pytest.raises(
+            StrictDataclassClassValidationError,
+            match=r"task_loss_weights\['contrastive_tv'\] must be a positive number",
+        ):
             tiny_config(task_loss_weights={"contrastive_tv": bad})
-    with pytest.raises(StrictDataclassClassValidationError, match="caption_loss_weight must be a positive number, got 0"):
+    with pytest.raises(
+        StrictDataclassClassValidationError, match="caption_loss_weight must be a positive number, got 0"
+    ):
         tiny_config(caption_loss_weight=0)
 
 
@@ -316,7 +332,9 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch():
     batch = make_batch(batch_size=6)
     out = model(**batch)
     out.loss.backward()
-    expected = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
+    expected = torch.cat(
+        [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()]
+    )
 
     manager = mp.Manager()
     results = manager.dict()
@@ -345,9 +363,18 @@ def make_trainer(output_dir, max_steps: int, **kwargs):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=2e-3,
-        logging_steps=1, save_steps=3, report_to=[], use_cpu=True, seed=7, remove_unused_columns=False,
-        dataloader_num_workers=0, **kwargs,
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        logging_steps=1,
+        save_steps=3,
+        report_to=[],
+        use_cpu=True,
+        seed=7,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **kwargs,
     )
     torch.manual_seed(0)
     return Trainer(model=MiCoForPreTraining(tiny_config()), args=args, train_dataset=TensorRows())
@@ -370,8 +397,15 @@ def test_trainer_logs_each_task_loss(tmp_path):
     from modeling_mico.trainer_mico import EvalCollatorTrainer
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=2, report_to=[],
-        use_cpu=True, seed=7, remove_unused_columns=False, save_strategy="no",
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        report_to=[],
+        use_cpu=True,
+        seed=7,
+        remove_unused_columns=False,
+        save_strategy="no",
     )
     torch.manual_seed(0)
     model = MiCoForPreTraining(tiny_config())
@@ -421,9 +455,26 @@ def test_run_pretrain_script_on_synthetic_data(tmp_path):
     launcher = [sys.executable]
     output = tmp_path / "run"
     args = [
-        script, "--config_name", "tiny", "--train_file", data["train_file"], "--validation_file", data["test_file"],
-        "--output_dir", str(output), "--max_steps", "3", "--per_device_train_batch_size", "4", "--do_train",
-        "--do_eval", "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "1",
+        script,
+        "--config_name",
+        "tiny",
+        "--train_file",
+        data["train_file"],
+        "--validation_file",
+        data["test_file"],
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--do_train",
+        "--do_eval",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--dataloader_num_workers",
+        "1",
     ]
     subprocess.run(launcher + args, check=True, capture_output=True, timeout=300)
     assert type(AutoModel.from_pretrained(output)).__name__ == "MiCoModel"

@@ -183,7 +183,9 @@ def test_rerank_only_reorders_within_top_k(model, processor, rows):
 
 
 def test_unknown_target_names_the_models_targets(model, processor, rows):
-    with pytest.raises(ValueError, match=r"unknown retrieval targets \['thermal'\]; this model's targets are \['image',"):
+    with pytest.raises(
+        ValueError, match=r"unknown retrieval targets \['thermal'\]; this model's targets are \['image',"
+    ):
         score_retrieval(model, processor, rows, ["video", "thermal"], progress=False)
 
 

@@ -222,8 +222,8 @@ def read_seconds(buffer: torch.Tensor) -> float:
 
 def side_by_side_bandwidth(machine: dict, timers: dict[str, Callable[[], float]], step_bytes: float) -> dict:
     """`machine` with its memory read bandwidth measured again beside the timers: the host's bandwidth varies from
-    minute to minute (26 to 67 GB/s measured on the same shared cloud VM), so the read of a buffer of the step's size joins the
-    rotation of `timers` (added as `"read probe"`) and its median gives the step's byte bound."""
+    minute to minute (26 to 67 GB/s measured on the same shared cloud VM), so the read of a buffer of the step's size
+    joins the rotation of `timers` (added to them as `"read probe"`) and its median gives the step's byte bound."""
     buffer = torch.ones(int(step_bytes) // 4)
     timers["read probe"] = partial(read_seconds, buffer)
     return {**machine, "read_probe_bytes": buffer.numel() * 4}
